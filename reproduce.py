@@ -1,0 +1,551 @@
+"""reproduce.py: data, training and the tables of the diffattn kit.
+
+    python reproduce.py --table speed               # Attention vs DiffAttention, ViT vs DiffViT timings
+    python reproduce.py --table clean --preset quick   # train ViT and DiffViT, clean test accuracy
+
+Every trained model is cached under ``--out`` by a hash of its whole config and written
+atomically after each epoch: a rerun loads it, an interrupted run resumes from its last
+finished epoch. Every table is written as ``.md`` and ``.json`` with its provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import diffattn as da
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------
+# Provenance and atomic files
+# ----------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """Where a number came from: device, library versions, commit."""
+    import torchvision
+    if device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    else:
+        dev = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"device": dev, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "git_commit": git_commit()}
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------
+# Data: whole datasets as uint8 tensors, batches made and augmented on the device
+# ----------------------------------------------------------------------------------------
+
+class DatasetMissing(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ImageData:
+    x: torch.Tensor  # (N, C, H, W) uint8
+    y: torch.Tensor  # (N,) int64
+    classes: list
+    mean: tuple
+    std: tuple
+    augment: bool = False  # random crop (pad 4) and horizontal flip when training
+
+    def __len__(self):
+        return len(self.y)
+
+    def subset(self, n: Optional[int], seed: int = 0) -> "ImageData":
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return dataclasses.replace(self, x=self.x[idx], y=self.y[idx])
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    img_size: int
+    in_chans: int
+    mean: tuple
+    std: tuple
+    augment: bool
+    how_to_get: str
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+DATASETS = {
+    "cifar10": DatasetInfo(10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
+                           "torchvision downloads it when online: run once with internet, or put "
+                           "cifar-10-batches-py/ (from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+                           "under --data-root"),
+    "cifar100": DatasetInfo(100, 32, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+                            "torchvision downloads it when online: run once with internet, or put "
+                            "cifar-100-python/ (from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) "
+                            "under --data-root"),
+    "tiny-imagenet": DatasetInfo(200, 64, 3, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), True,
+                                 "it is downloaded when online; or unzip "
+                                 "http://cs231n.stanford.edu/tiny-imagenet-200.zip under --data-root, "
+                                 "giving tiny-imagenet-200/{wnids.txt,train/,val/val_annotations.txt}"),
+    "mnist": DatasetInfo(10, 28, 1, (0.1307,), (0.3081,), False,
+                         "torchvision downloads it when online: run once with internet, or put the four "
+                         "idx files (gzipped or not) in <data-root>/MNIST/raw/"),
+    "fashion-mnist": DatasetInfo(10, 28, 1, (0.2860,), (0.3530,), False,
+                                 "on Debian/Ubuntu: `apt-get install dataset-fashion-mnist` (idx files in "
+                                 "/usr/share/datasets/fashion-mnist); or run once with internet "
+                                 "(torchvision downloads it); or put the four idx files in "
+                                 "<data-root>/FashionMNIST/raw/"),
+}
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (MNIST's format), gzipped or not."""
+    raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(dirs, stem: str) -> Optional[Path]:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (Path(d) / name).is_file():
+                return Path(d) / name
+    return None
+
+
+def _missing(name: str, root: Path, why: str = "") -> DatasetMissing:
+    why = f" ({why})" if why else ""
+    return DatasetMissing(f"dataset {name!r} not found under --data-root {root}{why}. "
+                          f"To get it: {DATASETS[name].how_to_get}.")
+
+
+def _load_mnist_like(name: str, root: Path, train: bool, download: bool):
+    folder = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
+    dirs = [root / folder / "raw", root / name]
+    if name == "fashion-mnist":
+        dirs.append(DEBIAN_FASHION_MNIST)
+    split = "train" if train else "t10k"
+    img, lab = _find_idx(dirs, f"{split}-images-idx3-ubyte"), _find_idx(dirs, f"{split}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        if not download:
+            raise _missing(name, root)
+        import torchvision
+        cls = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as e:  # offline: URLError, RuntimeError, ...
+            raise _missing(name, root, f"download failed: {type(e).__name__}") from e
+        return ds.data.unsqueeze(1).contiguous(), ds.targets.long(), list(ds.classes)
+    x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)
+    y = torch.from_numpy(read_idx(lab).astype(np.int64))
+    classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
+    return x, y, classes
+
+
+def _load_cifar(name: str, root: Path, train: bool, download: bool):
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(str(root), train=train, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise _missing(name, root, str(e).split(".")[0]) from e
+    except Exception as e:  # offline download
+        raise _missing(name, root, f"download failed: {type(e).__name__}") from e
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _load_tiny_imagenet(root: Path, train: bool, download: bool):
+    base = root / "tiny-imagenet-200"
+    if not (base / "wnids.txt").is_file():
+        if not download:
+            raise _missing("tiny-imagenet", root)
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(TINY_IMAGENET_URL, str(root))
+        except Exception as e:
+            raise _missing("tiny-imagenet", root, f"download failed: {type(e).__name__}") from e
+    split = "train" if train else "val"
+    cache = base / f"{split}.uint8.pt"  # decoding 100k JPEGs takes minutes: do it once
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return blob["x"], blob["y"], blob["classes"]
+    from PIL import Image
+    wnids = (base / "wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    if train:
+        files = [(p, index[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    else:
+        ann = base / "val" / "val_annotations.txt"
+        if not ann.is_file():
+            raise _missing("tiny-imagenet", root, f"{ann} is missing")
+        rows = [line.split("\t") for line in ann.read_text().splitlines() if line.strip()]
+        files = [(base / "val" / "images" / r[0], index[r[1]]) for r in rows]
+    if not files:
+        raise _missing("tiny-imagenet", root, f"no images under {base / split}")
+    x = torch.empty(len(files), 3, 64, 64, dtype=torch.uint8)
+    for i, (p, _) in enumerate(tqdm(files, desc=f"decode tiny-imagenet {split}", leave=False)):
+        x[i] = torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
+    y = torch.tensor([c for _, c in files], dtype=torch.long)
+    atomic_torch_save({"x": x, "y": y, "classes": wnids}, cache)
+    return x, y, wnids
+
+
+def load_dataset(name: str, root, train: bool, download: bool = True) -> ImageData:
+    """The whole split as uint8 tensors. Raises ``DatasetMissing`` with how to get it."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    root = Path(root).expanduser()
+    if name in ("mnist", "fashion-mnist"):
+        x, y, classes = _load_mnist_like(name, root, train, download)
+    elif name in ("cifar10", "cifar100"):
+        x, y, classes = _load_cifar(name, root, train, download)
+    else:
+        x, y, classes = _load_tiny_imagenet(root, train, download)
+    info = DATASETS[name]
+    return ImageData(x, y, classes, info.mean, info.std, augment=info.augment and train)
+
+
+def batches(data: ImageData, batch_size: int, device, shuffle: bool = False,
+            generator: Optional[torch.Generator] = None):
+    """Yield (images in [0, 1] on ``device``, labels); training augmentation runs on the device."""
+    order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        x = data.x[idx].to(device, non_blocking=True).float().div_(255)
+        if data.augment and shuffle:
+            x = random_crop_flip(x, pad=4, generator=generator)
+        yield x, data.y[idx].to(device, non_blocking=True)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` and a horizontal flip with probability 1/2, per image."""
+    B, C, H, W = x.shape
+    shifts = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).to(x.device)
+    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (torch.arange(H, device=x.device)[None] + shifts[0][:, None])  # (B, H)
+    cols = (torch.arange(W, device=x.device)[None] + shifts[1][:, None])  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    xp = xp.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * pad))
+    return xp.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a trained model; its hash names the checkpoint."""
+    dataset: str
+    epochs: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    train_subset: Optional[int] = None  # first n of a fixed permutation; None = all
+
+
+def build_model(model_cfg: dict, dataset: str) -> da.ViT:
+    info = DATASETS[dataset]
+    return da.ViT(img_size=info.img_size, in_chans=info.in_chans, num_classes=info.num_classes,
+                  mean=info.mean, std=info.std, **model_cfg)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up to ``base``, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageData, device, batch_size: int = 512) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in batches(data, batch_size, device):
+        with _autocast(device):
+            correct += (model(x).argmax(1) == y).sum().item()
+    model.train(was_training)
+    return correct / len(data)
+
+
+def _autocast(device):
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compile: bool = False,
+                progress: bool = True, stop_after_epoch: Optional[int] = None):
+    """Train (or load, or resume) a model; returns (model in eval mode, record dict).
+
+    The checkpoint ``<out>/checkpoints/<attn>-<hash>.pt`` is rewritten atomically after every
+    epoch; ``record["done"]`` marks a finished run. ``stop_after_epoch`` ends early (as an
+    interruption would), for tests of the resume path.
+    """
+    device = torch.device(device)
+    full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
+    key = config_hash(full_cfg)
+    path = Path(out) / "checkpoints" / f"{model_cfg.get('attn', 'std')}-{key}.pt"
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, cfg.dataset).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
+    if path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["record"]["config"] != json.loads(json.dumps(full_cfg)):
+            raise ValueError(f"checkpoint {path} holds another config; delete it to retrain")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        record = state["record"]
+        if record["done"]:
+            return model.eval(), record
+    train = load_dataset(cfg.dataset, data_root, train=True).subset(cfg.train_subset, cfg.seed)
+    test = load_dataset(cfg.dataset, data_root, train=False)
+    step_fn = torch.compile(model) if compile else model
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    for epoch in range(record["epoch"], cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # resume-safe: per-epoch stream
+        bar = tqdm(batches(train, cfg.batch_size, device, shuffle=True, generator=gen), total=steps_per_epoch,
+                   desc=f"{model_cfg.get('attn', 'std')} {cfg.dataset} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        loss_sum = correct = seen = 0
+        for i, (x, y) in enumerate(bar):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
+            with _autocast(device):
+                logits = step_fn(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        test_acc = accuracy(model, test, device)
+        record["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                                  "train_acc": correct / seen, "test_acc": test_acc})
+        record["epoch"] = epoch + 1
+        record["done"] = epoch + 1 == cfg.epochs
+        record["test_acc"] = test_acc
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "record": record}, path)
+        if progress:
+            tqdm.write(f"{model_cfg.get('attn', 'std')} {cfg.dataset} epoch {epoch + 1}: "
+                       f"train loss {loss_sum / seen:.4f}, test acc {test_acc:.4f}")
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not record["done"]:
+            break
+    return model.eval(), record
+
+
+# ----------------------------------------------------------------------------------------
+# Presets and tables
+# ----------------------------------------------------------------------------------------
+
+# Model sizes are the kit's choice (the paper does not give them); see README.
+PRESETS = {
+    "quick": {  # CPU, offline, Fashion-MNIST: minutes
+        "dataset": "fashion-mnist",
+        "model": {"patch_size": 4, "dim": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
+        "train": {"epochs": 4, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
+    },
+    "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
+        "dataset": "cifar10",
+        "model": {"patch_size": 4, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0},
+        "train": {"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
+    },
+}
+
+
+def resolve_preset(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    chosen = "paper" if device.type == "cuda" else "quick"
+    print(f"preset auto -> {chosen} ({'a CUDA device is present' if chosen == 'paper' else 'no CUDA device'})")
+    return chosen
+
+
+def write_table(out: Path, name: str, markdown: str, payload: dict) -> None:
+    atomic_write_text(out / f"{name}.md", markdown)
+    atomic_write_text(out / f"{name}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    print(markdown)
+    print(f"wrote {out / name}.md and .json")
+
+
+def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int) -> list:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(x).float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str):
+    """Median forward+backward seconds of two modules, measured in alternating rounds after warm-up."""
+    a, b = make_a().to(device), make_b().to(device)
+    ta, tb = [], []
+    for m in (a, b):  # warm-up
+        _time_fwd_bwd(m, x, device, 2)
+    for _ in tqdm(range(rounds), desc=desc, leave=False):
+        ta += _time_fwd_bwd(a, x, device, reps)
+        tb += _time_fwd_bwd(b, x, device, reps)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def table_speed(args, device) -> None:
+    """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width."""
+    cpu = device.type == "cpu"
+    B, N, dim, heads = 64, 65, 384, 6
+    torch.manual_seed(args.seed)
+    rows = []
+    x = torch.randn(B, N, dim, device=device, requires_grad=True)
+    ta, tb = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
+                        rounds=6 if cpu else 10, reps=5 if cpu else 20, desc="attention layers")
+    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}",
+                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": tb / ta})
+    vit = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
+    img = torch.rand(B, 3, 32, 32, device=device)
+    ta, tb = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
+                        rounds=4 if cpu else 10, reps=2 if cpu else 10, desc="ViT vs DiffViT")
+    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, 32x32 patch 4 ({N} tokens), batch {B}",
+                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": tb / ta})
+    env = environment(device)
+    md = [f"# speed: forward+backward, median of alternating rounds after warm-up",
+          f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32.", "",
+          "| what | standard (ms) | differential (ms) | diff / std |", "|---|---:|---:|---:|"]
+    md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
+    write_table(Path(args.results), "speed", "\n".join(md) + "\n",
+                {"table": "speed", "rows": rows, "seed": args.seed, "environment": env})
+
+
+def table_clean(args, device) -> None:
+    """Train ViT and DiffViT with the preset's recipe; report clean test accuracy."""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["train"])
+    rows = []
+    for attn in ("std", "diff"):
+        model_cfg = {**preset["model"], "attn": attn}
+        _, rec = train_model(model_cfg, cfg, args.data_root, args.out, device, compile=args.compile)
+        rows.append({"model": "ViT" if attn == "std" else "DiffViT", "model_config": model_cfg,
+                     "test_acc": rec["test_acc"], "history": rec["history"]})
+    env = environment(device)
+    m = preset["model"]
+    md = [f"# clean accuracy: {dataset} test set ({args.preset} preset, seed {args.seed})", "",
+          f"depth {m['depth']}, dim {m['dim']}, {m['heads']} heads, patch {m['patch_size']}; "
+          f"{cfg.epochs} epochs; device {env['device']}; torch {env['torch']}; commit {env['git_commit']}.", "",
+          "| model | clean test accuracy (%) |", "|---|---:|"]
+    md += [f"| {r['model']} | {100 * r['test_acc']:.2f} |" for r in rows]
+    out = Path(args.results) / args.preset
+    write_table(out, f"clean-{dataset}" if args.dataset else "clean", "\n".join(md) + "\n",
+                {"table": "clean", "preset": args.preset, "dataset": dataset, "seed": args.seed,
+                 "train_config": dataclasses.asdict(cfg), "rows": rows, "environment": env})
+
+
+TABLES = {"speed": table_speed, "clean": table_clean}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, choices=sorted(TABLES) + ["all"])
+    p.add_argument("--preset", default="auto", choices=["auto", "quick", "paper"])
+    p.add_argument("--dataset", default=None, choices=sorted(DATASETS))
+    p.add_argument("--data-root", default=os.environ.get("DIFFATTN_DATA", "~/data"))
+    p.add_argument("--out", default="runs", help="checkpoint cache")
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.preset = resolve_preset(args.preset, device)
+    try:
+        for name in (TABLES if args.table == "all" else [args.table]):
+            TABLES[name](args, device)
+    except DatasetMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
