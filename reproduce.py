@@ -420,8 +420,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
 PRESETS = {
     "quick": {  # CPU, offline, Fashion-MNIST: minutes
         "dataset": "fashion-mnist",
-        "model": {"patch_size": 4, "dim": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
-        "train": {"epochs": 4, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
+        "model": {"patch_size": 7, "dim": 128, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
+        "train": {"epochs": 10, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
     },
     "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
         "dataset": "cifar10",
@@ -460,15 +460,19 @@ def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int) -> list:
 
 
 def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str):
-    """Median forward+backward seconds of two modules, measured in alternating rounds after warm-up."""
+    """Forward+backward seconds of two modules: (median a, median b, median of per-round b/a).
+
+    Each round times a then b back to back (median of ``reps`` each), so the per-round ratio
+    cancels the slow drift of a shared machine; the rounds follow two warm-up passes.
+    """
     a, b = make_a().to(device), make_b().to(device)
-    ta, tb = [], []
     for m in (a, b):  # warm-up
         _time_fwd_bwd(m, x, device, 2)
+    ta, tb = [], []
     for _ in tqdm(range(rounds), desc=desc, leave=False):
-        ta += _time_fwd_bwd(a, x, device, reps)
-        tb += _time_fwd_bwd(b, x, device, reps)
-    return statistics.median(ta), statistics.median(tb)
+        ta.append(statistics.median(_time_fwd_bwd(a, x, device, reps)))
+        tb.append(statistics.median(_time_fwd_bwd(b, x, device, reps)))
+    return statistics.median(ta), statistics.median(tb), statistics.median(q / p for p, q in zip(ta, tb))
 
 
 def table_speed(args, device) -> None:
@@ -478,18 +482,28 @@ def table_speed(args, device) -> None:
     torch.manual_seed(args.seed)
     rows = []
     x = torch.randn(B, N, dim, device=device, requires_grad=True)
-    ta, tb = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
-                        rounds=6 if cpu else 10, reps=5 if cpu else 20, desc="attention layers")
+    ta, tb, ratio = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
+                               rounds=25 if cpu else 20, reps=3 if cpu else 20, desc="attention layers")
     rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}",
-                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": tb / ta})
+                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    try:  # reference point: timm's own pair on the same input, when timm is installed
+        from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
+        ta, tb, ratio = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
+                                   lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
+                                   rounds=25 if cpu else 20, reps=3 if cpu else 20, desc="timm attention layers")
+        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes",
+                     "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    except ImportError:
+        pass
     vit = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
     img = torch.rand(B, 3, 32, 32, device=device)
-    ta, tb = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
-                        rounds=4 if cpu else 10, reps=2 if cpu else 10, desc="ViT vs DiffViT")
+    ta, tb, ratio = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
+                               rounds=12 if cpu else 20, reps=1 if cpu else 10, desc="ViT vs DiffViT")
     rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, 32x32 patch 4 ({N} tokens), batch {B}",
-                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": tb / ta})
+                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
     env = environment(device)
-    md = [f"# speed: forward+backward, median of alternating rounds after warm-up",
+    md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
+          "", "Median over alternating rounds after warm-up; diff / std is the median of per-round ratios.",
           f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32.", "",
           "| what | standard (ms) | differential (ms) | diff / std |", "|---|---:|---:|---:|"]
     md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
