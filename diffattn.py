@@ -69,11 +69,11 @@ class _Recordable(nn.Module):
     def __init__(self):
         super().__init__()
         self._record: Optional[list] = None
-        self._name = ""
+        self._name, self._retain_grad = "", True
 
     def _store(self, **maps):
         A = maps["A"]
-        if A.requires_grad:
+        if self._retain_grad and A.requires_grad:
             A.retain_grad()
         self._record.append(AttnMaps(layer=self._name, **maps))
 
@@ -190,7 +190,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 @contextmanager
-def attention_maps(model: nn.Module) -> Iterator[list]:
+def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]:
     """Record the attention maps of every ``Attention``/``DiffAttention`` layer of ``model``.
 
     Inside the block, forward passes take the explicit path (same numbers as the fused one)
@@ -201,11 +201,14 @@ def attention_maps(model: nn.Module) -> Iterator[list]:
             loss.backward()
         G = maps[0].A.grad          # dL/dA of the first layer, A = A1 - lambda A2
         A1, A2, lam = maps[0].A1, maps[0].A2, maps[0].lam
+
+    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms (``jacrev``,
+    ``vmap``) do not allow; the maps are still recorded.
     """
     record: list = []
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _Recordable)]
     for name, m in layers:
-        m._record, m._name = record, name
+        m._record, m._name, m._retain_grad = record, name, retain_grad
     try:
         yield record
     finally:
@@ -338,3 +341,136 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
         return self.head(self.forward_features(x)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------
+# Attacks
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class AttackResult:
+    """Adversarial inputs and, per example, whether the attack succeeded on them.
+
+    ``success``: untargeted, the prediction differs from the label; targeted, it equals the
+    target. ``norm``: the size of x_adv - x in the attack's norm (inf where CW-L2 failed).
+    """
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    norm: Optional[torch.Tensor] = None
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """Per example: how far the attack is from success (< 0 means success).
+
+    Untargeted: z_y - max_{j != y} z_j. Targeted (y = target): max_{j != y} z_j - z_y.
+    """
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - z_y if targeted else z_y - other
+
+
+def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: bool) -> torch.Tensor:
+    """Per-example loss the attack ascends (sum-reduced by the caller, so batch size does not matter)."""
+    if loss == "ce":
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return -ce if targeted else ce
+    if loss == "margin":
+        return -_margin(logits, y, targeted)
+    raise ValueError(f"loss={loss!r}; expected 'ce' or 'margin'")
+
+
+def _per_example_norm(d: torch.Tensor, norm: str) -> torch.Tensor:
+    d = d.flatten(1)
+    return d.abs().amax(1) if norm == "inf" else d.norm(dim=1) if norm == "2" else d.abs().sum(1)
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example vector (B,) shaped to broadcast over a batch like ``like`` (B, ...)."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Onto the eps-ball around x, then onto the image box [0, 1]."""
+    delta = x_adv - x
+    if norm == "inf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * _rows((eps / _per_example_norm(delta, "2").clamp_min(1e-12)).clamp(max=1.0), x)
+    return (x + delta).clamp(0, 1)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", steps: int = 10,
+        alpha: Optional[float] = None, random_start: bool = True, restarts: int = 1, loss: str = "ce",
+        targeted: bool = False, amp: Optional[bool] = None) -> AttackResult:
+    """Projected gradient descent (Madry et al. 2018) in the Linf (``norm="inf"``) or L2 ball of radius eps.
+
+    Step: Linf ``x + alpha * sign(g)``, L2 ``x + alpha * g / ||g||_2``; after every step the
+    iterate is projected onto the eps-ball and [0, 1]. ``alpha`` defaults to 2.5 eps / steps.
+    Per example, the strongest iterate over all steps and restarts is kept (lowest margin
+    z_y - max_{j != y} z_j; for ``targeted``, y is the target), so success is never lost by a
+    later, weaker step. Restarts after the first attack only the examples not yet fooled.
+    Gradients are taken with respect to the input alone; the model runs in eval mode, and its
+    mode is restored. ``amp`` (default: on for CUDA) runs the steps under bf16 autocast; the
+    final success check is always in float32. Costs steps + 1 forward and steps backward
+    passes per restart (one more forward with ``amp``).
+    """
+    if norm not in ("inf", "2"):
+        raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
+    if eps < 0:
+        raise ValueError(f"eps={eps} must be >= 0")
+    amp = x.is_cuda if amp is None else amp
+    alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
+    if eps == 0 or steps == 0:
+        with _eval_mode(model), torch.no_grad():
+            return AttackResult(x.clone(), _margin(model(x).float(), y, targeted) < 0, x.new_zeros(len(x)))
+    best_x, best_margin = x.clone(), x.new_full((len(x),), float("inf"))
+    with _eval_mode(model):
+        for r in range(restarts):
+            idx = (best_margin >= 0).nonzero().squeeze(1) if r else torch.arange(len(x), device=x.device)
+            if idx.numel() == 0:
+                break
+            x0, y0 = x[idx], y[idx]
+            if random_start:
+                if norm == "inf":
+                    noise = torch.empty_like(x0).uniform_(-eps, eps)
+                else:
+                    noise = torch.randn_like(x0)
+                    noise *= _rows(eps * torch.rand(len(x0), device=x.device) / _per_example_norm(noise, "2"), x)
+                xa = _project(x0 + noise, x0, eps, norm)
+            else:
+                xa = x0.clone()
+            bm, bx = best_margin[idx], best_x[idx]
+            for step in range(steps + 1):
+                last = step == steps
+                xa.requires_grad_(not last)
+                with torch.set_grad_enabled(not last), torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+                    logits = model(xa)
+                m = _margin(logits.detach().float(), y0, targeted)
+                better = m < bm
+                bm, bx = torch.where(better, m, bm), torch.where(_rows(better, x), xa.detach(), bx)
+                if last:
+                    break
+                g, = torch.autograd.grad(_attack_loss(logits.float(), y0, loss, targeted).sum(), xa)
+                with torch.no_grad():
+                    step_dir = g.sign() if norm == "inf" else g / _rows(_per_example_norm(g, "2").clamp_min(1e-12), x)
+                    xa = _project(xa + alpha * step_dir, x0, eps, norm)
+            if amp:  # the iterates were ranked in bf16; success is decided in float32
+                with torch.no_grad():
+                    bm = _margin(model(bx).float(), y0, targeted)
+            best_margin[idx], best_x[idx] = bm, bx
+    return AttackResult(best_x, best_margin < 0, _per_example_norm(best_x - x, norm))
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", **kw) -> AttackResult:
+    """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps, no random start."""
+    return pgd(model, x, y, eps, norm=norm, steps=1, alpha=eps, random_start=False, **kw)

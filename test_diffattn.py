@@ -303,3 +303,31 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [R.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+
+
+# ---------------------------------------------------------------------------- theory_check
+
+def test_theory_check_small_run_passes_every_exact_statement(tmp_path):
+    import json
+    import theory_check as T
+    res = T.run(samples=6, seed=1, device=torch.device("cpu"), json_path=tmp_path / "t.json", depth_trials=1,
+                quiet=True)
+    failed = [c["statement"] for c in res["checks"] if not c["pass"]]
+    assert not failed, failed
+    assert len(res["checks"]) == 12 and json.loads((tmp_path / "t.json").read_text())["samples"] == 6
+    assert max(r["lemma1_rel_err"] for r in res["rows"]) < 1e-10
+    assert abs(res["extremes"]["cos=+1"]["cos"] - 1) < 1e-12 and abs(res["extremes"]["cos=-1"]["cos"] + 1) < 1e-12
+
+
+def test_lemma1_check_detects_a_wrong_lambda():
+    # the identity holds only for the layer's own lambda: the check is not vacuous
+    import theory_check as T
+    from torch.func import jacrev
+    gen = torch.Generator().manual_seed(0)
+    layer = T.random_layer(16, 2, 0.8, gen, "cpu")
+    X = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    J1, J2, J = (j.reshape(-1, 80) for j in jacrev(T.diff_maps(layer))(X))
+    for lam, ok in ((layer.lam().item(), True), (layer.lam().item() + 0.05, False)):
+        s = T.stats(J1, J2, lam)
+        pred = math.sqrt(s["n1"] ** 2 + lam ** 2 * s["n2"] ** 2 - 2 * lam * s["n1"] * s["n2"] * s["cos"])
+        assert (T.rel(pred, J.norm().item()) < 1e-12) == ok
