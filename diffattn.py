@@ -474,3 +474,259 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", **kw) -> AttackResult:
     """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps, no random start."""
     return pgd(model, x, y, eps, norm=norm, steps=1, alpha=eps, random_start=False, **kw)
+
+
+def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.0, search_steps: int = 6,
+          steps: int = 100, lr: float = 0.01, kappa: float = 0.0, targeted: bool = False) -> AttackResult:
+    """Carlini & Wagner (2017) L2 attack, with a per-example binary search over the constant c.
+
+    Minimizes ||x' - x||_2^2 + c * max(m(x'), -kappa) over x' = (tanh(w) + 1) / 2 (so x' stays
+    in [0, 1]) with Adam, where m is the margin z_y - max_{j != y} z_j (for ``targeted``, the
+    reverse, with y the target). After each of ``search_steps`` runs of ``steps`` iterations,
+    c shrinks (bisection) where an adversarial example was found and grows (x10 until an upper
+    bound is known) where none was. Returns the smallest-L2 adversarial example seen per
+    example, and its L2 distortion in ``norm`` (inf where the attack failed), so medians and
+    percentiles of the minimal L2 norm can be read off directly.
+    """
+    B = len(x)
+    lo, hi = x.new_zeros(B), x.new_full((B,), float("inf"))
+    c = x.new_full((B,), c_init)
+    best_l2, best_x = x.new_full((B,), float("inf")), x.clone()
+    w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    with _eval_mode(model):
+        for _ in range(search_steps):
+            w = w0.clone().requires_grad_(True)
+            opt = torch.optim.Adam([w], lr=lr)
+            found = torch.zeros(B, dtype=torch.bool, device=x.device)
+            for _ in range(steps):
+                xa = (torch.tanh(w) + 1) / 2
+                m = _margin(model(xa).float(), y, targeted)
+                l2sq = (xa - x).flatten(1).pow(2).sum(1)
+                w.grad, = torch.autograd.grad((l2sq + c * (m + kappa).clamp_min(0)).sum(), w)
+                with torch.no_grad():  # judge the point the gradient was taken at
+                    ok = m < 0
+                    better = ok & (l2sq.sqrt() < best_l2)
+                    best_l2 = torch.where(better, l2sq.sqrt(), best_l2)
+                    best_x = torch.where(_rows(better, x), xa, best_x)
+                    found |= ok
+                opt.step()
+            hi = torch.where(found, torch.minimum(hi, c), hi)
+            lo = torch.where(found, lo, torch.maximum(lo, c))
+            c = torch.where(torch.isinf(hi), c * 10, (lo + hi) / 2)
+    return AttackResult(best_x, torch.isfinite(best_l2), best_l2)
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf",
+               version: str = "standard", batch_size: int = 250, seed: int = 0) -> AttackResult:
+    """AutoAttack (Croce & Hein 2020), the reference implementation (PyPI: ``pyautoattack``).
+
+    ``version="standard"``: APGD-CE, APGD-T, FAB-T and Square, 100 iterations each, as on
+    RobustBench. (torchattacks' ``AutoAttack`` is not this: it runs fewer iterations and other
+    target counts.) ``norm``: "inf" or "2".
+    """
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as e:
+        raise ImportError("autoattack() needs the reference AutoAttack: pip install pyautoattack") from e
+    if norm not in ("inf", "2"):
+        raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
+    with _eval_mode(model):
+        adversary = AutoAttack(model, norm="Linf" if norm == "inf" else "L2", eps=eps, version=version,
+                               device=x.device, seed=seed)
+        adversary.verbose = False
+        x_adv, pred = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    return AttackResult(x_adv, pred.to(y.device) != y, _per_example_norm(x_adv - x, norm))
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels in eval mode (the mode is restored)."""
+    with _eval_mode(model):
+        return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
+
+
+def clean_accuracy(y: torch.Tensor, clean_pred: torch.Tensor) -> float:
+    """Fraction of all points classified correctly without attack."""
+    return (clean_pred == y).float().mean().item()
+
+
+def _fooled(y: torch.Tensor, adv_preds) -> torch.Tensor:
+    """Per example: misclassified under at least one of the attacks (the per-example worst case)."""
+    if not adv_preds:
+        raise ValueError("pass at least one tensor of adversarial predictions")
+    return torch.stack([p != y for p in adv_preds]).any(0)
+
+
+def robust_accuracy(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: torch.Tensor) -> float:
+    """Fraction of ALL points correct on clean input and under every attack given (worst case per example)."""
+    return ((clean_pred == y) & ~_fooled(y, adv_preds)).float().mean().item()
+
+
+def attack_success_rate(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: torch.Tensor) -> float:
+    """ASR: among the points classified correctly on clean input, the fraction some attack misclassifies.
+
+    Denominator: the initially correct points (not all points). With several attacks, the
+    per-example worst case.
+    """
+    correct = clean_pred == y
+    if not correct.any():
+        return float("nan")
+    return (_fooled(y, adv_preds) & correct).sum().item() / correct.sum().item()
+
+
+def input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf") -> torch.Tensor:
+    """||grad_x L|| per example in the dual norm of the threat model: L1 for Linf ("inf"), L2 for L2 ("2").
+
+    L is the cross-entropy on the true label, summed over the batch, so an example's gradient
+    does not depend on the batch it sits in.
+    """
+    dual = {"inf": "1", "2": "2"}.get(norm)
+    if dual is None:
+        raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
+    with _eval_mode(model):
+        x = x.detach().requires_grad_(True)
+        g, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return _per_example_norm(g, dual)
+
+
+@dataclass
+class Alignment:
+    """Branch-gradient alignment of one attention layer, per example (paper symbols).
+
+    g1 = grad_x <A1(x), G>, g2 = grad_x <A2(x), G>, G = dL/dA held fixed; cos = cos(theta) =
+    cos(g1, g2); rho = ||g2|| / ||g1||; lam = lambda; kappa = sqrt(1 + lam^2 rho^2 - 2 lam rho cos)
+    = ||g1 - lam g2|| / ||g1||, the amplification of Lemma 1. ``control`` marks a standard layer,
+    where (A1, A2) are the head pairs (2h, 2h+1), each with its own G, and lam = 1.
+    """
+    layer: str
+    cos: torch.Tensor
+    rho: torch.Tensor
+    kappa: torch.Tensor
+    g1_norm: torch.Tensor
+    g2_norm: torch.Tensor
+    lam: float
+    control: bool
+
+    @property
+    def frac_negative(self) -> float:
+        """Fraction of examples with cos(theta) < 0 (negative gradient alignment)."""
+        return (self.cos < 0).float().mean().item()
+
+
+def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> list:
+    """Per attention layer and per example: how the input gradients of DA's two maps align.
+
+    For a DiffAttention layer with maps A1, A2 and A = A1 - lambda A2, let G = dL/dA (L: the
+    batch-summed cross-entropy on the true label unless ``loss_fn(logits, y)`` is given). With
+    G held fixed, g1 = grad_x <A1(x), G> and g2 = grad_x <A2(x), G>; the maps' share of grad_x L
+    is g1 - lambda g2, so Lemma 1 holds exactly with cos(theta) = cos(g1, g2), rho = ||g2||/||g1||.
+    Standard layers give the control: head pairs (2h, 2h+1), g_i = grad_x <A_i, G_i>, lambda = 1.
+    Returns one ``Alignment`` per layer, in forward order. Costs one forward and, per layer, two
+    backward passes.
+    """
+    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
+    out = []
+    with _eval_mode(model):
+        x = x.detach().requires_grad_(True)
+        with attention_maps(model, retain_grad=False) as maps:
+            loss = loss_fn(model(x), y)
+        Gs = torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)
+        for i, (m, G) in enumerate(zip(maps, Gs)):
+            if m.A1 is not None:
+                A1, A2, G1, G2, lam = m.A1, m.A2, G, G, m.lam.item()
+            else:
+                A1, A2, G1, G2, lam = m.A[:, 0::2], m.A[:, 1::2], G[:, 0::2], G[:, 1::2], 1.0
+            g1, = torch.autograd.grad((A1 * G1).sum(), x, retain_graph=True)
+            g2, = torch.autograd.grad((A2 * G2).sum(), x, retain_graph=i + 1 < len(maps))
+            g1, g2 = g1.flatten(1), g2.flatten(1)
+            n1, n2 = g1.norm(dim=1), g2.norm(dim=1)
+            cos = (g1 * g2).sum(1) / (n1 * n2).clamp_min(1e-30)
+            rho = n2 / n1.clamp_min(1e-30)
+            kappa = (1 + lam ** 2 * rho ** 2 - 2 * lam * rho * cos).clamp_min(0).sqrt()
+            out.append(Alignment(m.layer, cos.detach(), rho.detach(), kappa.detach(), n1.detach(), n2.detach(),
+                                 lam, m.A1 is None))
+    return out
+
+
+def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 10, step_size: float = 0.003,
+                    modules: Optional[Sequence[nn.Module]] = None) -> dict:
+    """Local Lipschitz estimates around x, lower bounds of the true constants (Yang et al. 2020).
+
+    ``"logits"``: max over the Linf eps-ball of ||f(x) - f(x')||_1 / ||x - x'||_inf, found by
+    signed-gradient ascent on the ratio itself (``steps`` steps of ``step_size`` from
+    x + 0.001 N(0, 1), projected onto the eps-ball and [0, 1]); the largest ratio seen per
+    example. ``"layers"``: for each module in ``modules`` (default: ``model.blocks``), the same
+    ascent on ||h(x') - h(x)||_2 / ||x' - x||_2, h the module's output. Any ratio found is
+    attained, so each is a lower bound of the true local constant.
+    """
+    def ascend(ratio_fn):
+        with torch.no_grad():
+            xp = _project(x + 0.001 * torch.randn_like(x), x, eps, "inf")
+        best = x.new_full((len(x),), 0.0)
+        for _ in range(steps + 1):
+            xp.requires_grad_(True)
+            r = ratio_fn(xp)
+            best = torch.maximum(best, r.detach())
+            if _ == steps:
+                break
+            g, = torch.autograd.grad(r.sum(), xp)
+            with torch.no_grad():
+                xp = _project(xp + step_size * g.sign(), x, eps, "inf")
+        return best
+
+    x = x.detach()
+    with _eval_mode(model):
+        with torch.no_grad():
+            fx = model(x)
+        res = {"logits": ascend(lambda xp: (model(xp) - fx).flatten(1).norm(p=1, dim=1)
+                                / _per_example_norm(xp - x, "inf").clamp_min(1e-12))}
+        modules = list(model.blocks) if modules is None else list(modules)
+        res["layers"] = []
+        for mod in modules:
+            captured = []
+            hook = mod.register_forward_hook(lambda _m, _i, o: captured.append(o))
+            try:
+                with torch.no_grad():
+                    model(x)
+                hx = captured.pop()
+
+                def ratio(xp):
+                    model(xp)
+                    return (captured.pop() - hx).flatten(1).norm(dim=1) / (xp - x).flatten(1).norm(dim=1).clamp_min(1e-12)
+                res["layers"].append(ascend(ratio))
+            finally:
+                hook.remove()
+    return res
+
+
+def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
+                  large_eps: float = 0.5, steps: int = 10, norm: str = "inf") -> dict:
+    """Evaluation sanity checks in the spirit of Carlini et al. (2019), "On Evaluating Adversarial Robustness".
+
+    - ASR rises with eps (non-decreasing over ``eps_list``) and nears 100% at ``large_eps``;
+    - doubling the PGD steps changes ASR little (<= 5 points at the largest eps of the list);
+    - FGSM is no stronger than PGD at every eps;
+    - examples whose input gradient is exactly zero (masked gradients) are flagged.
+    Returns the numbers and a boolean per check; ``ok`` is their conjunction.
+    """
+    clean = predict(model, x)
+    asr = lambda res: attack_success_rate(y, clean, predict(model, res.x_adv))
+    pgd_asr = [asr(pgd(model, x, y, e, norm, steps=steps)) for e in eps_list]
+    fgsm_asr = [asr(fgsm(model, x, y, e, norm)) for e in eps_list]
+    doubled = asr(pgd(model, x, y, max(eps_list), norm, steps=2 * steps))
+    large = asr(pgd(model, x, y, large_eps, norm, steps=steps))
+    zero_grad = input_gradient_norm(model, x, y, norm) == 0
+    checks = {
+        "asr_rises_with_eps": all(b >= a - 1e-9 for a, b in zip(pgd_asr, pgd_asr[1:])),
+        "asr_near_100_at_large_eps": large >= 0.99,
+        "doubling_steps_changes_little": abs(doubled - pgd_asr[-1]) <= 0.05,
+        "fgsm_not_stronger_than_pgd": all(f <= p + 1e-9 for f, p in zip(fgsm_asr, pgd_asr)),
+        "no_zero_gradients": not zero_grad.any().item(),
+    }
+    return {"eps": list(eps_list), "pgd_asr": pgd_asr, "fgsm_asr": fgsm_asr, "pgd_asr_doubled_steps": doubled,
+            "large_eps": large_eps, "asr_large_eps": large, "zero_gradient_examples": zero_grad.nonzero().flatten().tolist(),
+            "checks": checks, "ok": all(checks.values())}

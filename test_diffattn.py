@@ -331,3 +331,239 @@ def test_lemma1_check_detects_a_wrong_lambda():
         s = T.stats(J1, J2, lam)
         pred = math.sqrt(s["n1"] ** 2 + lam ** 2 * s["n2"] ** 2 - 2 * lam * s["n1"] * s["n2"] * s["cos"])
         assert (T.rel(pred, J.norm().item()) < 1e-12) == ok
+
+
+# ---------------------------------------------------------------------------- attacks
+
+class LinearImageModel(torch.nn.Module):
+    """logits = W vec(x) + b on images in [0, 1]: every attack optimum is known in closed form."""
+
+    def __init__(self, W, b):
+        super().__init__()
+        self.W, self.b = torch.nn.Parameter(W), torch.nn.Parameter(b)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.W.T + self.b
+
+
+def binary_linear(seed=0, D=3 * 8 * 8):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, generator=g)
+    model = LinearImageModel(torch.stack([w / 2, -w / 2]), torch.zeros(2))  # z_0 - z_1 = w.x
+    x = 0.5 + 0.05 * (torch.rand(16, 3, 8, 8, generator=g) - 0.5)  # far from the box edges
+    y = (x.flatten(1) @ w < 0).long()  # every point correct
+    return model, w, x, y
+
+
+def test_pgd_linf_reaches_the_closed_form_optimum_on_a_linear_model():
+    model, w, x, y = binary_linear()
+    eps = 0.01
+    res = da.pgd(model, x, y, eps, steps=20, loss="margin")
+    margin = (x.flatten(1) @ w).abs()
+    best = (margin - eps * w.abs().sum()).clamp_min(0)  # Linf: z_y - z_other drops by eps ||w||_1
+    got = ((res.x_adv.flatten(1) @ w) * torch.where(y == 0, 1.0, -1.0))
+    assert torch.allclose(got.clamp_min(0), best, atol=1e-4)
+    assert torch.equal(res.success, margin < eps * w.abs().sum())
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 4 / 255), ("2", 0.3)])
+def test_pgd_stays_in_the_eps_ball_and_the_image_box(norm, eps):
+    torch.manual_seed(0)
+    model = da.ViT(**TINY, attn="diff")
+    x, y = torch.rand(6, 3, 16, 16), torch.randint(0, 7, (6,))
+    x[0] = 0.0  # on the box's corner
+    res = da.pgd(model, x, y, eps, norm=norm, steps=5, restarts=2)
+    d = (res.x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "inf" else d.norm(dim=1)
+    assert (size <= eps * (1 + 1e-5)).all() and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert torch.allclose(res.norm, size)
+    assert torch.equal(res.success, da.predict(model, res.x_adv) != y)
+
+
+class Bowl(torch.nn.Module):
+    """margin z_0 - z_1 = (sum(x) - a)^2 - delta: sign steps overshoot the minimum and oscillate."""
+
+    def __init__(self, a, delta):
+        super().__init__()
+        self.a, self.delta = a, delta
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1)
+        return torch.stack([(s - self.a) ** 2, torch.full_like(s, self.delta)], 1)
+
+
+def test_pgd_keeps_the_best_iterate_not_the_last():
+    alpha = 0.02
+    x = torch.full((1, 1, 2, 2), 0.5)  # sum 2; each step moves the sum by 4 alpha
+    model = Bowl(a=2 + 5.2 * alpha, delta=(2 * alpha) ** 2)  # fooled where |sum - a| < 2 alpha
+    y = torch.tensor([0])
+    # iterates: sum = 2 + 4a (distance 1.2a: fooled), 2 + 8a (2.8a: not), 2 + 4a, ... ending at 2 + 8a
+    res = da.pgd(model, x, y, eps=0.1, steps=6, alpha=alpha, random_start=False, loss="margin")
+    assert res.success.item()
+    assert res.x_adv.sum().item() == pytest.approx(2 + 4 * alpha, abs=1e-6)
+    xa = x.clone()  # the last iterate, by hand, is the weaker point
+    for _ in range(6):
+        xa.requires_grad_(True)
+        g, = torch.autograd.grad(-da._margin(model(xa), y, False).sum(), xa)
+        xa = (x + (xa.detach() + alpha * g.sign() - x).clamp(-0.1, 0.1)).clamp(0, 1)
+    assert xa.sum().item() == pytest.approx(2 + 8 * alpha, abs=1e-6) and (model(xa)[0, 0] > model(xa)[0, 1])
+
+
+def test_pgd_restores_training_mode_and_leaves_parameters_without_grads():
+    model = da.ViT(**TINY).train()
+    da.pgd(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), 2 / 255, steps=2)
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_with_zero_eps_returns_the_input_unchanged():
+    model = da.ViT(**TINY)
+    x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    res = da.pgd(model, x, y, 0.0)
+    assert torch.equal(res.x_adv, x) and torch.equal(res.success, da.predict(model, x) != y)
+
+
+def test_fgsm_is_one_full_step_along_the_gradient_sign():
+    model, w, x, y = binary_linear(2)
+    res = da.fgsm(model, x, y, 0.01)
+    sign = torch.where(y == 0, -1.0, 1.0)[:, None] * w.sign()  # pushes z_y - z_other down
+    assert torch.allclose(res.x_adv.flatten(1), x.flatten(1) + 0.01 * sign, atol=1e-6)
+
+
+def test_cw_l2_finds_the_distance_to_the_hyperplane():
+    model, w, x, y = binary_linear(3)
+    res = da.cw_l2(model, x, y, steps=200, search_steps=8, lr=0.005)
+    dist = (x.flatten(1) @ w).abs() / w.norm()  # the minimal L2 perturbation that flips a linear model
+    assert res.success.all()
+    assert ((res.norm - dist).abs() / dist).max() < 0.05, (res.norm / dist)
+    assert torch.allclose((res.x_adv - x).flatten(1).norm(dim=1), res.norm)
+
+
+def test_asr_and_robust_accuracy_on_hand_built_predictions():
+    y = torch.tensor([0, 1, 2, 3, 4])
+    clean = torch.tensor([0, 1, 2, 3, 0])     # 4 correct, the last wrong
+    adv_a = torch.tensor([1, 1, 2, 3, 0])     # flips point 0
+    adv_b = torch.tensor([0, 1, 0, 3, 4])     # flips point 2 (point 4 is "right" but was wrong on clean)
+    assert da.clean_accuracy(y, clean) == pytest.approx(0.8)
+    assert da.attack_success_rate(y, clean, adv_a) == pytest.approx(1 / 4)  # denominator: 4 initially correct
+    assert da.robust_accuracy(y, clean, adv_a) == pytest.approx(3 / 5)      # over all 5 points
+    assert da.attack_success_rate(y, clean, adv_a, adv_b) == pytest.approx(2 / 4)  # worst case per example
+    assert da.robust_accuracy(y, clean, adv_a, adv_b) == pytest.approx(2 / 5)
+    assert da.robust_accuracy(y, clean, adv_b) == pytest.approx(3 / 5)     # a clean error never counts as robust
+
+
+def test_input_gradient_norm_is_the_dual_norm_and_batch_independent():
+    model, w, x, y = binary_linear(4)
+    model, w, x = model.double(), w.double(), x.double()  # float32 loses digits in p_y - 1
+    # d CE / dx = (p - onehot) W = (p_0 - 1{y=0}) w for this model: its L1 norm is p_{1-y} ||w||_1
+    coef = torch.softmax(model(x), 1).detach().gather(1, (1 - y)[:, None]).squeeze(1)  # |p_0 - 1{y=0}| = p_{1-y}
+    assert torch.allclose(da.input_gradient_norm(model, x, y, "inf"), coef * w.abs().sum(), rtol=1e-5)
+    assert torch.allclose(da.input_gradient_norm(model, x, y, "2"), coef * w.norm(), rtol=1e-5)
+    assert torch.allclose(da.input_gradient_norm(model, x[:3], y[:3], "2"), coef[:3] * w.norm(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- sensitivity metrics
+
+def test_branch_alignment_obeys_lemma1_and_matches_autograd_through_the_maps():
+    torch.manual_seed(5)
+    model = da.ViT(**TINY, attn="diff")
+    randomize(model, seed=6)
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.attn.qkv.weight, std=0.5)
+    x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 3, 6])
+    al = da.branch_gradient_alignment(model, x, y)
+    assert len(al) == 3 and not any(a.control for a in al)
+    for a in al:
+        lhs = a.g1_norm ** 2 * a.kappa ** 2  # ||g1 - lam g2||^2
+        rhs = a.g1_norm ** 2 + a.lam ** 2 * a.g2_norm ** 2 - 2 * a.lam * a.g1_norm * a.g2_norm * a.cos
+        assert torch.allclose(lhs, rhs, rtol=1e-5)
+
+
+def through_maps_only(model: da.ViT, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a one-block DiffViT in which x reaches the loss only through A1 and A2: V, the
+    residual stream and the MLP's input from before the layer are computed from a detached copy."""
+    blk, attn = model.blocks[0], model.blocks[0].attn
+    h = model.patch_embed((x - model.mean) / model.std)
+    h = torch.cat([model.cls_token.expand(len(x), -1, -1), h], 1) + model.pos_embed
+    hd = h.detach()
+    B, N, C = h.shape
+    d, nh = attn.head_dim, attn.heads // 2
+    q, k, _ = attn.qkv(blk.norm1(h)).split(C, -1)
+    v = attn.qkv(blk.norm1(hd))[..., 2 * C:].view(B, N, nh, 2 * d).transpose(1, 2)
+    q, k = (t.view(B, N, 2 * nh, d).transpose(1, 2) for t in (q, k))
+    A12 = (q @ k.transpose(-2, -1) / math.sqrt(d)).softmax(-1).view(B, nh, 2, N, N)
+    o = (A12[:, :, 0] - attn.lam() * A12[:, :, 1]) @ v
+    o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.sub_norm.weight * (1 - attn.lambda_init)
+    z = hd + attn.proj(o.transpose(1, 2).reshape(B, N, C))
+    z = z + blk.mlp(blk.norm2(z))
+    return model.head(model.norm(z)[:, 0])
+
+
+def test_branch_gradients_combine_to_the_input_gradient_through_the_maps():
+    torch.manual_seed(7)
+    model = da.ViT(**{**TINY, "depth": 1}, attn="diff").double()
+    randomize(model, seed=8)
+    x, y = torch.rand(3, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2, 5])
+    assert torch.allclose(through_maps_only(model, x), model(x))  # same numbers, other graph
+    xg = x.clone().requires_grad_(True)
+    g_maps, = torch.autograd.grad(F.cross_entropy(through_maps_only(model, xg), y, reduction="sum"), xg)
+    # g1 - lam g2 by hand from the recorded maps
+    xg = x.clone().requires_grad_(True)
+    with da.attention_maps(model) as maps:
+        L = F.cross_entropy(model(xg), y, reduction="sum")
+    G, = torch.autograd.grad(L, maps[0].A, retain_graph=True)
+    g1, = torch.autograd.grad((maps[0].A1 * G).sum(), xg, retain_graph=True)
+    g2, = torch.autograd.grad((maps[0].A2 * G).sum(), xg)
+    lam = model.blocks[0].attn.lam().item()
+    assert torch.allclose(g1 - lam * g2, g_maps, rtol=1e-9, atol=1e-12)
+    # and the library's statistics are those of these vectors
+    a = da.branch_gradient_alignment(model, x, y)[0]
+    n1, n2 = g1.flatten(1).norm(dim=1), g2.flatten(1).norm(dim=1)
+    assert a.lam == pytest.approx(lam)
+    assert torch.allclose(a.g1_norm, n1) and torch.allclose(a.g2_norm, n2)
+    assert torch.allclose(a.cos, (g1 * g2).flatten(1).sum(1) / (n1 * n2))
+    assert torch.allclose(a.kappa * a.g1_norm, g_maps.flatten(1).norm(dim=1))
+
+
+def test_standard_vit_gives_the_head_pair_control():
+    model = da.ViT(**TINY, attn="std")
+    al = da.branch_gradient_alignment(model, torch.rand(4, 3, 16, 16), torch.arange(4))
+    assert len(al) == 3 and all(a.control and a.lam == 1.0 for a in al)
+    assert all(a.cos.shape == (4,) and (a.cos.abs() <= 1 + 1e-6).all() for a in al)
+    assert 0.0 <= al[0].frac_negative <= 1.0
+
+
+def test_local_lipschitz_l2_estimator_on_a_linear_map_is_a_tight_lower_bound():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    S = torch.tensor([3.0, 1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.2, 0.1, 0.1, 0.1])
+    lin = torch.nn.Linear(48, 12)
+    with torch.no_grad():
+        lin.weight.copy_(U @ torch.diag(S) @ V[:12])
+    model = torch.nn.Sequential(torch.nn.Flatten(), lin)
+    x = 0.5 + 0.1 * (torch.rand(8, 3, 4, 4, generator=g) - 0.5)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        est = da.local_lipschitz(model, x, eps=0.05, modules=[lin])["layers"][0]
+        assert (est <= 3.0 * (1 + 1e-5)).all() and (est >= 0.9 * 3.0).all(), est
+
+
+def test_local_lipschitz_logit_estimator_on_a_linear_model():
+    # ||W d||_1 / ||d||_inf <= max over sign vectors s of ||W s||_1 = the (inf -> 1) operator norm
+    model, w, x, y = binary_linear(5)
+    est = da.local_lipschitz(model, x, eps=8 / 255, modules=[])
+    bound = model.W.abs().sum(0).sum()  # ||W||_{inf->1} <= sum |W_ij|, attained at s = sign(w)
+    assert (est["logits"] <= bound * (1 + 1e-5)).all() and (est["logits"] >= 0.9 * bound).all()
+
+
+def test_sanity_checks_pass_on_a_linear_model_and_flag_zero_gradients():
+    model, w, x, y = binary_linear(6)
+    res = da.sanity_checks(model, x, y, eps_list=[0.001, 0.004, 0.02], large_eps=0.5)
+    assert res["ok"], res["checks"]
+    assert res["pgd_asr"] == sorted(res["pgd_asr"]) and res["asr_large_eps"] == 1.0
+
+    class Masked(torch.nn.Module):  # a model whose gradient is zero everywhere (rounded logits)
+        def forward(self, x):
+            return model(x).round()  # round has a zero derivative everywhere
+    masked = da.sanity_checks(Masked(), x, y, eps_list=[0.001, 0.004])
+    assert not masked["checks"]["no_zero_gradients"] and len(masked["zero_gradient_examples"]) == len(x)
