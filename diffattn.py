@@ -411,7 +411,7 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", steps: int = 10,
         alpha: Optional[float] = None, random_start: bool = True, restarts: int = 1, loss: str = "ce",
-        targeted: bool = False, amp: Optional[bool] = None) -> AttackResult:
+        targeted: bool = False, amp: Optional[bool] = None, early_stop: bool = False) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018) in the Linf (``norm="inf"``) or L2 ball of radius eps.
 
     Step: Linf ``x + alpha * sign(g)``, L2 ``x + alpha * g / ||g||_2``; after every step the
@@ -421,8 +421,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     later, weaker step. Restarts after the first attack only the examples not yet fooled.
     Gradients are taken with respect to the input alone; the model runs in eval mode, and its
     mode is restored. ``amp`` (default: on for CUDA) runs the steps under bf16 autocast; the
-    final success check is always in float32. Costs steps + 1 forward and steps backward
-    passes per restart (one more forward with ``amp``).
+    final success check is always in float32. ``early_stop`` stops attacking an example once
+    it is fooled: the success flags are the same, x_adv is then the first fooled iterate rather
+    than the strongest, and fooled examples cost no more passes. Costs steps + 1 forward and
+    steps backward passes per restart (one more forward with ``amp``).
     """
     if norm not in ("inf", "2"):
         raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
@@ -450,20 +452,27 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
             else:
                 xa = x0.clone()
             bm, bx = best_margin[idx], best_x[idx]
+            act = torch.arange(len(idx), device=x.device)  # rows still attacked (all, unless early_stop)
             for step in range(steps + 1):
                 last = step == steps
                 xa.requires_grad_(not last)
                 with torch.set_grad_enabled(not last), torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
                     logits = model(xa)
-                m = _margin(logits.detach().float(), y0, targeted)
-                better = m < bm
-                bm, bx = torch.where(better, m, bm), torch.where(_rows(better, x), xa.detach(), bx)
+                m = _margin(logits.detach().float(), y0[act], targeted)
+                better = m < bm[act]
+                bm[act] = torch.where(better, m, bm[act])
+                bx[act] = torch.where(_rows(better, x), xa.detach(), bx[act])
                 if last:
                     break
-                g, = torch.autograd.grad(_attack_loss(logits.float(), y0, loss, targeted).sum(), xa)
+                g, = torch.autograd.grad(_attack_loss(logits.float(), y0[act], loss, targeted).sum(), xa)
                 with torch.no_grad():
                     step_dir = g.sign() if norm == "inf" else g / _rows(_per_example_norm(g, "2").clamp_min(1e-12), x)
-                    xa = _project(xa + alpha * step_dir, x0, eps, norm)
+                    xa = _project(xa + alpha * step_dir, x0[act], eps, norm)
+                if early_stop:  # drop the rows already fooled at the point just evaluated
+                    keep = bm[act] >= 0
+                    act, xa = act[keep], xa[keep]
+                    if act.numel() == 0:
+                        break
             if amp:  # the iterates were ranked in bf16; success is decided in float32
                 with torch.no_grad():
                     bm = _margin(model(bx).float(), y0, targeted)

@@ -501,14 +501,59 @@ def table_speed(args, device) -> None:
                                rounds=12 if cpu else 20, reps=1 if cpu else 10, desc="ViT vs DiffViT")
     rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, 32x32 patch 4 ({N} tokens), batch {B}",
                  "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    pgd_rows = pgd_throughput(args, device)
     env = environment(device)
     md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
           "", "Median over alternating rounds after warm-up; diff / std is the median of per-round ratios.",
           f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32.", "",
           "| what | standard (ms) | differential (ms) | diff / std |", "|---|---:|---:|---:|"]
     md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
+    md += ["", f"## PGD-10 throughput, Linf eps 8/255 ({args.preset} preset models, {pgd_rows[0]['dataset']} test images, "
+           f"batch {pgd_rows[0]['batch']}; median of {pgd_rows[0]['rounds']} alternating rounds)", "",
+           "| model | attack | images/s | vs torchattacks |", "|---|---|---:|---:|"]
+    for r in pgd_rows:
+        ref = next((q["images_per_s"] for q in pgd_rows if q["model"] == r["model"] and q["attack"].startswith("torchattacks")), None)
+        md.append(f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | "
+                  f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
     write_table(Path(args.results), "speed", "\n".join(md) + "\n",
-                {"table": "speed", "rows": rows, "seed": args.seed, "environment": env})
+                {"table": "speed", "rows": rows, "pgd": pgd_rows, "seed": args.seed, "environment": env})
+
+
+def pgd_throughput(args, device, batch: int = 256, rounds: int = 3) -> list:
+    """Images/s of the kit's PGD-10 (default, and with early_stop) beside torchattacks' PGD, same models and batch."""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["train"])
+    x, y = next(batches(load_dataset(dataset, args.data_root, train=False).subset(batch, args.seed), batch, device))
+    eps, steps = 8 / 255, 10
+    try:
+        import torchattacks
+    except ImportError:
+        torchattacks = None
+        print("torchattacks is not installed: its PGD row is skipped (pip install torchattacks)")
+    rows = []
+    for attn in ("std", "diff"):
+        model, _ = train_model({**preset["model"], "attn": attn}, cfg, args.data_root, args.out, device, progress=False)
+        attacks = {"diffattn.pgd": lambda: da.pgd(model, x, y, eps, steps=steps),
+                   "diffattn.pgd early_stop": lambda: da.pgd(model, x, y, eps, steps=steps, early_stop=True)}
+        if torchattacks is not None:
+            ta = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+            attacks[f"torchattacks {torchattacks.__version__} PGD"] = lambda: ta(x, y)
+        times = {k: [] for k in attacks}
+        for _ in tqdm(range(rounds), desc=f"PGD throughput ({attn})", leave=False):
+            for name, run in attacks.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+        for name, ts in times.items():
+            rows.append({"model": "ViT" if attn == "std" else "DiffViT", "attack": name, "dataset": dataset,
+                         "batch": batch, "rounds": rounds, "seconds": statistics.median(ts),
+                         "images_per_s": batch / statistics.median(ts)})
+    return rows
 
 
 def table_clean(args, device) -> None:
@@ -535,7 +580,119 @@ def table_clean(args, device) -> None:
                  "train_config": dataclasses.asdict(cfg), "rows": rows, "environment": env})
 
 
-TABLES = {"speed": table_speed, "clean": table_clean}
+EPS_LINF = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+EVAL_IMAGES = {"quick": 1000, "paper": 10000}  # test images attacked per table
+
+
+def _trained_pair(args, device):
+    """The preset's ViT and DiffViT (trained, or loaded from the cache) and its test subset."""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["train"])
+    models = {attn: train_model({**preset["model"], "attn": attn}, cfg, args.data_root, args.out, device,
+                                compile=args.compile)[0] for attn in ("std", "diff")}
+    test = load_dataset(dataset, args.data_root, train=False).subset(EVAL_IMAGES[args.preset], args.seed)
+    return models, test, dataset, preset, cfg
+
+
+def _header(title: str, args, dataset: str, preset: dict, cfg: TrainConfig, n: int, env: dict) -> list:
+    m = preset["model"]
+    return [f"# {title}", "",
+            f"{dataset} test set, first {n} images of a fixed permutation; {args.preset} preset: depth {m['depth']}, "
+            f"dim {m['dim']}, {m['heads']} heads, patch {m['patch_size']}, {cfg.epochs} epochs; seed {args.seed}; "
+            f"device {env['device']}; torch {env['torch']}; commit {env['git_commit']}.", ""]
+
+
+def table_main(args, device) -> None:
+    """Clean accuracy and PGD-10 Linf ASR at eps in {1, 2, 4, 8}/255, ViT vs DiffViT."""
+    models, test, dataset, preset, cfg = _trained_pair(args, device)
+    torch.manual_seed(args.seed)
+    rows = []
+    for attn, model in models.items():
+        x, y = test.x.to(device).float() / 255, test.y.to(device)
+        clean = da.predict(model, x)
+        row = {"model": "ViT" if attn == "std" else "DiffViT", "clean_acc": da.clean_accuracy(y, clean), "asr": {},
+               "robust_acc": {}}
+        for eps in tqdm(EPS_LINF, desc=f"PGD-10 {row['model']}", leave=False):
+            adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
+                             for xb, yb in zip(x.split(500), y.split(500))])
+            pred = da.predict(model, adv)
+            row["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pred)
+            row["robust_acc"][f"{eps * 255:.0f}/255"] = da.robust_accuracy(y, clean, pred)
+        rows.append(row)
+    env = environment(device)
+    eps_names = list(rows[0]["asr"])
+    md = _header("main: clean accuracy and attack success rate (PGD-10, Linf)", args, dataset, preset, cfg,
+                 len(test), env)
+    md += ["ASR = fraction of the initially correct test images that PGD-10 (random start, step 2.5 eps / 10) "
+           "misclassifies.", "",
+           "| model | clean acc (%) | " + " | ".join(f"ASR eps={e} (%)" for e in eps_names) + " |",
+           "|---|---:|" + "---:|" * len(eps_names)]
+    md += [f"| {r['model']} | {100 * r['clean_acc']:.2f} | " + " | ".join(f"{100 * r['asr'][e]:.1f}" for e in eps_names)
+           + " |" for r in rows]
+    out = Path(args.results) / args.preset
+    name = f"main-{dataset}" if args.dataset else "main"
+    write_table(out, name, "\n".join(md) + "\n",
+                {"table": "main", "preset": args.preset, "dataset": dataset, "seed": args.seed, "n_images": len(test),
+                 "attack": {"name": "pgd", "norm": "inf", "steps": 10, "alpha": "2.5 eps / steps",
+                            "random_start": True}, "train_config": dataclasses.asdict(cfg),
+                 "model_config": preset["model"], "rows": rows, "environment": env})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for r in rows:
+        ax.plot([float(e.split("/")[0]) for e in eps_names], [100 * r["asr"][e] for e in eps_names], "o-",
+                label=f"{r['model']} (clean {100 * r['clean_acc']:.1f}%)")
+    ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-10 on {dataset} ({args.preset})")
+    ax.legend()
+    fig.tight_layout()
+    _atomic(out / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def table_alignment(args, device) -> None:
+    """Per layer: branch-gradient alignment (cos theta, rho, lambda, kappa), gradient norms, local Lipschitz."""
+    models, test, dataset, preset, cfg = _trained_pair(args, device)
+    torch.manual_seed(args.seed)
+    n = min(len(test), 500)
+    x, y = test.x[:n].to(device).float() / 255, test.y[:n].to(device)
+    rows = []
+    for attn, model in models.items():
+        name = "ViT" if attn == "std" else "DiffViT"
+        al = [a for xb, yb in zip(x.split(250), y.split(250)) for a in da.branch_gradient_alignment(model, xb, yb)]
+        depth = len(model.blocks)
+        grad_l1 = da.input_gradient_norm(model, x, y, "inf")
+        lip = da.local_lipschitz(model, x, eps=8 / 255)
+        for layer in range(depth):
+            parts = al[layer::depth]  # the same layer across batches
+            cos = torch.cat([a.cos for a in parts])
+            rows.append({"model": name, "layer": layer, "control": parts[0].control, "lambda": parts[0].lam,
+                         "frac_cos_negative": (cos < 0).float().mean().item(), "mean_cos": cos.mean().item(),
+                         "median_rho": torch.cat([a.rho for a in parts]).median().item(),
+                         "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item(),
+                         "lipschitz_layer_l2": lip["layers"][layer].mean().item(),
+                         "mean_grad_l1": grad_l1.mean().item(), "lipschitz_logits": lip["logits"].mean().item()})
+    env = environment(device)
+    md = _header("alignment: branch-gradient alignment, gradient norms and local Lipschitz estimates", args,
+                 dataset, preset, cfg, n, env)
+    md += ["cos = cos(g1, g2), g_i = grad_x <A_i, G>, G = dL/dA (DiffViT: the two maps of each differential head; "
+           "ViT control: head pairs (2h, 2h+1), each with its own G, lambda = 1). kappa = sqrt(1 + l^2 rho^2 - "
+           "2 l rho cos). grad L1: mean L1 norm of the cross-entropy input gradient (dual of Linf). Lipschitz: Yang et al. (2020) "
+           "estimator, Linf ball 8/255, 10 signed steps of 0.003; lower bounds.", "",
+           "| model | layer | lambda | cos<0 (%) | mean cos | median rho | mean kappa | grad L1 | Lip. logits | Lip. layer (L2) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['model']} | {r['layer']} | {r['lambda']:.3f} | {100 * r['frac_cos_negative']:.1f} | "
+           f"{r['mean_cos']:+.3f} | {r['median_rho']:.3f} | {r['mean_kappa']:.3f} | {r['mean_grad_l1']:.3f} | "
+           f"{r['lipschitz_logits']:.1f} | {r['lipschitz_layer_l2']:.2f} |" for r in rows]
+    write_table(Path(args.results) / args.preset, f"alignment-{dataset}" if args.dataset else "alignment",
+                "\n".join(md) + "\n",
+                {"table": "alignment", "preset": args.preset, "dataset": dataset, "seed": args.seed, "n_images": n,
+                 "train_config": dataclasses.asdict(cfg), "model_config": preset["model"], "rows": rows,
+                 "environment": env})
+
+
+TABLES = {"speed": table_speed, "clean": table_clean, "main": table_main, "alignment": table_alignment}
 
 
 def main(argv=None) -> int:

@@ -409,6 +409,19 @@ def test_pgd_keeps_the_best_iterate_not_the_last():
     assert xa.sum().item() == pytest.approx(2 + 8 * alpha, abs=1e-6) and (model(xa)[0, 0] > model(xa)[0, 1])
 
 
+def test_pgd_early_stop_gives_the_same_success_flags():
+    torch.manual_seed(0)
+    model = da.ViT(**TINY, attn="diff")
+    x, y = torch.rand(12, 3, 16, 16), torch.randint(0, 7, (12,))
+    flags = []
+    for early in (False, True):
+        torch.manual_seed(1)
+        res = da.pgd(model, x, y, 2 / 255, steps=5, early_stop=early)
+        flags.append(res.success)
+        assert torch.equal(res.success, da.predict(model, res.x_adv) != y)
+    assert torch.equal(*flags) and 0 < flags[0].sum() < 12
+
+
 def test_pgd_restores_training_mode_and_leaves_parameters_without_grads():
     model = da.ViT(**TINY).train()
     da.pgd(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), 2 / 255, steps=2)
@@ -567,3 +580,22 @@ def test_sanity_checks_pass_on_a_linear_model_and_flag_zero_gradients():
             return model(x).round()  # round has a zero derivative everywhere
     masked = da.sanity_checks(Masked(), x, y, eps_list=[0.001, 0.004])
     assert not masked["checks"]["no_zero_gradients"] and len(masked["zero_gradient_examples"]) == len(x)
+
+
+def test_autoattack_standard_matches_the_closed_form_on_a_linear_model():
+    pytest.importorskip("pyautoattack")  # in requirements.txt; the reference implementation
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(10, 48, generator=g)
+    model = LinearImageModel(W, torch.zeros(10))
+    x = 0.5 + 0.2 * (torch.rand(40, 3, 4, 4, generator=g) - 0.5)
+    y = model(x).argmax(1)  # every point correct
+    eps = 0.02
+    # Linf on a linear model: the cheapest flip to class j costs (z_y - z_j) / ||w_y - w_j||_1
+    z = model(x).detach()
+    need = ((z.gather(1, y[:, None]) - z) / (W[y][:, None, :] - W[None]).abs().sum(-1).clamp_min(1e-12))
+    need = need.masked_fill(F.one_hot(y, 10).bool(), float("inf")).amin(1)
+    res = da.autoattack(model, x, y, eps)
+    assert ((res.x_adv - x).abs().amax((1, 2, 3)) <= eps + 1e-6).all() and res.x_adv.min() >= 0
+    assert not (res.success & (need > eps * 1.001)).any()        # never a flip that is impossible
+    assert res.success[need < 0.9 * eps].all()                     # every clear flip found
+    assert torch.equal(res.success, da.predict(model, res.x_adv) != y)
