@@ -475,9 +475,26 @@ def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, 
     return statistics.median(ta), statistics.median(tb), statistics.median(q / p for p, q in zip(ta, tb))
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks back to the OS (as jemalloc/tcmalloc set-ups do).
+
+    Otherwise every large CPU tensor is a fresh mmap whose page faults are timed with the
+    kernels, and the variant with more or larger temporaries pays for the allocator as well.
+    PyTorch's CPU performance guide recommends such an allocator. Returns False where not glibc.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+    except (OSError, AttributeError):
+        return False
+
+
 def table_speed(args, device) -> None:
     """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width."""
     cpu = device.type == "cpu"
+    allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
     B, N, dim, heads = 64, 65, 384, 6
     torch.manual_seed(args.seed)
     rows = []
@@ -505,7 +522,8 @@ def table_speed(args, device) -> None:
     env = environment(device)
     md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
           "", "Median over alternating rounds after warm-up; diff / std is the median of per-round ratios.",
-          f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32.", "",
+          f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32; CPU allocator: "
+          f"{allocator}.", "",
           "| what | standard (ms) | differential (ms) | diff / std |", "|---|---:|---:|---:|"]
     md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
     md += ["", f"## PGD-10 throughput, Linf eps 8/255 ({args.preset} preset models, {pgd_rows[0]['dataset']} test images, "
@@ -516,7 +534,8 @@ def table_speed(args, device) -> None:
         md.append(f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | "
                   f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
     write_table(Path(args.results), "speed", "\n".join(md) + "\n",
-                {"table": "speed", "rows": rows, "pgd": pgd_rows, "seed": args.seed, "environment": env})
+                {"table": "speed", "rows": rows, "pgd": pgd_rows, "seed": args.seed, "allocator": allocator,
+                 "environment": env})
 
 
 def pgd_throughput(args, device, batch: int = 256, rounds: int = 3) -> list:
