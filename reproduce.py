@@ -358,10 +358,9 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
     path = Path(out) / "checkpoints" / f"{model_cfg.get('attn', 'std')}-{key}.pt"
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, cfg.dataset).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    decays = {n: p.ndim >= 2 and "embed" not in n and "token" not in n for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decays[n] == d],
+                              "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)], lr=cfg.lr)
     record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
     if path.is_file():
         state = torch.load(path, map_location=device, weights_only=True)
