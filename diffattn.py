@@ -4,7 +4,9 @@ A reproducibility kit for "Understanding Sensitivity of Differential Attention t
 Lens of Adversarial Robustness" (ICLR 2026, arXiv 2510.00517). This one file depends on torch
 alone and can be copied into another project.
 
-Read top to bottom: attention (the paper's object) -> ViT/DiffViT.
+Read top to bottom: attention (the paper's object) -> ViT/DiffViT -> attacks (PGD, FGSM,
+CW-L2, AutoAttack) -> metrics (ASR, robust accuracy, gradient norms, branch-gradient
+alignment, local Lipschitz, sanity checks).
 
 Conventions
 -----------
@@ -30,6 +32,9 @@ import torch.nn.functional as F
 __all__ = [
     "Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule",
     "Block", "ViT", "check_images",
+    "AttackResult", "pgd", "fgsm", "cw_l2", "autoattack",
+    "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate", "input_gradient_norm",
+    "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks",
 ]
 
 
