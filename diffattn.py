@@ -89,21 +89,21 @@ class Attention(_Recordable):
         A = softmax(Q K^T / sqrt(d)),  out = proj(concat_h(A_h V_h)),  d = dim / heads.
     """
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"Attention: dim={dim} must be divisible by heads={heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
         if self._record is None:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, N, d)
         else:
-            A = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)  # (B, H, N, N)
+            A = _masked(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, self.causal).softmax(-1)  # (B, H, N, N)
             self._store(A=A)
             out = A @ v
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -114,7 +114,7 @@ class DiffAttention(_Recordable):
 
     With H standard heads, d = dim / H, and per differential head h = 0 .. H/2 - 1:
 
-        A1 = softmax(Q1 K1^T / sqrt(d)),   A2 = softmax(Q2 K2^T / sqrt(d))      (no causal mask)
+        A1 = softmax(Q1 K1^T / sqrt(d)),   A2 = softmax(Q2 K2^T / sqrt(d))      (a causal mask only if asked)
         lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init                   (shared by all heads)
         head_h = (1 - lambda_init) * RMSNorm((A1 - lambda A2) V_h)              (V_h of width 2d)
         out = proj(concat_h head_h)
@@ -135,7 +135,7 @@ class DiffAttention(_Recordable):
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
     def __init__(self, dim: int, heads: int, lambda_init: Union[float, str] = 0.8,
-                 layer_index: int = 0, qkv_bias: bool = True):
+                 layer_index: int = 0, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
         if heads % 2:
             raise ValueError(f"DiffAttention: heads={heads} is odd; heads counts standard heads H and the "
@@ -147,10 +147,10 @@ class DiffAttention(_Recordable):
         elif isinstance(lambda_init, str):
             raise ValueError(f"DiffAttention: lambda_init={lambda_init!r}; expected a number or 'schedule'")
         self.lambda_init = float(lambda_init)
-        self.heads, self.head_dim = heads, dim // heads  # H standard heads of size d
+        self.heads, self.head_dim, self.causal = heads, dim // heads, causal  # H standard heads of size d
         d = self.head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.lambda_q1 = nn.Parameter(torch.randn(d) * 0.1)
         self.lambda_k1 = nn.Parameter(torch.randn(d) * 0.1)
         self.lambda_q2 = nn.Parameter(torch.randn(d) * 0.1)
@@ -173,12 +173,12 @@ class DiffAttention(_Recordable):
             # Both maps in one fused call: stack [Q1; Q2] (and [K1; K2]) on the batch axis, V shared.
             q = q.view(B, N, h, 2, d).permute(3, 0, 2, 1, 4).reshape(2 * B, h, N, d)
             k = k.view(B, N, h, 2, d).permute(3, 0, 2, 1, 4).reshape(2 * B, h, N, d)
-            o = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1))  # (2B, H/2, N, 2d)
+            o = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1), is_causal=self.causal)  # (2B, H/2, N, 2d)
             out = o[:B] - lam * o[B:]                                        # A1 V - lam A2 V
         else:
             q = q.view(B, N, 2 * h, d).transpose(1, 2) * d ** -0.5  # (B, H, N, d); head 2i is Q1 of diff head i
             k = k.view(B, N, 2 * h, d).transpose(1, 2)              # (B, H, N, d)
-            A12 = (q @ k.transpose(-2, -1)).softmax(-1).view(B, h, 2, N, N)  # [A1, A2] per diff head
+            A12 = _masked(q @ k.transpose(-2, -1), self.causal).softmax(-1).view(B, h, 2, N, N)  # [A1, A2] per diff head
             # A1 - lam A2 as one weighted sum (cheaper backward than two slices)
             A = (A12 * torch.stack([torch.ones_like(lam), -lam]).view(2, 1, 1)).sum(2)  # (B, H/2, N, N)
             if self._record is not None:
@@ -186,6 +186,14 @@ class DiffAttention(_Recordable):
             out = A @ v                                                               # (B, H/2, N, 2d)
         out = _rms_norm(out, self.sub_norm.weight * (1 - self.lambda_init), self.sub_norm.eps)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Causal mask (query i sees keys j <= i) on attention scores, for the CLIP text tower."""
+    if not causal:
+        return scores
+    N = scores.shape[-1]
+    return scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -243,6 +251,13 @@ def check_images(x: torch.Tensor, in_chans: int, img_size: int) -> None:
                          f"not mean/std-normalized images")
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's activation (and DiffCLIP's text tower's)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: type = nn.GELU):
         super().__init__()
@@ -256,17 +271,18 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
-                 lambda_init: Union[float, str] = 0.8, layer_index: int = 0, qkv_bias: bool = True):
+                 lambda_init: Union[float, str] = 0.8, layer_index: int = 0, qkv_bias: bool = True,
+                 proj_bias: bool = True, causal: bool = False, act: type = nn.GELU, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if attn == "std":
-            self.attn = Attention(dim, heads, qkv_bias)
+            self.attn = Attention(dim, heads, qkv_bias, proj_bias, causal)
         elif attn == "diff":
-            self.attn = DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias)
+            self.attn = DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias, proj_bias, causal)
         else:
             raise ValueError(f"attn={attn!r}; expected 'std' or 'diff'")
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -274,9 +290,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, dim: int):
+    def __init__(self, patch_size: int, in_chans: int, dim: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, dim)
@@ -302,13 +318,16 @@ class ViT(nn.Module):
     timm equivalent: ``timm.models.vision_transformer.VisionTransformer(img_size, patch_size,
     in_chans, num_classes, embed_dim=dim, depth, num_heads=H, mlp_ratio, qkv_bias=True)``; for
     DiffViT add ``attn_layer="diff"`` and ``num_heads=H // 2``, and set each block's
-    ``attn.lambda_init`` to match (timm uses the depth schedule).
+    ``attn.lambda_init`` to match (timm uses the depth schedule). ``pre_norm=True`` adds
+    timm's ``norm_pre`` (CLIP's ln_pre) and drops the patch-embedding bias, as timm does for
+    CLIP towers; ``num_classes=0`` leaves the head out.
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, dim: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
                  lambda_init: Union[float, str] = 0.8, mean: Union[float, Sequence[float]] = 0.5,
-                 std: Union[float, Sequence[float]] = 0.5, qkv_bias: bool = True):
+                 std: Union[float, Sequence[float]] = 0.5, qkv_bias: bool = True, proj_bias: bool = True,
+                 pre_norm: bool = False, act: type = nn.GELU, norm_eps: float = 1e-6):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
@@ -316,13 +335,14 @@ class ViT(nn.Module):
         self.register_buffer("mean", _channels(mean, in_chans, "mean"), persistent=False)
         self.register_buffer("std", _channels(std, in_chans, "std"), persistent=False)
         n_tokens = (img_size // patch_size) ** 2 + 1
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim, bias=not pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, attn, lambda_init, i, qkv_bias)
-                                    for i in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
+        self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, attn, lambda_init, i, qkv_bias, proj_bias,
+                                          act=act, norm_eps=norm_eps) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         self._init_weights()
 
     def _init_weights(self):  # timm's defaults; lambda vectors keep their N(0, 0.1^2) draw
@@ -338,13 +358,14 @@ class ViT(nn.Module):
         """Images in [0, 1] -> final-norm tokens (B, N, dim), class token first."""
         check_images(x, self.in_chans, self.img_size)
         x = self.patch_embed((x - self.mean) / self.std)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
+        """Images in [0, 1], (B, in_chans, img_size, img_size) -> logits (B, num_classes), or the
+        final-norm class token (B, dim) when ``num_classes=0`` (a CLIP image tower)."""
         return self.head(self.forward_features(x)[:, 0])
 
 
