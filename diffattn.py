@@ -21,6 +21,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 __all__ = [
     "Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule",
     "Block", "ViT", "check_images",
+    "TextTransformer", "CLIP", "tokenize", "CIFAR_TEMPLATES", "imagenet_templates", "zero_shot_weights",
+    "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip",
     "AttackResult", "pgd", "fgsm", "cw_l2", "autoattack",
     "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate", "input_gradient_norm",
     "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks",
@@ -258,10 +261,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: type = nn.GELU):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), ACTIVATIONS[act](), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -272,8 +278,10 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
                  lambda_init: Union[float, str] = 0.8, layer_index: int = 0, qkv_bias: bool = True,
-                 proj_bias: bool = True, causal: bool = False, act: type = nn.GELU, norm_eps: float = 1e-6):
+                 proj_bias: bool = True, causal: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act={act!r}; expected one of {sorted(ACTIVATIONS)}")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if attn == "std":
             self.attn = Attention(dim, heads, qkv_bias, proj_bias, causal)
@@ -327,7 +335,7 @@ class ViT(nn.Module):
                  depth: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
                  lambda_init: Union[float, str] = 0.8, mean: Union[float, Sequence[float]] = 0.5,
                  std: Union[float, Sequence[float]] = 0.5, qkv_bias: bool = True, proj_bias: bool = True,
-                 pre_norm: bool = False, act: type = nn.GELU, norm_eps: float = 1e-6):
+                 pre_norm: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
@@ -367,6 +375,309 @@ class ViT(nn.Module):
         """Images in [0, 1], (B, in_chans, img_size, img_size) -> logits (B, num_classes), or the
         final-norm class token (B, dim) when ``num_classes=0`` (a CLIP image tower)."""
         return self.head(self.forward_features(x)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------
+# CLIP / DiffCLIP
+# ----------------------------------------------------------------------------------------
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower: token and position embeddings, causal pre-norm blocks, a final
+    LayerNorm, and the features at the end-of-text token (the largest token id, as in CLIP)."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
+                 attn: str = "std", lambda_init: Union[float, str] = 0.8, act: str = "quick_gelu",
+                 norm_eps: float = 1e-5, qkv_bias: bool = True, proj_bias: bool = True, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, attn, lambda_init, i, qkv_bias, proj_bias,
+                                          causal=True, act=act, norm_eps=norm_eps) for i in range(depth))
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L <= context_length) -> end-of-text features (B, width)."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32) or tokens.shape[1] > self.context_length:
+            raise ValueError(f"expected token ids of shape (B, L <= {self.context_length}) from tokenize(), got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[torch.arange(len(x), device=x.device), tokens.argmax(-1)]
+
+
+class CLIP(nn.Module):
+    """CLIP (Radford et al. 2021) or DiffCLIP (Hammoud & Ghanem 2025): two towers, linear
+    projections into a shared space, a learned logit scale.
+
+    ``image``: keyword arguments of the ``ViT`` image tower (``num_classes`` is 0); ``text``:
+    those of ``TextTransformer``. ``encode_image`` takes images in [0, 1] and normalizes inside.
+    """
+
+    def __init__(self, embed_dim: int, image: dict, text: dict, logit_scale: float = math.log(1 / 0.07)):
+        super().__init__()
+        self.config = {"embed_dim": embed_dim, "image": dict(image), "text": dict(text)}
+        self.visual = ViT(num_classes=0, **image)
+        self.text = TextTransformer(**text)
+        w_img, w_txt = image["dim"], text["width"]
+        self.image_projection = nn.Parameter(torch.randn(w_img, embed_dim) * w_img ** -0.5)
+        self.text_projection = nn.Parameter(torch.randn(w_txt, embed_dim) * w_txt ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        z = self.visual(images) @ self.image_projection
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        z = self.text(tokens) @ self.text_projection
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Image-to-text logits (B_images, B_texts) = exp(logit_scale) * cosine similarity."""
+        return self.logit_scale.exp() * self.encode_image(images, True) @ self.encode_text(tokens, True).T
+
+
+def tokenize(texts, context_length: int = 77) -> torch.Tensor:
+    """CLIP's byte-pair tokenizer, from open_clip (the ecosystem's standard): (len(texts), context_length) ids."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError("tokenize() uses open_clip's CLIP tokenizer: pip install open_clip_torch") from e
+    return open_clip.tokenize([texts] if isinstance(texts, str) else list(texts), context_length=context_length)
+
+
+# The 18 CIFAR prompt templates of CLIP (Radford et al. 2021); the 80 ImageNet ones come from open_clip.
+CIFAR_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+    "a photo of the small {}.", "a photo of the big {}.",
+]
+
+
+def imagenet_templates() -> list:
+    """The 80 prompt templates OpenAI used for ImageNet zero-shot classification (from open_clip)."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+@torch.no_grad()
+def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequence[str], tokenizer=tokenize,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Per class, the mean of the normalized text embeddings of its prompts, normalized: (embed_dim, C)."""
+    device = model.logit_scale.device
+    was = model.training
+    model.eval()
+    weights = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        z = torch.cat([model.encode_text(tb, normalize=True) for tb in tokens.split(batch_size)])
+        weights.append(F.normalize(z.mean(0), dim=-1))
+    model.train(was)
+    return torch.stack(weights, 1)
+
+
+class ZeroShotClassifier(nn.Module):
+    """Images in [0, 1] -> logits = exp(logit_scale) * cos(image embedding, class embedding).
+
+    With one caption per "class" this is image-to-text retrieval; every attack and metric of the
+    kit applies to it as to a ViT (its ``blocks`` are the image tower's).
+    """
+
+    def __init__(self, clip: CLIP, weights: torch.Tensor):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("weights", weights, persistent=False)
+        self.blocks = clip.visual.blocks
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.logit_scale.exp() * self.clip.encode_image(images, normalize=True) @ self.weights
+
+
+_BLOCK_RENAMES = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
+                  ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+                  ("attn.out_proj.", "attn.proj."), ("attn.diff_norm.", "attn.sub_norm.")]
+
+
+def _map_block(src: dict, src_prefix: str, dst_prefix: str, out: dict, used: set) -> None:
+    """One transformer block, CLIP / DiffCLIP names -> the kit's (timm's) names."""
+    keys = [k for k in src if k.startswith(src_prefix)]
+    for k in keys:
+        rest = k[len(src_prefix):]
+        if rest.startswith(("attn.q_proj.", "attn.k_proj.", "attn.v_proj.")):
+            continue
+        for a, b in _BLOCK_RENAMES:
+            if rest.startswith(a):
+                rest = b + rest[len(a):]
+                break
+        out[dst_prefix + rest] = src[k]
+        used.add(k)
+    for kind in ("weight", "bias"):  # separate q/k/v projections -> one qkv
+        parts = [f"{src_prefix}attn.{p}_proj.{kind}" for p in "qkv"]
+        if all(p in src for p in parts):
+            out[f"{dst_prefix}attn.qkv.{kind}"] = torch.cat([src[p] for p in parts])
+            used.update(parts)
+
+
+def _count(src: dict, pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in src:
+        n += 1
+    return n
+
+
+def _tower_attn(src: dict, prefix: str, width: int, heads: Optional[int]) -> dict:
+    """attn type, heads, biases of a tower, read off its first block. Standard attention does not
+    show its head count in the weights: OpenCLIP's convention is 64-wide heads unless told."""
+    lam = src.get(f"{prefix}attn.lambda_q1")
+    q_bias = f"{prefix}attn.in_proj_bias" in src or f"{prefix}attn.q_proj.bias" in src or f"{prefix}attn.qkv.bias" in src
+    if heads is None:
+        heads = width // lam.numel() if lam is not None else max(1, width // 64)
+    return {"attn": "diff" if lam is not None else "std", "heads": heads,
+            "qkv_bias": q_bias, "proj_bias": f"{prefix}attn.out_proj.bias" in src or f"{prefix}attn.proj.bias" in src}
+
+
+def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_heads: Optional[int] = None,
+                           text_heads: Optional[int] = None) -> tuple:
+    """Map an OpenCLIP / OpenAI CLIP or a DiffCLIP (SLIP-style) state dict onto the kit's ``CLIP``.
+
+    Returns (kit state dict, CLIP constructor kwargs, layout name). Raises ``ValueError`` listing
+    every source key that was not used.
+    """
+    out, used = {}, set()
+    if "visual.conv1.weight" in src:  # OpenCLIP / OpenAI
+        layout = "openclip"
+        w = src["visual.conv1.weight"]
+        width, patch = w.shape[0], w.shape[-1]
+        depth = _count(src, "visual.transformer.resblocks.{}.ln_1.weight")
+        n_pos = src["visual.positional_embedding"].shape[0]
+        out["visual.patch_embed.proj.weight"] = w
+        out["visual.cls_token"] = src["visual.class_embedding"].reshape(1, 1, -1)
+        out["visual.pos_embed"] = src["visual.positional_embedding"].unsqueeze(0)
+        for a, b in (("visual.ln_pre.", "visual.norm_pre."), ("visual.ln_post.", "visual.norm.")):
+            for kind in ("weight", "bias"):
+                out[b + kind] = src[a + kind]
+                used.add(a + kind)
+        out["image_projection"] = src["visual.proj"]
+        used.update(["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj"])
+        for i in range(depth):
+            _map_block(src, f"visual.transformer.resblocks.{i}.", f"visual.blocks.{i}.", out, used)
+        first = "visual.transformer.resblocks.0."
+        act = "quick_gelu" if quick_gelu else "gelu"
+        image = dict(img_size=patch * math.isqrt(n_pos - 1), patch_size=patch, in_chans=w.shape[1], dim=width,
+                     depth=depth, mlp_ratio=src[first + "mlp.c_fc.weight"].shape[0] / width, pre_norm=True,
+                     act=act, norm_eps=1e-5, mean=OPENAI_MEAN, std=OPENAI_STD, **_tower_attn(src, first, width, image_heads))
+        text_act = act
+    elif "visual.patch_embed.proj.weight" in src:  # DiffCLIP / SLIP: a timm ViT image tower
+        layout = "diffclip"
+        w = src["visual.patch_embed.proj.weight"]
+        width, patch = w.shape[0], w.shape[-1]
+        depth = _count(src, "visual.blocks.{}.norm1.weight")
+        for k in ("visual.patch_embed.proj.weight", "visual.patch_embed.proj.bias", "visual.cls_token",
+                  "visual.pos_embed", "visual.norm.weight", "visual.norm.bias"):
+            out[k] = src[k]
+            used.add(k)
+        out["image_projection"] = src["image_projection"]
+        used.add("image_projection")
+        for i in range(depth):
+            _map_block(src, f"visual.blocks.{i}.", f"visual.blocks.{i}.", out, used)
+        first = "visual.blocks.0."
+        image = dict(img_size=patch * math.isqrt(src["visual.pos_embed"].shape[1] - 1), patch_size=patch,
+                     in_chans=w.shape[1], dim=width, depth=depth,
+                     mlp_ratio=src[first + "mlp.fc1.weight"].shape[0] / width, pre_norm=False, act="gelu",
+                     norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD, **_tower_attn(src, first, width, image_heads))
+        text_act = "gelu" if quick_gelu is False else "quick_gelu"
+    else:
+        raise ValueError("not a CLIP state dict this kit knows: expected OpenCLIP/OpenAI keys (visual.conv1.weight, "
+                         "visual.class_embedding, ...) or DiffCLIP/SLIP keys (visual.patch_embed.proj.weight, "
+                         f"image_projection, ...); got e.g. {sorted(src)[:5]}")
+    if image["attn"] == "diff":
+        image["lambda_init"] = 0.8
+    # the text tower is the same in both layouts
+    t_width = src["ln_final.weight"].shape[0]
+    t_depth = _count(src, "transformer.resblocks.{}.ln_1.weight")
+    for a, b in (("token_embedding.weight", "text.token_embedding.weight"),
+                 ("positional_embedding", "text.positional_embedding"), ("ln_final.weight", "text.norm.weight"),
+                 ("ln_final.bias", "text.norm.bias"), ("text_projection", "text_projection"),
+                 ("logit_scale", "logit_scale")):
+        out[b] = src[a]
+        used.add(a)
+    for i in range(t_depth):
+        _map_block(src, f"transformer.resblocks.{i}.", f"text.blocks.{i}.", out, used)
+    first = "transformer.resblocks.0."
+    text = dict(vocab_size=src["token_embedding.weight"].shape[0], context_length=src["positional_embedding"].shape[0],
+                width=t_width, depth=t_depth, mlp_ratio=src[first + "mlp.c_fc.weight"].shape[0] / t_width,
+                act=text_act, norm_eps=1e-5, **_tower_attn(src, first, t_width, text_heads))
+    if text["attn"] == "diff":
+        text["lambda_init"] = 0.8
+    unused = sorted(set(src) - used - {"attn_mask", "visual.attn_mask"})
+    if unused:
+        raise ValueError(f"{len(unused)} keys of the {layout} checkpoint have no place in the kit's CLIP: "
+                         f"{unused[:20]}{' ...' if len(unused) > 20 else ''}")
+    return out, {"embed_dim": src["text_projection"].shape[1], "image": image, "text": text}, layout
+
+
+def _torch_load(path, trust_pickle: bool) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        if not trust_pickle:
+            raise ValueError(f"{path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}); "
+                             f"DiffCLIP's checkpoints pickle argparse objects. If you trust the file, pass "
+                             f"trust_pickle=True to run its pickle.") from e
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = False,
+              filename: str = "checkpoint_best.pt", image_heads: Optional[int] = None,
+              text_heads: Optional[int] = None) -> CLIP:
+    """A kit ``CLIP`` from a checkpoint: a state dict, a local file, or a Hugging Face hub id.
+
+    Recognized layouts: OpenCLIP / OpenAI CLIP state dicts (``visual.conv1``, ``attn.in_proj_weight``,
+    ...; OpenAI mean/std; pass ``quick_gelu=True`` for OpenAI's original weights), and DiffCLIP
+    (Hammoud & Ghanem 2025; e.g. ``hammh0a/DiffCLIP_ViTB16_CC12M``, file ``checkpoint_best.pt``): a
+    SLIP-style dict whose ``state_dict`` keys may carry ``module.``, a timm ViT image tower with
+    separate q/k/v projections, ``diff_norm`` and lambda vectors (lambda_init 0.8 in every layer),
+    a differential text tower with QuickGELU, ImageNet mean/std; the same layout with standard
+    attention is the matched CLIP baseline. Loading is strict: unused keys, missing keys and shape
+    mismatches raise and are listed. Head counts come from the lambda vectors' length for
+    differential attention, and default to 64-wide heads (OpenCLIP's convention) for standard
+    attention; ``image_heads`` / ``text_heads`` override them.
+    """
+    if isinstance(source, dict):
+        src = source
+    elif os.path.isfile(str(source)):
+        src = _torch_load(source, trust_pickle)
+    elif isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError as e:
+            raise ImportError(f"{source!r} looks like a Hugging Face hub id: pip install huggingface_hub") from e
+        src = _torch_load(hf_hub_download(source, filename), trust_pickle)
+    else:
+        raise FileNotFoundError(f"{source!r} is neither a file nor a hub id (owner/name)")
+    for key in ("state_dict", "model"):
+        if isinstance(src.get(key), dict):
+            src = src[key]
+    src = {k[len("module."):] if k.startswith("module.") else k: v for k, v in src.items()}
+    sd, config, _ = clip_state_dict_to_kit(src, quick_gelu, image_heads, text_heads)
+    model = CLIP(**config)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in set(own) & set(sd) if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint does not match the CLIP it describes: missing {missing[:20]}, "
+                         f"unexpected {unexpected[:20]}, shape mismatches {shapes[:20]}")
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------
