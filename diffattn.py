@@ -723,7 +723,10 @@ def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: boo
         return -ce if targeted else ce
     if loss == "margin":
         return -_margin(logits, y, targeted)
-    raise ValueError(f"loss={loss!r}; expected 'ce' or 'margin'")
+    if loss == "logit":  # on a ZeroShotClassifier: lower (raise, if targeted) the cosine to prompt y
+        z_y = logits.gather(1, y[:, None]).squeeze(1)
+        return z_y if targeted else -z_y
+    raise ValueError(f"loss={loss!r}; expected 'ce', 'margin' or 'logit'")
 
 
 def _per_example_norm(d: torch.Tensor, norm: str) -> torch.Tensor:
@@ -756,6 +759,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     Per example, the strongest iterate over all steps and restarts is kept (lowest margin
     z_y - max_{j != y} z_j; for ``targeted``, y is the target), so success is never lost by a
     later, weaker step. Restarts after the first attack only the examples not yet fooled.
+    ``loss="logit"`` descends the true class's logit alone: on a ``ZeroShotClassifier`` that is
+    the paper's CLIP attack, lowering the cosine between the image and its prompt.
     Gradients are taken with respect to the input alone; the model runs in eval mode, and its
     mode is restored. ``amp`` (default: on for CUDA) runs the steps under bf16 autocast; the
     final success check is always in float32. ``early_stop`` stops attacking an example once

@@ -599,3 +599,166 @@ def test_autoattack_standard_matches_the_closed_form_on_a_linear_model():
     assert not (res.success & (need > eps * 1.001)).any()        # never a flip that is impossible
     assert res.success[need < 0.9 * eps].all()                     # every clear flip found
     assert torch.equal(res.success, da.predict(model, res.x_adv) != y)
+
+
+# ---------------------------------------------------------------------------- CLIP / DiffCLIP
+
+def _perturbed(model, seed=0, scale=0.02):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def _openai_normalize(x):
+    return (x - torch.tensor(da.OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(da.OPENAI_STD).view(1, 3, 1, 1)
+
+
+def test_openclip_vit_b32_loads_and_gives_the_same_features():
+    open_clip = pytest.importorskip("open_clip")  # in requirements.txt
+    oc = _perturbed(open_clip.create_model("ViT-B-32", pretrained=None))
+    kit = da.load_clip(oc.state_dict())
+    assert kit.config["image"]["heads"] == 12 and kit.config["text"]["heads"] == 8
+    x = torch.rand(2, 3, 224, 224)
+    tokens = da.tokenize(["a photo of a cat.", "a diagram of a transformer"])
+    with torch.no_grad():
+        assert (oc.encode_image(_openai_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5 * 5
+        assert (oc.encode_text(tokens) - kit.encode_text(tokens)).abs().max() <= 1e-5 * 5
+        assert torch.allclose(kit.logit_scale, oc.logit_scale)
+
+
+def test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    torch.manual_seed(0)
+    oc = _perturbed(open_clip.CLIP(embed_dim=24, quick_gelu=True,
+                                   vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32),
+                                   text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)), 1)
+    kit = da.load_clip(oc.state_dict(), quick_gelu=True, image_heads=4, text_heads=2)
+    x = torch.rand(3, 3, 32, 32)
+    tokens = da.tokenize(["a shoe", "a bag", "a very long caption that is cut"], context_length=16)
+    with torch.no_grad():
+        assert (oc.encode_image(_openai_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5
+        assert (oc.encode_text(tokens) - kit.encode_text(tokens)).abs().max() <= 1e-5
+    wrong = da.load_clip(oc.state_dict(), quick_gelu=False, image_heads=4, text_heads=2)  # GELU: not the same model
+    with torch.no_grad():
+        assert (oc.encode_text(tokens) - wrong.encode_text(tokens)).abs().max() > 1e-4
+
+
+def test_tokenize_is_open_clips_tokenizer():
+    open_clip = pytest.importorskip("open_clip")
+    texts = ["a photo of a T-shirt/top.", "an ankle boot", ""]
+    assert torch.equal(da.tokenize(texts), open_clip.get_tokenizer("ViT-B-32")(texts))
+    t = da.tokenize("a bag")
+    assert t.shape == (1, 77) and t[0, 0] == 49406 and t[0].argmax() == 3  # <start> a bag <end>
+
+
+def diffclip_layout_from_timm(timm_vit, text: da.TextTransformer, embed_dim: int, seed: int = 0) -> dict:
+    """A DiffCLIP-layout (SLIP-style) checkpoint: timm's fused qkv split into q/k/v_proj, timm's
+    sub_norm renamed diff_norm; the text tower written in DiffCLIP's names."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in timm_vit.state_dict().items():
+        if ".attn.qkv." in k:
+            for name, part in zip("qkv", v.chunk(3)):
+                sd["module.visual." + k.replace(".attn.qkv.", f".attn.{name}_proj.")] = part
+        else:
+            sd["module.visual." + k.replace(".attn.proj.", ".attn.out_proj.").replace(".sub_norm.", ".diff_norm.")] = v
+    names = [("norm1.", "ln_1."), ("norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
+             ("attn.proj.", "attn.out_proj."), ("attn.sub_norm.", "attn.diff_norm.")]
+    for k, v in text.state_dict().items():
+        if k.startswith("blocks."):
+            i, rest = k.split(".", 2)[1:]
+            for a, b in names:
+                rest = rest.replace(a, b)
+            if ".qkv." in "." + rest:
+                for name, part in zip("qkv", v.chunk(3)):
+                    sd[f"module.transformer.resblocks.{i}.{rest.replace('attn.qkv.', f'attn.{name}_proj.')}"] = part
+                continue
+            sd[f"module.transformer.resblocks.{i}.{rest}"] = v
+    sd["module.token_embedding.weight"] = text.token_embedding.weight.detach()
+    sd["module.positional_embedding"] = text.positional_embedding.detach()
+    sd["module.ln_final.weight"], sd["module.ln_final.bias"] = text.norm.weight.detach(), text.norm.bias.detach()
+    sd["module.image_projection"] = torch.randn(timm_vit.embed_dim, embed_dim, generator=g)
+    sd["module.text_projection"] = torch.randn(text.norm.weight.shape[0], embed_dim, generator=g)
+    sd["module.logit_scale"] = torch.tensor(4.6)
+    return {"state_dict": sd, "epoch": 3}
+
+
+def _timm_diff_vit(attn: str = "diff"):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    extra = {"attn_layer": "diff", "num_heads": 2} if attn == "diff" else {"num_heads": 4}
+    t = timm_vit.VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=64, depth=2,
+                                   qkv_bias=True, **extra)
+    if attn == "diff":
+        for blk in t.blocks:
+            blk.attn.lambda_init = 0.8  # DiffCLIP: a constant lambda_init in every layer
+    return _perturbed(t, 2)
+
+
+@pytest.mark.parametrize("attn", ["diff", "std"])
+def test_diffclip_layout_loads_and_matches_timm_vision_features(attn):
+    t = _timm_diff_vit(attn)
+    text = _perturbed(da.TextTransformer(49408, 16, 32, 2, 4, attn=attn), 3)
+    ckpt = diffclip_layout_from_timm(t, text, embed_dim=24)
+    # standard attention hides its head count (64-wide heads assumed): this tiny one says it
+    kit = da.load_clip(ckpt, **({} if attn == "diff" else {"image_heads": 4, "text_heads": 4}))
+    assert kit.config["image"]["attn"] == kit.config["text"]["attn"] == attn
+    assert kit.config["image"]["heads"] == 4 and kit.config["text"]["heads"] == 4
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(da.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(da.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = t((x - mean) / std) @ ckpt["state_dict"]["module.image_projection"]
+        assert (kit.encode_image(x) - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+        tokens = da.tokenize(["a bag", "a sandal"], context_length=16)
+        assert torch.allclose(kit.encode_text(tokens), text(tokens) @ ckpt["state_dict"]["module.text_projection"],
+                              atol=1e-5)
+
+
+def test_load_clip_is_strict_and_says_which_keys(tmp_path):
+    import argparse
+    t = _timm_diff_vit()
+    ckpt = diffclip_layout_from_timm(t, da.TextTransformer(49408, 16, 32, 1, 4, attn="diff"), embed_dim=24)
+    extra = dict(ckpt["state_dict"], **{"module.visual.blocks.0.attn.extra_param": torch.zeros(3)})
+    with pytest.raises(ValueError, match="extra_param"):
+        da.load_clip({"state_dict": extra})
+    broken = dict(ckpt["state_dict"])
+    del broken["module.visual.blocks.1.attn.lambda_k2"]
+    with pytest.raises(ValueError, match="missing.*blocks.1.attn.lambda_k2"):
+        da.load_clip({"state_dict": broken})
+    # DiffCLIP's pickles hold argparse objects: weights_only refuses them unless the user opts in
+    path = tmp_path / "checkpoint_best.pt"
+    torch.save({**ckpt, "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        da.load_clip(str(path))
+    assert isinstance(da.load_clip(str(path), trust_pickle=True), da.CLIP)
+    with pytest.raises(FileNotFoundError, match="neither a file nor a hub id"):
+        da.load_clip(str(tmp_path / "nope.pt"))
+
+
+def test_zero_shot_classifier_is_scaled_cosine_to_averaged_prompts():
+    torch.manual_seed(0)
+    clip = _perturbed(da.CLIP(24, dict(img_size=16, patch_size=8, in_chans=3, dim=32, depth=1, heads=4, attn="diff"),
+                              dict(vocab_size=49408, context_length=16, width=32, depth=1, heads=4, attn="diff")))
+    tok = lambda texts: da.tokenize(texts, context_length=16)
+    W = da.zero_shot_weights(clip, ["shoe", "bag"], ["a photo of a {}.", "a {}"], tokenizer=tok)
+    assert W.shape == (24, 2) and torch.allclose(W.norm(dim=0), torch.ones(2))
+    e = F.normalize(clip.encode_text(tok(["a photo of a bag.", "a bag"]), normalize=True).mean(0), dim=0)
+    assert torch.allclose(W[:, 1], e, atol=1e-6)
+    zs = da.ZeroShotClassifier(clip, W)
+    x = torch.rand(3, 3, 16, 16)
+    ref = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ W
+    assert torch.allclose(zs(x), ref, atol=1e-5)
+    # every attack and metric of the kit runs on it; alignment sees the image tower's DA layer
+    res = da.pgd(zs, x, torch.tensor([0, 1, 0]), 4 / 255, steps=3)
+    assert (res.x_adv - x).abs().max() <= 4 / 255 + 1e-6
+    # the paper's attack: lower the cosine between each image and its prompt
+    y = torch.tensor([0, 1, 0])
+    cos = lambda z: (clip.encode_image(z, normalize=True) * W.T[y]).sum(1)
+    adv = da.pgd(zs, x, y, 8 / 255, steps=5, loss="logit", random_start=False)
+    assert (cos(adv.x_adv) < cos(x) - 1e-4).all()
+    al = da.branch_gradient_alignment(zs, x, torch.tensor([0, 1, 0]))
+    assert [a.layer for a in al] == ["clip.visual.blocks.0.attn"] and al[0].cos.shape == (3,)
+    assert len(da.local_lipschitz(zs, x, eps=4 / 255)["layers"]) == 1
