@@ -256,6 +256,53 @@ def _load_tiny_imagenet(root: Path, train: bool, download: bool):
     return x, y, wnids
 
 
+def _clip_image(path: Path, size: int) -> torch.Tensor:
+    """CLIP's preprocessing up to normalization: resize the shorter side to ``size`` (bicubic), center crop."""
+    from PIL import Image
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size))).copy()).permute(2, 0, 1)
+
+
+def load_imagenet_val(root, n: int, seed: int = 0, size: int = 224) -> ImageData:
+    """n ImageNet validation images from ``<root>/imagenet/val/<wnid>/*`` (class-folder layout),
+    wnids in sorted order (the order of open_clip's IMAGENET_CLASSNAMES), CLIP-preprocessed."""
+    base = Path(root).expanduser() / "imagenet" / "val"
+    wnids = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    if len(wnids) != 1000:
+        raise DatasetMissing(f"ImageNet validation not found as 1000 class folders under {base} (found {len(wnids)}). "
+                             f"To get it: download ILSVRC2012_img_val.tar from image-net.org (needs an account) and "
+                             f"sort it into class folders (e.g. with the valprep.sh script), then put val/ under "
+                             f"<data-root>/imagenet/")
+    from open_clip import IMAGENET_CLASSNAMES
+    files = [(f, i) for i, w in enumerate(wnids) for f in sorted((base / w).iterdir()) if f.is_file()]
+    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    x = torch.stack([_clip_image(files[i][0], size) for i in tqdm(pick, desc="read ImageNet val", leave=False)])
+    return ImageData(x, torch.tensor([files[i][1] for i in pick]), list(IMAGENET_CLASSNAMES), (0.5,), (0.5,))
+
+
+def load_coco_captions(root, n: int, size: int = 224) -> tuple:
+    """The first n COCO val2017 images (by id) with their first caption each:
+    ``<root>/coco/val2017/*.jpg`` and ``<root>/coco/annotations/captions_val2017.json``."""
+    base = Path(root).expanduser() / "coco"
+    ann = base / "annotations" / "captions_val2017.json"
+    if not ann.is_file() or not (base / "val2017").is_dir():
+        raise DatasetMissing(f"COCO captions not found under {base}. To get it: download val2017.zip and "
+                             f"annotations_trainval2017.zip from cocodataset.org and unzip both under <data-root>/coco/")
+    meta = json.loads(ann.read_text())
+    first = {}
+    for a in sorted(meta["annotations"], key=lambda a: a["id"]):
+        first.setdefault(a["image_id"], a["caption"].strip())
+    images = sorted((im for im in meta["images"] if im["id"] in first), key=lambda im: im["id"])[:n]
+    x = torch.stack([_clip_image(base / "val2017" / im["file_name"], size)
+                     for im in tqdm(images, desc="read COCO val2017", leave=False)])
+    return x, [first[im["id"]] for im in images]
+
+
 def load_dataset(name: str, root, train: bool, download: bool = True) -> ImageData:
     """The whole split as uint8 tensors. Raises ``DatasetMissing`` with how to get it."""
     if name not in DATASETS:
@@ -314,10 +361,55 @@ class TrainConfig:
     train_subset: Optional[int] = None  # first n of a fixed permutation; None = all
 
 
-def build_model(model_cfg: dict, dataset: str) -> da.ViT:
+# Captions for the small CLIPs trained from scratch: "<template>" with the class name in it.
+CLIP_TEMPLATES = ["a photo of a {}.", "a {}.", "a picture of a {}.", "a black and white photo of a {}.",
+                  "a low resolution photo of a {}."]
+CLIP_CONTEXT = 16  # tokens: the captions above fit in 16
+
+
+def build_model(model_cfg: dict, dataset: str) -> nn.Module:
+    """A ViT/DiffViT, or with ``kind="clip"`` a small CLIP/DiffCLIP, sized for ``dataset``."""
     info = DATASETS[dataset]
+    cfg = dict(model_cfg)
+    if cfg.pop("kind", "vit") == "clip":
+        attn = cfg.pop("attn", "std")
+        image = dict(img_size=info.img_size, in_chans=info.in_chans, mean=info.mean, std=info.std, attn=attn,
+                     **cfg["image"])
+        text = dict(vocab_size=49408, context_length=CLIP_CONTEXT, attn=attn, **cfg["text"])
+        return da.CLIP(cfg["embed_dim"], image, text)
     return da.ViT(img_size=info.img_size, in_chans=info.in_chans, num_classes=info.num_classes,
-                  mean=info.mean, std=info.std, **model_cfg)
+                  mean=info.mean, std=info.std, **cfg)
+
+
+def class_names(dataset: str, data: Optional["ImageData"] = None) -> list:
+    names = data.classes if data is not None else FASHION_CLASSES if dataset == "fashion-mnist" else None
+    return [str(c).lower() for c in names]
+
+
+def prompt_tokens(classes: list) -> torch.Tensor:
+    """(C, T, CLIP_CONTEXT) token ids of every class in every template."""
+    return torch.stack([da.tokenize([t.format(c) for t in CLIP_TEMPLATES], CLIP_CONTEXT) for c in classes])
+
+
+def classifier(model: nn.Module, classes: list) -> nn.Module:
+    """What predicts labels: a ViT itself, or a CLIP's zero-shot classifier over the class prompts."""
+    if not isinstance(model, da.CLIP):
+        return model
+    weights = da.zero_shot_weights(model, classes, CLIP_TEMPLATES, tokenizer=lambda t: da.tokenize(t, CLIP_CONTEXT))
+    return da.ZeroShotClassifier(model, weights)
+
+
+def clip_loss(model: da.CLIP, x: torch.Tensor, y: torch.Tensor, prompts: torch.Tensor, gen: torch.Generator):
+    """Symmetric contrastive loss on (image, caption of its class) pairs, a random template each.
+
+    Captions of the same class are all positives (soft targets), since a batch holds many
+    images of each class. Returns (image-to-caption logits, loss).
+    """
+    t = torch.randint(prompts.shape[1], (len(y),), generator=gen).to(y.device)
+    logits = model(x, prompts.to(y.device)[y, t])
+    same = (y[:, None] == y[None]).float()
+    targets = same / same.sum(1, keepdim=True)
+    return logits, (F.cross_entropy(logits.float(), targets) + F.cross_entropy(logits.float().T, targets)) / 2
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -329,12 +421,14 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: ImageData, device, batch_size: int = 512) -> float:
+    """Test accuracy; for a CLIP, zero-shot accuracy with the class prompts."""
     was_training = model.training
     model.eval()
+    predict = classifier(model, class_names("", data))
     correct = 0
     for x, y in batches(data, batch_size, device):
         with _autocast(device):
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (predict(x).argmax(1) == y).sum().item()
     model.train(was_training)
     return correct / len(data)
 
@@ -355,7 +449,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
     device = torch.device(device)
     full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
     key = config_hash(full_cfg)
-    path = Path(out) / "checkpoints" / f"{model_cfg.get('attn', 'std')}-{key}.pt"
+    kind = "clip-" if model_cfg.get("kind") == "clip" else ""
+    path = Path(out) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, cfg.dataset).to(device)
     decays = {n: p.ndim >= 2 and "embed" not in n and "token" not in n for n, p in model.named_parameters()}
@@ -374,6 +469,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
     train = load_dataset(cfg.dataset, data_root, train=True).subset(cfg.train_subset, cfg.seed)
     test = load_dataset(cfg.dataset, data_root, train=False)
     step_fn = torch.compile(model) if compile else model
+    prompts = prompt_tokens(class_names(cfg.dataset, train)) if isinstance(model, da.CLIP) else None
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     for epoch in range(record["epoch"], cfg.epochs):
@@ -387,8 +483,12 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
             with _autocast(device):
-                logits = step_fn(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if prompts is None:
+                    logits = step_fn(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                else:  # accuracy below: the caption picked for an image is of its class
+                    logits, loss = clip_loss(step_fn, x, y, prompts, gen)
+                    logits = F.one_hot(y[logits.argmax(1)], len(prompts))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -421,6 +521,11 @@ PRESETS = {
         "dataset": "fashion-mnist",
         "model": {"patch_size": 7, "dim": 128, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
         "train": {"epochs": 10, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
+        # small CLIP / DiffCLIP trained from scratch on captions built from the class names
+        "clip": {"kind": "clip", "embed_dim": 64,
+                 "image": {"patch_size": 7, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
+                 "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
+        "clip_train": {"epochs": 3, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
     },
     "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
         "dataset": "cifar10",
@@ -710,7 +815,103 @@ def table_alignment(args, device) -> None:
                  "environment": env})
 
 
-TABLES = {"speed": table_speed, "clean": table_clean, "main": table_main, "alignment": table_alignment}
+def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, desc: str) -> dict:
+    """Zero-shot (or retrieval) accuracy, ASR of PGD-10 on the zero-shot cross-entropy and of the
+    cosine attack at every eps, and per-layer branch-gradient alignment of the image tower."""
+    clean = da.predict(zs, x, batch_size=128)
+    row = {"clean_acc": da.clean_accuracy(y, clean), "asr_pgd": {}, "asr_cosine": {}}
+    for eps in tqdm(EPS_LINF, desc=desc, leave=False):
+        for key, loss in (("asr_pgd", "ce"), ("asr_cosine", "logit")):
+            adv = torch.cat([da.pgd(zs, xb, yb, eps, steps=10, loss=loss, early_stop=True).x_adv
+                             for xb, yb in zip(x.split(250), y.split(250))])
+            row[key][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, da.predict(zs, adv, batch_size=128))
+    al = [a for xb, yb in zip(x[:500].split(100), y[:500].split(100)) for a in da.branch_gradient_alignment(zs, xb, yb)]
+    depth = len(zs.blocks)
+    row["alignment"] = []
+    for layer in range(depth):
+        parts = al[layer::depth]
+        cos = torch.cat([a.cos for a in parts])
+        row["alignment"].append({"layer": parts[0].layer, "lambda": parts[0].lam,
+                                 "frac_cos_negative": (cos < 0).float().mean().item(), "mean_cos": cos.mean().item(),
+                                 "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item()})
+    return row
+
+
+def table_clip(args, device) -> None:
+    """CLIP vs DiffCLIP: zero-shot accuracy, ASR of PGD on the zero-shot logits and of the paper's
+    cosine attack, and where negative branch-gradient alignment is most frequent (image tower).
+
+    quick: a small CLIP and DiffCLIP trained here from scratch on captions of Fashion-MNIST's
+    class names. paper: the pretrained checkpoints (``--diffclip-checkpoint``, ``--clip-checkpoint``)
+    on ImageNet validation (zero-shot, 80 templates) and COCO val2017 captions (retrieval).
+    """
+    preset = PRESETS[args.preset]
+    torch.manual_seed(args.seed)
+    rows = []
+    if args.preset == "quick":
+        dataset = args.dataset or preset["dataset"]
+        cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["clip_train"])
+        test = load_dataset(dataset, args.data_root, train=False).subset(EVAL_IMAGES[args.preset], args.seed)
+        x, y = test.x.to(device).float() / 255, test.y.to(device)
+        for attn in ("std", "diff"):
+            clip, _ = train_model({**preset["clip"], "attn": attn}, cfg, args.data_root, args.out, device,
+                                  compile=args.compile)
+            name = "CLIP" if attn == "std" else "DiffCLIP"
+            rows.append({"model": name, "data": f"{dataset} (zero-shot)",
+                         **clip_attack_row(classifier(clip, class_names(dataset, test)), x, y, name)})
+        im, tx = preset["clip"]["image"], preset["clip"]["text"]
+        setup = (f"Small CLIPs trained here from scratch: image tower depth {im['depth']}, dim {im['dim']}, patch "
+                 f"{im['patch_size']}; text tower depth {tx['depth']}, width {tx['width']}; captions: "
+                 f"{len(CLIP_TEMPLATES)} templates x class names; {cfg.epochs} epochs; {len(test)} test images")
+        extra = {"train_config": dataclasses.asdict(cfg), "model_config": preset["clip"], "templates": CLIP_TEMPLATES}
+    else:
+        if not args.clip_checkpoint:
+            raise DatasetMissing("the paper preset's clip table needs --clip-checkpoint: the standard-attention CLIP "
+                                 "trained with DiffCLIP's recipe (a file or a Hugging Face id, DiffCLIP's layout), as "
+                                 "the controlled baseline of --diffclip-checkpoint")
+        n = 1000
+        imagenet = load_imagenet_val(args.data_root, n, args.seed)
+        coco_x, captions = load_coco_captions(args.data_root, n)
+        for name, source in (("CLIP", args.clip_checkpoint), ("DiffCLIP", args.diffclip_checkpoint)):
+            clip = da.load_clip(source, trust_pickle=args.trust_pickle).to(device)
+            zs = da.ZeroShotClassifier(clip, da.zero_shot_weights(clip, imagenet.classes, da.imagenet_templates()))
+            rows.append({"model": name, "data": "ImageNet val (zero-shot)", **clip_attack_row(
+                zs, imagenet.x.to(device).float() / 255, imagenet.y.to(device), f"{name} ImageNet")})
+            with torch.no_grad():
+                caps = torch.cat([clip.encode_text(t.to(device), normalize=True) for t in da.tokenize(captions).split(256)])
+            rows.append({"model": name, "data": "COCO val2017 (image-to-text retrieval)", **clip_attack_row(
+                da.ZeroShotClassifier(clip, caps.T), coco_x.to(device).float() / 255,
+                torch.arange(n, device=device), f"{name} COCO")})
+        dataset = "imagenet+coco"
+        setup = (f"Pretrained checkpoints: CLIP {args.clip_checkpoint}, DiffCLIP {args.diffclip_checkpoint}; "
+                 f"{n} ImageNet validation images (80 OpenAI templates), the first {n} COCO val2017 images with "
+                 f"their first captions (retrieval among those {n} captions)")
+        extra = {"checkpoints": {"CLIP": args.clip_checkpoint, "DiffCLIP": args.diffclip_checkpoint}}
+    env = environment(device)
+    eps_names = list(rows[0]["asr_pgd"])
+    md = [f"# clip: CLIP vs DiffCLIP ({args.preset} preset)", "",
+          f"{setup}; seed {args.seed}; device {env['device']}; torch {env['torch']}; commit {env['git_commit']}.", "",
+          "Accuracy: zero-shot (cosine to the mean embedding of a class's prompts) or, for COCO, the image's own "
+          "caption ranked first among the evaluated captions. ASR = fraction of the initially correct images that "
+          "the attack makes wrong (for COCO: its caption drops out of the top-1 retrieval). PGD: 10 steps on the "
+          "zero-shot cross-entropy. Cosine: 10 steps lowering the cosine between the image and its prompt or "
+          "caption (the paper's attack). Linf, eps in 1/255 units.", "",
+          "| model | data | acc (%) | " + " | ".join(f"PGD {e}" for e in eps_names) + " | "
+          + " | ".join(f"cosine {e}" for e in eps_names) + " |", "|---|---|---:|" + "---:|" * (2 * len(eps_names))]
+    md += [f"| {r['model']} | {r['data']} | {100 * r['clean_acc']:.2f} | "
+           + " | ".join(f"{100 * r['asr_pgd'][e]:.1f}" for e in eps_names) + " | "
+           + " | ".join(f"{100 * r['asr_cosine'][e]:.1f}" for e in eps_names) + " |" for r in rows]
+    md += ["", "Branch-gradient alignment per image-tower layer (first 500 images; CLIP: the head-pair control):", "",
+           "| model | data | layer | lambda | cos<0 (%) | mean cos | mean kappa |", "|---|---|---|---:|---:|---:|---:|"]
+    md += [f"| {r['model']} | {r['data']} | {a['layer']} | {a['lambda']:.3f} | {100 * a['frac_cos_negative']:.1f} | "
+           f"{a['mean_cos']:+.3f} | {a['mean_kappa']:.3f} |" for r in rows for a in r["alignment"]]
+    write_table(Path(args.results) / args.preset, f"clip-{dataset}" if args.dataset else "clip", "\n".join(md) + "\n",
+                {"table": "clip", "preset": args.preset, "dataset": dataset, "seed": args.seed, "rows": rows,
+                 "environment": env, **extra})
+
+
+TABLES = {"speed": table_speed, "clean": table_clean, "main": table_main, "alignment": table_alignment,
+          "clip": table_clip}
 
 
 def main(argv=None) -> int:
@@ -724,6 +925,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--diffclip-checkpoint", default="hammh0a/DiffCLIP_ViTB16_CC12M", help="clip table, paper preset")
+    p.add_argument("--clip-checkpoint", default=None,
+                   help="clip table, paper preset: the standard-attention CLIP baseline in DiffCLIP's layout")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="let torch.load run the pickles of CLIP checkpoints that need it (DiffCLIP's do)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.preset = resolve_preset(args.preset, device)

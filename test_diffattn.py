@@ -762,3 +762,49 @@ def test_zero_shot_classifier_is_scaled_cosine_to_averaged_prompts():
     al = da.branch_gradient_alignment(zs, x, torch.tensor([0, 1, 0]))
     assert [a.layer for a in al] == ["clip.visual.blocks.0.attn"] and al[0].cos.shape == (3,)
     assert len(da.local_lipschitz(zs, x, eps=4 / 255)["layers"]) == 1
+
+
+def test_small_diffclip_trains_on_fashion_mnist_captions(tmp_path):
+    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=3, batch_size=64, lr=3e-3, warmup_epochs=0.25,
+                        train_subset=512)
+    mc = {"kind": "clip", "attn": "diff", "embed_dim": 16,
+          "image": {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
+          "text": {"width": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}}
+    clip, rec = R.train_model(mc, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
+    losses = [h["train_loss"] for h in rec["history"]]
+    assert isinstance(clip, da.CLIP) and losses[-1] < 0.9 * losses[0], losses
+    assert rec["test_acc"] > 0.3  # zero-shot over 10 classes: chance is 0.1
+    assert next((tmp_path / "checkpoints").glob("clip-diff-*.pt"))
+    # the zero-shot classifier predicts from the prompts alone
+    zs = R.classifier(clip, R.class_names("fashion-mnist"))
+    assert zs.weights.shape == (16, 10)
+
+
+def test_imagenet_and_coco_readers_on_made_up_files(tmp_path):
+    pytest.importorskip("open_clip")
+    from PIL import Image
+    import json
+    rng = np.random.default_rng(0)
+    val = tmp_path / "imagenet" / "val"
+    for i in range(1000):
+        (val / f"n{i:08d}").mkdir(parents=True)
+    for i in (0, 7, 999):  # three classes with an image each, of odd sizes
+        Image.fromarray(rng.integers(0, 255, (40 + i % 7, 60, 3), dtype=np.uint8)).save(val / f"n{i:08d}" / "a.JPEG")
+    data = R.load_imagenet_val(tmp_path, n=3, size=32)
+    assert data.x.shape == (3, 3, 32, 32) and sorted(data.y.tolist()) == [0, 7, 999]
+    assert data.classes[0] == "tench" and len(data.classes) == 1000
+    coco = tmp_path / "coco"
+    (coco / "val2017").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    for k in (3, 1):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(coco / "val2017" / f"{k:012d}.jpg")
+    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "000000000003.jpg"}, {"id": 1, "file_name": "000000000001.jpg"}],
+        "annotations": [{"id": 9, "image_id": 1, "caption": "second caption"}, {"id": 5, "image_id": 1, "caption": "a cat "},
+                        {"id": 6, "image_id": 3, "caption": "a dog"}]}))
+    x, captions = R.load_coco_captions(tmp_path, n=5, size=32)
+    assert x.shape == (2, 3, 32, 32) and captions == ["a cat", "a dog"]
+    with pytest.raises(R.DatasetMissing, match="cocodataset.org"):
+        R.load_coco_captions(tmp_path / "none", n=1)
+    with pytest.raises(R.DatasetMissing, match="1000 class folders"):
+        R.load_imagenet_val(tmp_path / "none", n=1)
