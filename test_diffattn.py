@@ -765,8 +765,8 @@ def test_zero_shot_classifier_is_scaled_cosine_to_averaged_prompts():
 
 
 def test_small_diffclip_trains_on_fashion_mnist_captions(tmp_path):
-    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=3, batch_size=64, lr=3e-3, warmup_epochs=0.25,
-                        train_subset=512)
+    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.25,
+                        train_subset=4096)
     mc = {"kind": "clip", "attn": "diff", "embed_dim": 16,
           "image": {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
           "text": {"width": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}}
