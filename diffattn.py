@@ -179,9 +179,10 @@ class DiffAttention(_Recordable):
             o = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1), is_causal=self.causal)  # (2B, H/2, N, 2d)
             out = o[:B] - lam * o[B:]                                        # A1 V - lam A2 V
         else:
-            q = q.view(B, N, 2 * h, d).transpose(1, 2) * d ** -0.5  # (B, H, N, d); head 2i is Q1 of diff head i
-            k = k.view(B, N, 2 * h, d).transpose(1, 2)              # (B, H, N, d)
-            A12 = _masked(q @ k.transpose(-2, -1), self.causal).softmax(-1).view(B, h, 2, N, N)  # [A1, A2] per diff head
+            q = q.view(B, N, 2 * h, d).transpose(1, 2)  # (B, H, N, d); head 2i is Q1 of diff head i
+            k = k.view(B, N, 2 * h, d).transpose(1, 2)  # (B, H, N, d)
+            S = (q @ k.transpose(-2, -1)).mul_(d ** -0.5)  # in place: one (B, H, N, N) temporary fewer
+            A12 = _masked(S, self.causal).softmax(-1).view(B, h, 2, N, N)  # [A1, A2] per diff head
             # A1 - lam A2 as one weighted sum (cheaper backward than two slices)
             A = (A12 * torch.stack([torch.ones_like(lam), -lam]).view(2, 1, 1)).sum(2)  # (B, H/2, N, N)
             if self._record is not None:

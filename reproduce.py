@@ -590,7 +590,8 @@ def keep_freed_memory() -> bool:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+        # mallopt takes a C int: values must stay below 2^31 (1 << 40 would wrap to 0, i.e. always trim)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     except (OSError, AttributeError):
         return False
 
