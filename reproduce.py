@@ -205,16 +205,27 @@ def _load_mnist_like(name: str, root: Path, train: bool, download: bool):
 
 
 def _load_cifar(name: str, root: Path, train: bool, download: bool):
-    import torchvision
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        ds = cls(str(root), train=train, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        raise _missing(name, root, str(e).split(".")[0]) from e
-    except Exception as e:  # offline download
-        raise _missing(name, root, f"download failed: {type(e).__name__}") from e
-    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
+    """The python-pickle batches (torchvision's on-disk format), read directly; torchvision downloads them."""
+    import pickle
+    folder, files, label_key, meta, names_key = (
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"], b"labels",
+         "batches.meta", b"label_names") if name == "cifar10" else
+        ("cifar-100-python", ["train" if train else "test"], b"fine_labels", "meta", b"fine_label_names"))
+    base = root / folder
+    if not all((base / f).is_file() for f in files + [meta]):
+        if not download:
+            raise _missing(name, root)
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(str(root), train=train, download=True)
+        except Exception as e:  # offline: URLError and friends
+            raise _missing(name, root, f"download failed: {type(e).__name__}") from e
+    blobs = [pickle.loads((base / f).read_bytes(), encoding="bytes") for f in files]
+    x = torch.from_numpy(np.concatenate([b[b"data"] for b in blobs])).view(-1, 3, 32, 32)
+    y = torch.tensor([l for b in blobs for l in b[label_key]], dtype=torch.long)
+    classes = [c.decode() for c in pickle.loads((base / meta).read_bytes(), encoding="bytes")[names_key]]
+    return x, y, classes
 
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -250,7 +261,7 @@ def _load_tiny_imagenet(root: Path, train: bool, download: bool):
         raise _missing("tiny-imagenet", root, f"no images under {base / split}")
     x = torch.empty(len(files), 3, 64, 64, dtype=torch.uint8)
     for i, (p, _) in enumerate(tqdm(files, desc=f"decode tiny-imagenet {split}", leave=False)):
-        x[i] = torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
+        x[i] = torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
     y = torch.tensor([c for _, c in files], dtype=torch.long)
     atomic_torch_save({"x": x, "y": y, "classes": wnids}, cache)
     return x, y, wnids
@@ -526,11 +537,20 @@ PRESETS = {
                  "image": {"patch_size": 7, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
                  "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
         "clip_train": {"epochs": 3, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
+        # depth sweep: narrower models, 2 epochs on 20k training images, so 10 models fit in minutes
+        "depths": [1, 2, 4, 8, 12],
+        "depth_model": {"patch_size": 7, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
+        "depth_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000},
+        "depth_images": 500,
     },
     "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
         "dataset": "cifar10",
         "model": {"patch_size": 4, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0},
         "train": {"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
+        "depths": [1, 2, 4, 8, 12],
+        "depth_model": {"patch_size": 4, "dim": 384, "heads": 6, "mlp_ratio": 4.0},
+        "depth_train": {"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
+        "depth_images": 2000,
     },
 }
 
@@ -541,6 +561,28 @@ def resolve_preset(name: str, device: torch.device) -> str:
     chosen = "paper" if device.type == "cuda" else "quick"
     print(f"preset auto -> {chosen} ({'a CUDA device is present' if chosen == 'paper' else 'no CUDA device'})")
     return chosen
+
+
+def cached(args, name: str, cfg: dict, compute):
+    """Evaluate a cell once: ``compute()``'s JSON-able result is kept in <out>/cells/<name>-<hash>.json,
+    keyed by everything in ``cfg`` (the model's checkpoint key, images, attack settings, seed)."""
+    path = Path(args.out) / "cells" / f"{name}-{config_hash(cfg)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["result"]
+    result = compute()
+    atomic_write_text(path, json.dumps({"config": cfg, "result": result}, indent=1, default=float) + "\n")
+    return result
+
+
+def _figure(path: Path, draw) -> None:
+    """A matplotlib figure, drawn by ``draw(plt)`` and saved atomically as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = draw(plt)
+    fig.tight_layout()
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
 
 
 def write_table(out: Path, name: str, markdown: str, payload: dict) -> None:
@@ -713,10 +755,11 @@ def _trained_pair(args, device):
     preset = PRESETS[args.preset]
     dataset = args.dataset or preset["dataset"]
     cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["train"])
-    models = {attn: train_model({**preset["model"], "attn": attn}, cfg, args.data_root, args.out, device,
-                                compile=args.compile)[0] for attn in ("std", "diff")}
+    trained = {attn: train_model({**preset["model"], "attn": attn}, cfg, args.data_root, args.out, device,
+                                 compile=args.compile) for attn in ("std", "diff")}
     test = load_dataset(dataset, args.data_root, train=False).subset(EVAL_IMAGES[args.preset], args.seed)
-    return models, test, dataset, preset, cfg
+    return ({a: m for a, (m, _) in trained.items()}, {a: r["key"] for a, (_, r) in trained.items()},
+            test, dataset, preset, cfg)
 
 
 def _header(title: str, args, dataset: str, preset: dict, cfg: TrainConfig, n: int, env: dict) -> list:
@@ -729,21 +772,27 @@ def _header(title: str, args, dataset: str, preset: dict, cfg: TrainConfig, n: i
 
 def table_main(args, device) -> None:
     """Clean accuracy and PGD-10 Linf ASR at eps in {1, 2, 4, 8}/255, ViT vs DiffViT."""
-    models, test, dataset, preset, cfg = _trained_pair(args, device)
+    models, models_keys, test, dataset, preset, cfg = _trained_pair(args, device)
     torch.manual_seed(args.seed)
     rows = []
+    x, y = test.x.to(device).float() / 255, test.y.to(device)
     for attn, model in models.items():
-        x, y = test.x.to(device).float() / 255, test.y.to(device)
-        clean = da.predict(model, x)
-        row = {"model": "ViT" if attn == "std" else "DiffViT", "clean_acc": da.clean_accuracy(y, clean), "asr": {},
-               "robust_acc": {}}
-        for eps in tqdm(EPS_LINF, desc=f"PGD-10 {row['model']}", leave=False):
-            adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
-                             for xb, yb in zip(x.split(500), y.split(500))])
-            pred = da.predict(model, adv)
-            row["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pred)
-            row["robust_acc"][f"{eps * 255:.0f}/255"] = da.robust_accuracy(y, clean, pred)
-        rows.append(row)
+        name = "ViT" if attn == "std" else "DiffViT"
+
+        def evaluate():
+            torch.manual_seed(args.seed)
+            clean = da.predict(model, x)
+            row = {"clean_acc": da.clean_accuracy(y, clean), "asr": {}, "robust_acc": {}}
+            for eps in tqdm(EPS_LINF, desc=f"PGD-10 {name}", leave=False):
+                adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
+                                 for xb, yb in zip(x.split(500), y.split(500))])
+                pred = da.predict(model, adv)
+                row["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pred)
+                row["robust_acc"][f"{eps * 255:.0f}/255"] = da.robust_accuracy(y, clean, pred)
+            return row
+        cell = {"model_key": models_keys[attn], "n_images": len(test), "seed": args.seed, "eps": list(EPS_LINF),
+                "attack": "pgd", "steps": 10}
+        rows.append({"model": name, **cached(args, "main", cell, evaluate)})
     env = environment(device)
     eps_names = list(rows[0]["asr"])
     md = _header("main: clean accuracy and attack success rate (PGD-10, Linf)", args, dataset, preset, cfg,
@@ -761,23 +810,21 @@ def table_main(args, device) -> None:
                  "attack": {"name": "pgd", "norm": "inf", "steps": 10, "alpha": "2.5 eps / steps",
                             "random_start": True}, "train_config": dataclasses.asdict(cfg),
                  "model_config": preset["model"], "rows": rows, "environment": env})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for r in rows:
-        ax.plot([float(e.split("/")[0]) for e in eps_names], [100 * r["asr"][e] for e in eps_names], "o-",
-                label=f"{r['model']} (clean {100 * r['clean_acc']:.1f}%)")
-    ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-10 on {dataset} ({args.preset})")
-    ax.legend()
-    fig.tight_layout()
-    _atomic(out / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for r in rows:
+            ax.plot([float(e.split("/")[0]) for e in eps_names], [100 * r["asr"][e] for e in eps_names], "o-",
+                    label=f"{r['model']} (clean {100 * r['clean_acc']:.1f}%)")
+        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-10 on {dataset} ({args.preset})")
+        ax.legend()
+        return fig
+    _figure(out / f"{name}.png", draw)
 
 
 def table_alignment(args, device) -> None:
     """Per layer: branch-gradient alignment (cos theta, rho, lambda, kappa), gradient norms, local Lipschitz."""
-    models, test, dataset, preset, cfg = _trained_pair(args, device)
+    models, models_keys, test, dataset, preset, cfg = _trained_pair(args, device)
     torch.manual_seed(args.seed)
     n = min(len(test), 500)
     x, y = test.x[:n].to(device).float() / 255, test.y[:n].to(device)
@@ -916,17 +963,19 @@ AUTOATTACK_IMAGES = {"quick": 200, "paper": 1000}
 
 def table_autoattack(args, device) -> None:
     """Standard AutoAttack (reference implementation) robust accuracy at Linf 8/255, ViT vs DiffViT."""
-    models, test, dataset, preset, cfg = _trained_pair(args, device)
+    models, models_keys, test, dataset, preset, cfg = _trained_pair(args, device)
     n = AUTOATTACK_IMAGES[args.preset]
     x, y = test.x[:n].to(device).float() / 255, test.y[:n].to(device)
     eps, rows = 8 / 255, []
     for attn, model in tqdm(models.items(), desc="AutoAttack standard (minutes per model on a CPU)"):
-        clean = da.predict(model, x)
-        res = da.autoattack(model, x, y, eps, version="standard", seed=args.seed)
-        pred = da.predict(model, res.x_adv)
-        rows.append({"model": "ViT" if attn == "std" else "DiffViT", "clean_acc": da.clean_accuracy(y, clean),
-                     "robust_acc": da.robust_accuracy(y, clean, pred), "asr": da.attack_success_rate(y, clean, pred),
-                     "max_linf": res.norm.max().item()})
+        def evaluate():
+            clean = da.predict(model, x)
+            res = da.autoattack(model, x, y, eps, version="standard", seed=args.seed)
+            pred = da.predict(model, res.x_adv)
+            return {"clean_acc": da.clean_accuracy(y, clean), "robust_acc": da.robust_accuracy(y, clean, pred),
+                    "asr": da.attack_success_rate(y, clean, pred), "max_linf": res.norm.max().item()}
+        cell = {"model_key": models_keys[attn], "n_images": n, "seed": args.seed, "eps": eps, "attack": "autoattack"}
+        rows.append({"model": "ViT" if attn == "std" else "DiffViT", **cached(args, "autoattack", cell, evaluate)})
     env = environment(device)
     md = _header("autoattack: standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square), Linf 8/255", args, dataset, preset,
                  cfg, n, env)
@@ -942,8 +991,128 @@ def table_autoattack(args, device) -> None:
                  "environment": env})
 
 
+def _depth_models(args, device):
+    """Yield (depth, attn, model, record) over the preset's depth sweep, training or loading each."""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["depth_train"])
+    for depth in preset["depths"]:
+        for attn in ("std", "diff"):
+            model, rec = train_model({**preset["depth_model"], "depth": depth, "attn": attn}, cfg, args.data_root,
+                                     args.out, device, compile=args.compile)
+            yield depth, attn, model, rec
+
+
+def table_depth(args, device) -> None:
+    """ASR at eps 1/255 and 4/255 against depth, ViT vs DiffViT, with per-layer Lipschitz estimates:
+    does stacking DA damp small perturbations but not large ones (the paper's crossover)?"""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    test = load_dataset(dataset, args.data_root, train=False).subset(preset["depth_images"], args.seed)
+    x, y = test.x.to(device).float() / 255, test.y.to(device)
+    eps_list = (1 / 255, 4 / 255)
+    rows = []
+    for depth, attn, model, rec in _depth_models(args, device):
+        def evaluate():
+            torch.manual_seed(args.seed)
+            clean = da.predict(model, x)
+            out = {"clean_acc": da.clean_accuracy(y, clean), "asr": {}}
+            for eps in eps_list:
+                adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
+                                 for xb, yb in zip(x.split(250), y.split(250))])
+                out["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, da.predict(model, adv))
+            lip = da.local_lipschitz(model, x[:200], eps=4 / 255)
+            out["lipschitz_logits"] = lip["logits"].mean().item()
+            out["lipschitz_layers"] = [l.mean().item() for l in lip["layers"]]
+            return out
+        cell = {"model_key": rec["key"], "n_images": len(test), "seed": args.seed, "eps": list(eps_list), "steps": 10,
+                "lipschitz": {"images": 200, "eps": 4 / 255}}
+        rows.append({"depth": depth, "model": "ViT" if attn == "std" else "DiffViT", "test_acc_full": rec["test_acc"],
+                     **cached(args, "depth", cell, evaluate)})
+    env = environment(device)
+    m, tc = preset["depth_model"], preset["depth_train"]
+    md = [f"# depth: ASR against depth, ViT vs DiffViT ({args.preset} preset)", "",
+          f"{dataset}: dim {m['dim']}, {m['heads']} heads, patch {m['patch_size']}, {tc['epochs']} epochs on "
+          f"{tc.get('train_subset') or 'all'} training images; ASR (PGD-10, over the initially correct of {len(test)} "
+          f"test images); Lipschitz: Yang et al. estimator at eps 4/255 on 200 images (lower bounds); seed "
+          f"{args.seed}; device {env['device']}; torch {env['torch']}; commit {env['git_commit']}.", "",
+          "| depth | model | clean acc (%) | ASR 1/255 (%) | ASR 4/255 (%) | Lip. logits | Lip. last layer (L2) |",
+          "|---:|---|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['depth']} | {r['model']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']['1/255']:.1f} | "
+           f"{100 * r['asr']['4/255']:.1f} | {r['lipschitz_logits']:.1f} | {r['lipschitz_layers'][-1]:.2f} |" for r in rows]
+    depths = preset["depths"]
+    gap = {e: [100 * (next(r for r in rows if r["depth"] == d and r["model"] == "DiffViT")["asr"][e]
+                      - next(r for r in rows if r["depth"] == d and r["model"] == "ViT")["asr"][e]) for d in depths]
+           for e in ("1/255", "4/255")}
+    md += ["", "DiffViT minus ViT ASR (points), by depth " + ", ".join(map(str, depths)) + ":"]
+    md += [f"- eps {e}: " + ", ".join(f"{g:+.1f}" for g in gap[e]) for e in gap]
+    out = Path(args.results) / args.preset
+    name = f"depth-{dataset}" if args.dataset else "depth"
+    write_table(out, name, "\n".join(md) + "\n",
+                {"table": "depth", "preset": args.preset, "dataset": dataset, "seed": args.seed,
+                 "n_images": len(test), "model_config": m, "train_config": tc, "rows": rows,
+                 "diff_minus_vit_asr_points": gap, "environment": env})
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=False)
+        for ax, e in zip(axes, ("1/255", "4/255")):
+            for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
+                ax.plot(depths, [100 * r["asr"][e] for d in depths for r in rows if r["depth"] == d and r["model"] == model],
+                        style, label=model)
+            ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="ASR (%)",
+                   title=f"PGD-10, eps {e} ({dataset})")
+            ax.legend()
+        return fig
+    _figure(out / f"{name}.png", draw)
+
+
+def table_cw(args, device) -> None:
+    """The minimal L2 perturbation CW-L2 needs, against depth: median and percentiles, ViT vs DiffViT."""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    n = 100 if args.preset == "quick" else 1000
+    test = load_dataset(dataset, args.data_root, train=False).subset(n, args.seed)
+    x, y = test.x.to(device).float() / 255, test.y.to(device)
+    rows = []
+    for depth, attn, model, rec in _depth_models(args, device):
+        def evaluate():
+            correct = da.predict(model, x) == y
+            res = da.cw_l2(model, x[correct], y[correct], steps=100, search_steps=6)
+            d = res.norm.cpu()
+            q = torch.quantile(d[torch.isfinite(d)], torch.tensor([0.25, 0.5, 0.75, 0.9])).tolist() if torch.isfinite(d).any() else [float("nan")] * 4
+            return {"n_correct": int(correct.sum()), "success_rate": res.success.float().mean().item(),
+                    "l2_q25_50_75_90": q, "l2": d.tolist()}
+        cell = {"model_key": rec["key"], "n_images": n, "seed": args.seed, "attack": "cw_l2", "steps": 100, "search": 6}
+        rows.append({"depth": depth, "model": "ViT" if attn == "std" else "DiffViT", **cached(args, "cw", cell, evaluate)})
+    env = environment(device)
+    md = [f"# cw: minimal L2 perturbation found by CW-L2, against depth ({args.preset} preset)", "",
+          f"{dataset}: the depth table's models; CW-L2 (100 Adam steps, 6 binary-search steps over c) on the correctly "
+          f"classified of {n} test images; L2 in [0, 1] pixel units; seed {args.seed}; device {env['device']}; "
+          f"torch {env['torch']}; commit {env['git_commit']}.", "",
+          "| depth | model | attacked | success (%) | L2 p25 | L2 median | L2 p75 | L2 p90 |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['depth']} | {r['model']} | {r['n_correct']} | {100 * r['success_rate']:.1f} | "
+           + " | ".join(f"{v:.3f}" for v in r["l2_q25_50_75_90"]) + " |" for r in rows]
+    out = Path(args.results) / args.preset
+    name = f"cw-{dataset}" if args.dataset else "cw"
+    write_table(out, name, "\n".join(md) + "\n",
+                {"table": "cw", "preset": args.preset, "dataset": dataset, "seed": args.seed, "n_images": n,
+                 "rows": rows, "environment": env})
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        depths = preset["depths"]
+        for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
+            ax.plot(depths, [r["l2_q25_50_75_90"][1] for d in depths for r in rows if r["depth"] == d and r["model"] == model],
+                    style, label=f"{model} (median)")
+        ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="minimal L2 (CW)",
+               title=f"CW-L2 on {dataset}")
+        ax.legend()
+        return fig
+    _figure(out / f"{name}.png", draw)
+
+
 TABLES = {"speed": table_speed, "clean": table_clean, "main": table_main, "alignment": table_alignment,
-          "clip": table_clip, "autoattack": table_autoattack}
+          "clip": table_clip, "autoattack": table_autoattack, "depth": table_depth, "cw": table_cw}
 
 
 def main(argv=None) -> int:

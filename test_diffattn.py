@@ -808,3 +808,76 @@ def test_imagenet_and_coco_readers_on_made_up_files(tmp_path):
         R.load_coco_captions(tmp_path / "none", n=1)
     with pytest.raises(R.DatasetMissing, match="1000 class folders"):
         R.load_imagenet_val(tmp_path / "none", n=1)
+
+
+# ---------------------------------------------------------------------------- reproduce.py end to end
+
+def write_fake_cifar10(root, n_train=20, n_test=40, seed=0):
+    """Made-up images in CIFAR-10's python-pickle layout (cifar-10-batches-py/)."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
+        labels = rng.integers(0, 10, n).tolist()
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        (base / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+
+
+def test_cifar_and_tiny_imagenet_readers_on_made_up_files(tmp_path):
+    from PIL import Image
+    write_fake_cifar10(tmp_path)
+    train = R.load_dataset("cifar10", tmp_path, train=True, download=False)
+    test = R.load_dataset("cifar10", tmp_path, train=False, download=False)
+    assert train.x.shape == (100, 3, 32, 32) and test.x.shape == (40, 3, 32, 32) and train.augment and not test.augment
+    assert train.classes[3] == "c3"
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819"]
+    rng = np.random.default_rng(1)
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rows = []
+    for c, w in enumerate(wnids):
+        (base / "train" / w / "images").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(base / "train" / w / "images" / f"{w}_{i}.JPEG")
+        name = f"val_{c}.JPEG"
+        Image.fromarray(np.full((64, 64, 3), 40 * (c + 1), dtype=np.uint8)).save(base / "val" / "images" / name)
+        rows.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    tr = R.load_dataset("tiny-imagenet", tmp_path, train=True, download=False)
+    va = R.load_dataset("tiny-imagenet", tmp_path, train=False, download=False)
+    assert tr.x.shape == (6, 3, 64, 64) and tr.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert va.y.tolist() == [0, 1] and abs(va.x[1].float().mean().item() - 80) < 3  # JPEG of a flat gray 80
+    assert (base / "val.uint8.pt").is_file()  # decoded once, then read from the cache
+
+
+def test_miniature_main_table_end_to_end_and_rerun_recomputes_nothing(tmp_path, monkeypatch):
+    import argparse
+    import json
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", {
+        "dataset": "cifar10", "model": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+        "train": {"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}})
+    monkeypatch.setitem(R.EVAL_IMAGES, "tiny", 20)
+    args = argparse.Namespace(preset="tiny", dataset=None, data_root=tmp_path / "data", out=tmp_path / "runs",
+                              results=tmp_path / "results", seed=0, compile=False)
+    R.table_main(args, torch.device("cpu"))
+    out = tmp_path / "results" / "tiny"
+    first = json.loads((out / "main.json").read_text())
+    assert [r["model"] for r in first["rows"]] == ["ViT", "DiffViT"] and first["n_images"] == 20
+    assert set(first["rows"][0]["asr"]) == {"1/255", "2/255", "4/255", "8/255"}
+    assert first["environment"]["torch"] == torch.__version__ and (out / "main.png").stat().st_size > 1000
+    assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 2
+    # a rerun trains nothing and attacks nothing: it reads the checkpoints and the cells
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
+    monkeypatch.setattr(R.da, "pgd", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    monkeypatch.setattr(R, "load_dataset", lambda *a, train=True, **k: pytest.fail("training data reloaded")
+                        if train else ORIGINAL_LOAD(*a, train=train, **k))
+    R.table_main(args, torch.device("cpu"))
+    assert json.loads((out / "main.json").read_text())["rows"] == first["rows"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
+
+
+ORIGINAL_LOAD = R.load_dataset
