@@ -1169,9 +1169,76 @@ def table_lambda(args, device) -> None:
     _figure(out / f"{name}.png", draw)
 
 
+def table_summary(args, device) -> None:
+    """Claim by claim: what the tables of this preset (already in results/) support and what they do not."""
+    out = Path(args.results) / args.preset
+    load = lambda name: json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").is_file() else None
+    claims = []
+
+    def claim(text, table, verdict, evidence):
+        claims.append({"claim": text, "table": table, "verdict": verdict, "evidence": evidence})
+
+    def count(pairs):  # (diff, std) pairs -> "k/n"
+        return sum(d > s_ for d, s_ in pairs), len(pairs)
+
+    main, al, depth, clip = load("main"), load("alignment"), load("depth"), load("clip")
+    if main:
+        std, diff = main["rows"]
+        k, n = count([(diff["asr"][e], std["asr"][e]) for e in std["asr"]])
+        claim("DiffViT has a higher attack success rate than ViT", "main",
+              "supported" if k == n else "partly supported" if k else "not supported",
+              f"higher at {k}/{n} eps: " + ", ".join(f"{e} {100 * diff['asr'][e]:.1f} vs {100 * std['asr'][e]:.1f}"
+                                                     for e in std["asr"]))
+    if al:
+        std = [r for r in al["rows"] if r["model"] == "ViT"]
+        diff = [r for r in al["rows"] if r["model"] == "DiffViT"]
+        k, n = count([(d["frac_cos_negative"], s_["frac_cos_negative"]) for d, s_ in zip(diff, std)])
+        claim("negative gradient alignment (cos theta < 0) is more frequent in DA than in the head-pair control",
+              "alignment", "supported" if k == n else "partly supported" if k else "not supported",
+              "per layer: " + ", ".join(f"{100 * d['frac_cos_negative']:.1f}% vs {100 * s_['frac_cos_negative']:.1f}%"
+                                        for d, s_ in zip(diff, std)))
+        pairs = [(diff[0][key], std[0][key]) for key in ("mean_grad_l1", "lipschitz_logits")] + \
+                [(d["lipschitz_layer_l2"], s_["lipschitz_layer_l2"]) for d, s_ in zip(diff, std)]
+        k, n = count(pairs)
+        claim("DiffViT has larger input-gradient norms and local Lipschitz estimates", "alignment",
+              "supported" if k == n else "partly supported" if k else "not supported",
+              f"larger in {k}/{n} (grad L1, Lipschitz at the logits, per layer): "
+              + ", ".join(f"{d:.2f} vs {s_:.2f}" for d, s_ in pairs))
+    if depth:
+        gap = depth["diff_minus_vit_asr_points"]
+        small_below = [d for d, g in zip(sorted({r["depth"] for r in depth["rows"]}), gap["1/255"]) if g < 0]
+        large_below = [g for g in gap["4/255"] if g < 0]
+        ok = bool(small_below) and not large_below
+        claim("a depth crossover: deep DiffViT is less attackable than ViT at 1/255 but not at 4/255", "depth",
+              "supported" if ok else "not supported",
+              f"DiffViT - ViT ASR points at 1/255: {', '.join(f'{g:+.1f}' for g in gap['1/255'])}; "
+              f"at 4/255: {', '.join(f'{g:+.1f}' for g in gap['4/255'])}")
+    if clip:
+        groups = {}
+        for r in clip["rows"]:
+            groups.setdefault(r["data"], {})[r["model"]] = r
+        pairs = [(g["DiffCLIP"][key][e], g["CLIP"][key][e]) for g in groups.values() if len(g) == 2
+                 for key in ("asr_pgd", "asr_cosine") for e in g["CLIP"][key]]
+        k, n = count(pairs)
+        claim("DiffCLIP is more vulnerable than CLIP at every budget", "clip",
+              "supported" if k == n else "partly supported" if k else "not supported",
+              f"higher ASR in {k}/{n} (data x attack x eps)")
+    env = environment(device)
+    md = [f"# summary: the paper's claims against this run ({args.preset} preset)", "",
+          f"Read from results/{args.preset}/*.json; device {env['device']}; commit {env['git_commit']}. "
+          + ("These are small models on Fashion-MNIST on a CPU, not the paper's CIFAR/ImageNet setting." if
+             args.preset == "quick" else ""), "", "| claim | table | verdict | evidence |", "|---|---|---|---|"]
+    md += [f"| {c['claim']} | {c['table']} | {c['verdict']} | {c['evidence']} |" for c in claims]
+    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None]
+    if missing:
+        md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
+    write_table(out, "summary", "\n".join(md) + "\n",
+                {"table": "summary", "preset": args.preset, "claims": claims, "environment": env})
+
+
 TABLES = {"speed": table_speed, "clean": table_clean, "main": table_main, "alignment": table_alignment,
           "clip": table_clip, "autoattack": table_autoattack, "depth": table_depth, "cw": table_cw,
-          "lambda": table_lambda}
+          "lambda": table_lambda, "summary": table_summary}  # summary last: it reads the others
 
 
 def main(argv=None) -> int:

@@ -881,3 +881,22 @@ def test_miniature_main_table_end_to_end_and_rerun_recomputes_nothing(tmp_path, 
 
 
 ORIGINAL_LOAD = R.load_dataset
+
+
+def test_summary_judges_claims_from_hand_built_results(tmp_path):
+    import argparse
+    import json
+    out = tmp_path / "quick"
+    out.mkdir()
+    asr = lambda *v: {e: x for e, x in zip(["1/255", "2/255", "4/255", "8/255"], v)}
+    (out / "main.json").write_text(json.dumps({"rows": [{"model": "ViT", "asr": asr(.1, .2, .3, .4)},
+                                                        {"model": "DiffViT", "asr": asr(.2, .3, .2, .5)}]}))
+    (out / "depth.json").write_text(json.dumps({"rows": [{"depth": d} for d in (1, 2, 4)],
+                                                "diff_minus_vit_asr_points": {"1/255": [2.0, -1.0, -3.0],
+                                                                              "4/255": [1.0, 2.0, 0.5]}}))
+    args = argparse.Namespace(preset="quick", results=tmp_path)
+    R.table_summary(args, torch.device("cpu"))
+    claims = {c["table"]: c for c in json.loads((out / "summary.json").read_text())["claims"]}
+    assert claims["main"]["verdict"] == "partly supported" and "3/4" in claims["main"]["evidence"]
+    assert claims["depth"]["verdict"] == "supported"
+    assert "alignment, clip" in (out / "summary.md").read_text()  # not judged without results
