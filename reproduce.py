@@ -747,6 +747,15 @@ def table_clean(args, device) -> None:
 
 
 EPS_LINF = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+
+
+def pgd10_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss: str = "ce",
+                      chunk: int = 250) -> torch.Tensor:
+    """Predictions on PGD-10 (Linf, random start, early_stop: the same success flags) adversarial
+    inputs, attacked ``chunk`` images at a time: the tables' one evaluation attack."""
+    adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, loss=loss, early_stop=True).x_adv
+                     for xb, yb in zip(x.split(chunk), y.split(chunk))])
+    return da.predict(model, adv, batch_size=chunk)
 EVAL_IMAGES = {"quick": 1000, "paper": 10000}  # test images attacked per table
 
 
@@ -784,9 +793,7 @@ def table_main(args, device) -> None:
             clean = da.predict(model, x)
             row = {"clean_acc": da.clean_accuracy(y, clean), "asr": {}, "robust_acc": {}}
             for eps in tqdm(EPS_LINF, desc=f"PGD-10 {name}", leave=False):
-                adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
-                                 for xb, yb in zip(x.split(500), y.split(500))])
-                pred = da.predict(model, adv)
+                pred = pgd10_predictions(model, x, y, eps, chunk=500)
                 row["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pred)
                 row["robust_acc"][f"{eps * 255:.0f}/255"] = da.robust_accuracy(y, clean, pred)
             return row
@@ -870,9 +877,7 @@ def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor,
     row = {"clean_acc": da.clean_accuracy(y, clean), "asr_pgd": {}, "asr_cosine": {}}
     for eps in tqdm(EPS_LINF, desc=desc, leave=False):
         for key, loss in (("asr_pgd", "ce"), ("asr_cosine", "logit")):
-            adv = torch.cat([da.pgd(zs, xb, yb, eps, steps=10, loss=loss, early_stop=True).x_adv
-                             for xb, yb in zip(x.split(250), y.split(250))])
-            row[key][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, da.predict(zs, adv, batch_size=128))
+            row[key][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pgd10_predictions(zs, x, y, eps, loss))
     al = [a for xb, yb in zip(x[:500].split(100), y[:500].split(100)) for a in da.branch_gradient_alignment(zs, xb, yb)]
     depth = len(zs.blocks)
     row["alignment"] = []
@@ -1018,9 +1023,7 @@ def table_depth(args, device) -> None:
             clean = da.predict(model, x)
             out = {"clean_acc": da.clean_accuracy(y, clean), "asr": {}}
             for eps in eps_list:
-                adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
-                                 for xb, yb in zip(x.split(250), y.split(250))])
-                out["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, da.predict(model, adv))
+                out["asr"][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pgd10_predictions(model, x, y, eps))
             lip = da.local_lipschitz(model, x[:200], eps=4 / 255)
             out["lipschitz_logits"] = lip["logits"].mean().item()
             out["lipschitz_layers"] = [l.mean().item() for l in lip["layers"]]
@@ -1132,9 +1135,8 @@ def table_lambda(args, device) -> None:
         def evaluate():
             torch.manual_seed(args.seed)
             clean = da.predict(model, x)
-            adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, early_stop=True).x_adv
-                             for xb, yb in zip(x.split(250), y.split(250))])
-            return {"clean_acc": da.clean_accuracy(y, clean), "asr": da.attack_success_rate(y, clean, da.predict(model, adv)),
+            return {"clean_acc": da.clean_accuracy(y, clean),
+                    "asr": da.attack_success_rate(y, clean, pgd10_predictions(model, x, y, eps)),
                     "learned_lambda": [b.attn.lam().item() for b in model.blocks]}
         cell = {"model_key": rec["key"], "n_images": len(test), "seed": args.seed, "eps": eps, "attack": "pgd", "steps": 10}
         rows.append({"lambda_init": lam, **cached(args, "lambda", cell, evaluate),
