@@ -900,3 +900,19 @@ def test_summary_judges_claims_from_hand_built_results(tmp_path):
     assert claims["main"]["verdict"] == "partly supported" and "3/4" in claims["main"]["evidence"]
     assert claims["depth"]["verdict"] == "supported"
     assert "alignment, clip" in (out / "summary.md").read_text()  # not judged without results
+
+
+@pytest.mark.parametrize("layer", [da.DiffAttention(32, 4, causal=True), da.Attention(32, 4, causal=True)])
+def test_causal_attention_sees_no_later_token_on_both_paths(layer):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32)
+    x2 = x.clone()
+    x2[:, 4:] += torch.randn(2, 3, 32)  # change tokens 4..6 only
+    outs = []
+    for fused in (True, False):
+        layer.fused = fused
+        with (da.attention_maps(layer) if not fused else torch.no_grad()):
+            y, y2 = layer(x), layer(x2)
+        assert torch.allclose(y[:, :4], y2[:, :4], atol=1e-6) and not torch.allclose(y[:, 4:], y2[:, 4:])
+        outs.append(y)
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
