@@ -838,19 +838,16 @@ def table_alignment(args, device) -> None:
     rows = []
     for attn, model in models.items():
         name = "ViT" if attn == "std" else "DiffViT"
-        al = [a for xb, yb in zip(x.split(250), y.split(250)) for a in da.branch_gradient_alignment(model, xb, yb)]
-        depth = len(model.blocks)
-        grad_l1 = da.input_gradient_norm(model, x, y, "inf")
-        lip = da.local_lipschitz(model, x, eps=8 / 255)
-        for layer in range(depth):
-            parts = al[layer::depth]  # the same layer across batches
-            cos = torch.cat([a.cos for a in parts])
-            rows.append({"model": name, "layer": layer, "control": parts[0].control, "lambda": parts[0].lam,
-                         "frac_cos_negative": (cos < 0).float().mean().item(), "mean_cos": cos.mean().item(),
-                         "median_rho": torch.cat([a.rho for a in parts]).median().item(),
-                         "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item(),
-                         "lipschitz_layer_l2": lip["layers"][layer].mean().item(),
-                         "mean_grad_l1": grad_l1.mean().item(), "lipschitz_logits": lip["logits"].mean().item()})
+
+        def evaluate():
+            torch.manual_seed(args.seed)
+            per_layer = alignment_by_layer(model, x, y, chunk=250)
+            grad_l1 = da.input_gradient_norm(model, x, y, "inf")
+            lip = da.local_lipschitz(model, x, eps=8 / 255)
+            return [{**a, "lipschitz_layer_l2": lip["layers"][i].mean().item(), "mean_grad_l1": grad_l1.mean().item(),
+                     "lipschitz_logits": lip["logits"].mean().item()} for i, a in enumerate(per_layer)]
+        cell = {"model_key": models_keys[attn], "n_images": n, "seed": args.seed, "lipschitz_eps": 8 / 255}
+        rows += [{"model": name, "layer": i, **a} for i, a in enumerate(cached(args, "alignment", cell, evaluate))]
     env = environment(device)
     md = _header("alignment: branch-gradient alignment, gradient norms and local Lipschitz estimates", args,
                  dataset, preset, cfg, n, env)
@@ -870,23 +867,31 @@ def table_alignment(args, device) -> None:
                  "environment": env})
 
 
-def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, desc: str) -> dict:
+def alignment_by_layer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list:
+    """branch_gradient_alignment over ``chunk``-sized batches, summarized per attention layer."""
+    al = [a for xb, yb in zip(x.split(chunk), y.split(chunk)) for a in da.branch_gradient_alignment(model, xb, yb)]
+    depth = len(al) // len(x.split(chunk))
+    rows = []
+    for layer in range(depth):
+        parts = al[layer::depth]  # the same layer across batches
+        cos = torch.cat([a.cos for a in parts])
+        rows.append({"layer_name": parts[0].layer, "control": parts[0].control, "lambda": parts[0].lam,
+                     "frac_cos_negative": (cos < 0).float().mean().item(), "mean_cos": cos.mean().item(),
+                     "median_rho": torch.cat([a.rho for a in parts]).median().item(),
+                     "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item()})
+    return rows
+
+
+def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, desc: str, seed: int) -> dict:
     """Zero-shot (or retrieval) accuracy, ASR of PGD-10 on the zero-shot cross-entropy and of the
     cosine attack at every eps, and per-layer branch-gradient alignment of the image tower."""
+    torch.manual_seed(seed)
     clean = da.predict(zs, x, batch_size=128)
     row = {"clean_acc": da.clean_accuracy(y, clean), "asr_pgd": {}, "asr_cosine": {}}
     for eps in tqdm(EPS_LINF, desc=desc, leave=False):
         for key, loss in (("asr_pgd", "ce"), ("asr_cosine", "logit")):
             row[key][f"{eps * 255:.0f}/255"] = da.attack_success_rate(y, clean, pgd10_predictions(zs, x, y, eps, loss))
-    al = [a for xb, yb in zip(x[:500].split(100), y[:500].split(100)) for a in da.branch_gradient_alignment(zs, xb, yb)]
-    depth = len(zs.blocks)
-    row["alignment"] = []
-    for layer in range(depth):
-        parts = al[layer::depth]
-        cos = torch.cat([a.cos for a in parts])
-        row["alignment"].append({"layer": parts[0].layer, "lambda": parts[0].lam,
-                                 "frac_cos_negative": (cos < 0).float().mean().item(), "mean_cos": cos.mean().item(),
-                                 "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item()})
+    row["alignment"] = alignment_by_layer(zs, x[:500], y[:500], chunk=100)
     return row
 
 
@@ -907,11 +912,13 @@ def table_clip(args, device) -> None:
         test = load_dataset(dataset, args.data_root, train=False).subset(EVAL_IMAGES[args.preset], args.seed)
         x, y = test.x.to(device).float() / 255, test.y.to(device)
         for attn in ("std", "diff"):
-            clip, _ = train_model({**preset["clip"], "attn": attn}, cfg, args.data_root, args.out, device,
-                                  compile=args.compile)
+            clip, rec = train_model({**preset["clip"], "attn": attn}, cfg, args.data_root, args.out, device,
+                                    compile=args.compile)
             name = "CLIP" if attn == "std" else "DiffCLIP"
-            rows.append({"model": name, "data": f"{dataset} (zero-shot)",
-                         **clip_attack_row(classifier(clip, class_names(dataset, test)), x, y, name)})
+            cell = {"model_key": rec["key"], "n_images": len(test), "seed": args.seed, "templates": CLIP_TEMPLATES,
+                    "eps": list(EPS_LINF), "attacks": ["pgd-ce", "pgd-logit"]}
+            rows.append({"model": name, "data": f"{dataset} (zero-shot)", **cached(
+                args, "clip", cell, lambda: clip_attack_row(classifier(clip, class_names(dataset, test)), x, y, name, args.seed))})
         im, tx = preset["clip"]["image"], preset["clip"]["text"]
         setup = (f"Small CLIPs trained here from scratch: image tower depth {im['depth']}, dim {im['dim']}, patch "
                  f"{im['patch_size']}; text tower depth {tx['depth']}, width {tx['width']}; captions: "
@@ -929,12 +936,12 @@ def table_clip(args, device) -> None:
             clip = da.load_clip(source, trust_pickle=args.trust_pickle).to(device)
             zs = da.ZeroShotClassifier(clip, da.zero_shot_weights(clip, imagenet.classes, da.imagenet_templates()))
             rows.append({"model": name, "data": "ImageNet val (zero-shot)", **clip_attack_row(
-                zs, imagenet.x.to(device).float() / 255, imagenet.y.to(device), f"{name} ImageNet")})
+                zs, imagenet.x.to(device).float() / 255, imagenet.y.to(device), f"{name} ImageNet", args.seed)})
             with torch.no_grad():
                 caps = torch.cat([clip.encode_text(t.to(device), normalize=True) for t in da.tokenize(captions).split(256)])
             rows.append({"model": name, "data": "COCO val2017 (image-to-text retrieval)", **clip_attack_row(
                 da.ZeroShotClassifier(clip, caps.T), coco_x.to(device).float() / 255,
-                torch.arange(n, device=device), f"{name} COCO")})
+                torch.arange(n, device=device), f"{name} COCO", args.seed)})
         dataset = "imagenet+coco"
         setup = (f"Pretrained checkpoints: CLIP {args.clip_checkpoint}, DiffCLIP {args.diffclip_checkpoint}; "
                  f"{n} ImageNet validation images (80 OpenAI templates), the first {n} COCO val2017 images with "
@@ -956,7 +963,7 @@ def table_clip(args, device) -> None:
            + " | ".join(f"{100 * r['asr_cosine'][e]:.1f}" for e in eps_names) + " |" for r in rows]
     md += ["", "Branch-gradient alignment per image-tower layer (first 500 images; CLIP: the head-pair control):", "",
            "| model | data | layer | lambda | cos<0 (%) | mean cos | mean kappa |", "|---|---|---|---:|---:|---:|---:|"]
-    md += [f"| {r['model']} | {r['data']} | {a['layer']} | {a['lambda']:.3f} | {100 * a['frac_cos_negative']:.1f} | "
+    md += [f"| {r['model']} | {r['data']} | {a['layer_name']} | {a['lambda']:.3f} | {100 * a['frac_cos_negative']:.1f} | "
            f"{a['mean_cos']:+.3f} | {a['mean_kappa']:.3f} |" for r in rows for a in r["alignment"]]
     write_table(Path(args.results) / args.preset, f"clip-{dataset}" if args.dataset else "clip", "\n".join(md) + "\n",
                 {"table": "clip", "preset": args.preset, "dataset": dataset, "seed": args.seed, "rows": rows,
