@@ -1250,6 +1250,76 @@ TABLES = {"speed": table_speed, "clean": table_clean, "main": table_main, "align
           "lambda": table_lambda, "summary": table_summary}  # summary last: it reads the others
 
 
+TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000, "mnist": 60000, "fashion-mnist": 60000}
+
+
+def planned_models(args, tables) -> list:
+    """(model config, TrainConfig) of every model the given tables train, without duplicates."""
+    preset = PRESETS[args.preset]
+    dataset = args.dataset or preset["dataset"]
+    plan = []
+    if set(tables) & {"clean", "main", "alignment", "autoattack", "speed"}:
+        cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["train"])
+        plan += [({**preset["model"], "attn": a}, cfg) for a in ("std", "diff")]
+    if set(tables) & {"depth", "cw"}:
+        cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["depth_train"])
+        plan += [({**preset["depth_model"], "depth": d, "attn": a}, cfg) for d in preset["depths"] for a in ("std", "diff")]
+    if "lambda" in tables:
+        lam_data = args.dataset or ("cifar10" if args.preset == "paper" else preset["dataset"])
+        cfg = TrainConfig(dataset=lam_data, seed=args.seed, **preset["depth_train"])
+        depth = preset["model"]["depth"] if args.preset == "paper" else 2
+        plan += [({**preset["depth_model"], "depth": depth, "attn": "diff", "lambda_init": l}, cfg) for l in LAMBDA_INITS]
+    if "clip" in tables and "clip" in preset:
+        cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["clip_train"])
+        plan += [({**preset["clip"], "attn": a}, cfg) for a in ("std", "diff")]
+    unique = {config_hash({"model": m, "train": dataclasses.asdict(c)}): (m, c) for m, c in plan}
+    return list(unique.values())
+
+
+def estimate_training_hours(args, device, tables, steps: int = 5) -> float:
+    """Hours of training still to do for ``tables``: each unfinished model's step time, measured on
+    random inputs after two warm-up steps, times its steps. Evaluation time is not included."""
+    total, lines = 0.0, []
+    for model_cfg, cfg in planned_models(args, tables):
+        key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
+        kind = "clip-" if model_cfg.get("kind") == "clip" else ""
+        ckpt = Path(args.out) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
+        done_epochs = torch.load(ckpt, map_location="cpu", weights_only=True)["record"]["epoch"] if ckpt.is_file() else 0
+        if done_epochs >= cfg.epochs:
+            continue
+        info = DATASETS[cfg.dataset]
+        model = build_model(model_cfg, cfg.dataset).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        x = torch.rand(cfg.batch_size, info.in_chans, info.img_size, info.img_size, device=device)
+        y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
+        prompts = prompt_tokens(class_names(cfg.dataset)) if isinstance(model, da.CLIP) else None
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for i in range(steps + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with _autocast(device):
+                loss = (F.cross_entropy(model(x).float(), y) if prompts is None else clip_loss(model, x, y, prompts, gen)[1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        n_train = min(cfg.train_subset or TRAIN_SIZES[cfg.dataset], TRAIN_SIZES[cfg.dataset])
+        seconds = statistics.median(times[2:]) * math.ceil(n_train / cfg.batch_size) * (cfg.epochs - done_epochs)
+        total += seconds
+        depth = model_cfg.get("depth", model_cfg.get("image", {}).get("depth"))
+        lam = f", lambda_init {model_cfg['lambda_init']}" if "lambda_init" in model_cfg else ""
+        lines.append(f"  {kind}{model_cfg.get('attn', 'std')} depth {depth}{lam} on {cfg.dataset}: "
+                     f"{seconds / 60:.1f} min ({cfg.epochs - done_epochs} epochs left)")
+    print(f"estimated training still to do on {device}: {total / 3600:.2f} h ({total / 60:.0f} min) for "
+          f"{len(lines)} models (measured step times; evaluation not included)")
+    print("\n".join(lines))
+    return total / 3600
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, choices=sorted(TABLES) + ["all"])
@@ -1266,11 +1336,17 @@ def main(argv=None) -> int:
                    help="clip table, paper preset: the standard-attention CLIP baseline in DiffCLIP's layout")
     p.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load run the pickles of CLIP checkpoints that need it (DiffCLIP's do)")
+    p.add_argument("--estimate", action="store_true", help="print the training time still to do, then stop")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.preset = resolve_preset(args.preset, device)
+    tables = list(TABLES) if args.table == "all" else [args.table]
     try:
-        for name in (TABLES if args.table == "all" else [args.table]):
+        if args.table == "all" or args.estimate:
+            estimate_training_hours(args, device, tables)
+            if args.estimate:
+                return 0
+        for name in tables:
             TABLES[name](args, device)
     except DatasetMissing as e:
         print(f"error: {e}", file=sys.stderr)

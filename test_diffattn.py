@@ -916,3 +916,17 @@ def test_causal_attention_sees_no_later_token_on_both_paths(layer):
         assert torch.allclose(y[:, :4], y2[:, :4], atol=1e-6) and not torch.allclose(y[:, 4:], y2[:, 4:])
         outs.append(y)
     assert (outs[0] - outs[1]).abs().max() < 1e-5
+
+
+def test_training_estimate_counts_unfinished_models_only(tmp_path, monkeypatch, capsys):
+    import argparse
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", {
+        "dataset": "cifar10", "model": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+        "train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}})
+    args = argparse.Namespace(preset="tiny", dataset=None, data_root=tmp_path / "data", out=tmp_path / "runs", seed=0)
+    hours = R.estimate_training_hours(args, torch.device("cpu"), ["main"], steps=2)
+    assert hours > 0 and "for 2 models" in capsys.readouterr().out
+    for model_cfg, cfg in R.planned_models(args, ["main"]):
+        R.train_model(model_cfg, cfg, args.data_root, args.out, "cpu", progress=False)
+    assert R.estimate_training_hours(args, torch.device("cpu"), ["main"]) == 0.0
