@@ -846,7 +846,8 @@ def table_alignment(args, device) -> None:
             lip = da.local_lipschitz(model, x, eps=8 / 255)
             return [{**a, "lipschitz_layer_l2": lip["layers"][i].mean().item(), "mean_grad_l1": grad_l1.mean().item(),
                      "lipschitz_logits": lip["logits"].mean().item()} for i, a in enumerate(per_layer)]
-        cell = {"model_key": models_keys[attn], "n_images": n, "seed": args.seed, "lipschitz_eps": 8 / 255}
+        cell = {"model_key": models_keys[attn], "n_images": n, "seed": args.seed, "lipschitz_eps": 8 / 255,
+                "with": "cos_values"}
         rows += [{"model": name, "layer": i, **a} for i, a in enumerate(cached(args, "alignment", cell, evaluate))]
     env = environment(device)
     md = _header("alignment: branch-gradient alignment, gradient norms and local Lipschitz estimates", args,
@@ -860,8 +861,23 @@ def table_alignment(args, device) -> None:
     md += [f"| {r['model']} | {r['layer']} | {r['lambda']:.3f} | {100 * r['frac_cos_negative']:.1f} | "
            f"{r['mean_cos']:+.3f} | {r['median_rho']:.3f} | {r['mean_kappa']:.3f} | {r['mean_grad_l1']:.3f} | "
            f"{r['lipschitz_logits']:.1f} | {r['lipschitz_layer_l2']:.2f} |" for r in rows]
-    write_table(Path(args.results) / args.preset, f"alignment-{dataset}" if args.dataset else "alignment",
-                "\n".join(md) + "\n",
+    out = Path(args.results) / args.preset
+    name = f"alignment-{dataset}" if args.dataset else "alignment"
+
+    def draw(plt):
+        depth = max(r["layer"] for r in rows) + 1
+        fig, axes = plt.subplots(1, depth, figsize=(4 * depth, 3.2), squeeze=False)
+        for layer, ax in enumerate(axes[0]):
+            for r in rows:
+                if r["layer"] == layer:
+                    label = f"{r['model']}{' (head-pair control)' if r['control'] else ''}: cos<0 {100 * r['frac_cos_negative']:.0f}%"
+                    ax.hist(r["cos_values"], bins=40, range=(-1, 1), alpha=0.5, label=label)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set(xlabel="cos(g1, g2)", ylabel="examples", title=f"layer {layer} ({dataset})")
+            ax.legend(fontsize=8)
+        return fig
+    _figure(out / f"{name}.png", draw)
+    write_table(out, name, "\n".join(md) + "\n",
                 {"table": "alignment", "preset": args.preset, "dataset": dataset, "seed": args.seed, "n_images": n,
                  "train_config": dataclasses.asdict(cfg), "model_config": preset["model"], "rows": rows,
                  "environment": env})
@@ -878,7 +894,8 @@ def alignment_by_layer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk
         rows.append({"layer_name": parts[0].layer, "control": parts[0].control, "lambda": parts[0].lam,
                      "frac_cos_negative": (cos < 0).float().mean().item(), "mean_cos": cos.mean().item(),
                      "median_rho": torch.cat([a.rho for a in parts]).median().item(),
-                     "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item()})
+                     "mean_kappa": torch.cat([a.kappa for a in parts]).mean().item(),
+                     "cos_values": [round(v, 5) for v in cos.tolist()]})  # for the histograms
     return rows
 
 
