@@ -853,53 +853,138 @@ def test_cifar_and_tiny_imagenet_readers_on_made_up_files(tmp_path):
     assert (base / "val.uint8.pt").is_file()  # decoded once, then read from the cache
 
 
-def test_miniature_main_table_end_to_end_and_rerun_recomputes_nothing(tmp_path, monkeypatch):
+TINY_PRESET = {
+    "dataset": "cifar10", "model": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+    "train": {"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
+    "clip": {"kind": "clip", "embed_dim": 8, "image": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+             "text": {"width": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0}},
+    "clip_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
+    "depths": [1, 2], "depth_model": {"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
+    "depth_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, "lambda_depth": 1,
+    "eval_images": 20, "depth_images": 12, "lipschitz_images": 4, "autoattack_images": 6, "cw_images": 8,
+    "cw_steps": 4, "cw_search": 2}
+
+
+def tiny_args(tmp_path, dataset=None):
     import argparse
+    return argparse.Namespace(preset="tiny", dataset=dataset, data_root=tmp_path / "data", out=tmp_path / "runs",
+                              results=tmp_path / "results", seed=0, compile=False, trust_pickle=False,
+                              clip_checkpoint=None, diffclip_checkpoint=None)
+
+
+def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
     import json
     write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setitem(R.PRESETS, "tiny", {
-        "dataset": "cifar10", "model": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
-        "train": {"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}})
-    monkeypatch.setitem(R.EVAL_IMAGES, "tiny", 20)
-    args = argparse.Namespace(preset="tiny", dataset=None, data_root=tmp_path / "data", out=tmp_path / "runs",
-                              results=tmp_path / "results", seed=0, compile=False)
-    R.table_main(args, torch.device("cpu"))
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
+    args = tiny_args(tmp_path)
+    tables = [t for t in R.TABLES if t != "speed"]  # speed times fixed, larger shapes: a benchmark, not a test
+    for name in tables:
+        R.run_table(R.TABLES[name], args, torch.device("cpu"))
     out = tmp_path / "results" / "tiny"
-    first = json.loads((out / "main.json").read_text())
-    assert [r["model"] for r in first["rows"]] == ["ViT", "DiffViT"] and first["n_images"] == 20
-    assert set(first["rows"][0]["asr"]) == {"1/255", "2/255", "4/255", "8/255"}
-    assert first["environment"]["torch"] == torch.__version__ and (out / "main.png").stat().st_size > 1000
-    assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 2
-    # a rerun trains nothing and attacks nothing: it reads the checkpoints and the cells
+    first = {t: json.loads((out / f"{t}.json").read_text()) for t in tables}
+    assert [r["model"] for r in first["main"]["rows"]] == ["ViT", "DiffViT"] and first["main"]["n_images"] == 20
+    assert set(first["main"]["rows"][0]["asr"]) == {"1/255", "2/255", "4/255", "8/255"}
+    assert [(r["depth"], r["model"]) for r in first["cw"]["rows"]] == [(1, "ViT"), (1, "DiffViT"), (2, "ViT"), (2, "DiffViT")]
+    assert [r["lambda_init"] for r in first["lambda"]["rows"]] == list(R.LAMBDA_INITS)
+    assert [len(r["layers"]) for r in first["alignment"]["rows"]] == [1, 1]
+    assert first["main"]["environment"]["torch"] == torch.__version__ and first["main"]["models"][1]["model_config"]["attn"] == "diff"
+    for t in ("main", "alignment", "depth", "cw", "lambda", "clip"):
+        assert (out / f"{t}.png").stat().st_size > 1000, t
+    assert "Seed 0" in (out / "main.md").read_text() and "cifar10, 20 test images" in (out / "main.md").read_text()
+    assert {c["table"] for c in first["summary"]["claims"]} == {"main", "alignment", "depth", "clip"}
+    # a rerun trains nothing and attacks nothing: every model and cell comes from the caches
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
-    monkeypatch.setattr(R.da, "pgd", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    for attack in ("pgd", "cw_l2", "autoattack", "local_lipschitz", "branch_gradient_alignment"):
+        monkeypatch.setattr(R.da, attack, lambda *a, **k: pytest.fail("a cached cell was recomputed"))
     monkeypatch.setattr(R, "load_dataset", lambda *a, train=True, **k: pytest.fail("training data reloaded")
                         if train else ORIGINAL_LOAD(*a, train=train, **k))
-    R.table_main(args, torch.device("cpu"))
-    assert json.loads((out / "main.json").read_text())["rows"] == first["rows"]
+    work = dict(R.WORK)
+    for name in tables:
+        R.run_table(R.TABLES[name], args, torch.device("cpu"))
+    assert R.WORK == work
+    assert all(json.loads((out / f"{t}.json").read_text())["rows"] == first[t]["rows"] for t in tables if t != "summary")
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
 
 
 ORIGINAL_LOAD = R.load_dataset
 
 
-def test_summary_judges_claims_from_hand_built_results(tmp_path):
+def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
+    args = tiny_args(tmp_path)
+    table = R.TABLES["main"]
+    calls = []
+
+    def dies_on_the_second_model(a, model, data, record):
+        calls.append(record["key"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a kill leaves behind: the first cell written, the second not
+        return table.evaluate(a, model, data, record)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), args, torch.device("cpu"))
+    assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 1
+    assert not (tmp_path / "results" / "tiny" / "main.md").exists()  # no half-written table
+    calls.clear()
+    R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), args, torch.device("cpu"))
+    assert len(calls) == 1  # only the DiffViT cell ran again; the ViT cell came from the cache
+    assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 2
+
+
+def write_fake_tiny_imagenet(root, per_class=3, seed=1):
+    """Made-up images in Tiny-ImageNet's folder layout (tiny-imagenet-200/, val annotations file)."""
+    from PIL import Image
+    base = root / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819"]
+    rng = np.random.default_rng(seed)
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rows = []
+    for c, w in enumerate(wnids):
+        (base / "train" / w / "images").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(base / "train" / w / "images" / f"{w}_{i}.JPEG")
+        name = f"val_{c}.JPEG"
+        Image.fromarray(np.full((64, 64, 3), 40 * (c + 1), dtype=np.uint8)).save(base / "val" / "images" / name)
+        rows.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+    return wnids
+
+
+def test_main_table_on_made_up_tiny_imagenet(tmp_path, monkeypatch):
+    import json
+    write_fake_tiny_imagenet(tmp_path / "data", per_class=10)
+    monkeypatch.setitem(R.PRESETS, "tiny", {**TINY_PRESET, "model": {**TINY_PRESET["model"], "patch_size": 16}})
+    args = tiny_args(tmp_path, dataset="tiny-imagenet")
+    R.run_table(R.TABLES["main"], args, torch.device("cpu"))
+    res = json.loads((tmp_path / "results" / "tiny" / "main-tiny-imagenet.json").read_text())
+    assert res["dataset"] == "tiny-imagenet" and res["n_images"] == 2 and len(res["rows"]) == 2
+    assert res["models"][0]["train_config"]["dataset"] == "tiny-imagenet"
+
+
+def test_summary_judges_claims_with_the_noise_model(tmp_path):
     import argparse
     import json
     out = tmp_path / "quick"
     out.mkdir()
     asr = lambda *v: {e: x for e, x in zip(["1/255", "2/255", "4/255", "8/255"], v)}
-    (out / "main.json").write_text(json.dumps({"rows": [{"model": "ViT", "asr": asr(.1, .2, .3, .4)},
-                                                        {"model": "DiffViT", "asr": asr(.2, .3, .2, .5)}]}))
-    (out / "depth.json").write_text(json.dumps({"rows": [{"depth": d} for d in (1, 2, 4)],
-                                                "diff_minus_vit_asr_points": {"1/255": [2.0, -1.0, -3.0],
-                                                                              "4/255": [1.0, 2.0, 0.5]}}))
+    # n = 1000 initially correct: 2 se of a difference near p = 0.3 is about 4 points
+    (out / "main.json").write_text(json.dumps({"rows": [
+        {"model": "ViT", "n_correct": 1000, "asr": asr(.10, .20, .30, .40)},
+        {"model": "DiffViT", "n_correct": 1000, "asr": asr(.20, .30, .31, .50)}]}))
+    depth_rows = []
+    for d, (s1, d1, s4, d4) in zip((1, 2, 4), [(.10, .12, .3, .31), (.20, .10, .3, .32), (.20, .19, .3, .2)]):
+        depth_rows += [{"depth": d, "model": "ViT", "n_correct": 1000, "asr": {"1/255": s1, "4/255": s4}},
+                       {"depth": d, "model": "DiffViT", "n_correct": 1000, "asr": {"1/255": d1, "4/255": d4}}]
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
     args = argparse.Namespace(preset="quick", results=tmp_path)
     R.table_summary(args, torch.device("cpu"))
     claims = {c["table"]: c for c in json.loads((out / "summary.json").read_text())["claims"]}
-    assert claims["main"]["verdict"] == "partly supported" and "3/4" in claims["main"]["evidence"]
-    assert claims["depth"]["verdict"] == "supported"
+    assert claims["main"]["outcomes"] == ["higher", "higher", "within noise", "higher"]
+    assert claims["main"]["verdict"] == "partly supported"
+    assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
     assert "alignment, clip" in (out / "summary.md").read_text()  # not judged without results
+    assert R._verdict(["within noise"] * 3) == "not resolved (within noise)" and R._verdict(["lower"] * 2) == "contradicted"
 
 
 @pytest.mark.parametrize("layer", [da.DiffAttention(32, 4, causal=True), da.Attention(32, 4, causal=True)])
