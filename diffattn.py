@@ -1039,20 +1039,38 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 
         modules = list(model.blocks) if modules is None else list(modules)
         res["layers"] = []
         for mod in modules:
-            captured = []
-            hook = mod.register_forward_hook(lambda _m, _i, o: captured.append(o))
+            hook = mod.register_forward_hook(_stop_with_output)  # the layers after ``mod`` never run
             try:
                 with torch.no_grad():
-                    model(x)
-                hx = captured.pop()
+                    hx = _output_of(model, x)
 
                 def ratio(xp):
-                    model(xp)
-                    return (captured.pop() - hx).flatten(1).norm(dim=1) / (xp - x).flatten(1).norm(dim=1).clamp_min(1e-12)
+                    return (_output_of(model, xp) - hx).flatten(1).norm(dim=1) / (xp - x).flatten(1).norm(dim=1).clamp_min(1e-12)
                 res["layers"].append(ascend(ratio))
             finally:
                 hook.remove()
     return res
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end a forward pass at a module, carrying its output."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+
+def _stop_with_output(_module, _inputs, output):
+    raise _StopForward(output)
+
+
+def _output_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of the module hooked with ``_stop_with_output``, without running the rest of ``model``."""
+    try:
+        model(x)
+    except _StopForward as stop:
+        return stop.output
+    raise RuntimeError("local_lipschitz: the module was not called in the model's forward pass")
 
 
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],

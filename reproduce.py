@@ -45,7 +45,8 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                              text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+        # results/ is what runs write: a run that rewrote a table is still the committed code
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=HERE,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -518,18 +519,20 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        test_acc = accuracy(model, test, device)
-        record["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                                  "train_acc": correct / seen, "test_acc": test_acc})
         record["epoch"] = epoch + 1
         record["done"] = epoch + 1 == cfg.epochs
+        # the full test set after the last epoch only: on the small presets a test pass per epoch costs a
+        # third of an epoch of training
+        test_acc = accuracy(model, test, device) if record["done"] else None
+        record["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                                  "test_acc": test_acc})
         record["test_acc"] = test_acc
-        record["train_seconds"] = record.get("train_seconds", 0.0) + time.perf_counter() - started  # incl. test pass
+        record["train_seconds"] = record.get("train_seconds", 0.0) + time.perf_counter() - started
         WORK["epochs"] += 1
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "record": record}, path)
         if progress:
-            tqdm.write(f"{model_cfg.get('attn', 'std')} {cfg.dataset} epoch {epoch + 1}: "
-                       f"train loss {loss_sum / seen:.4f}, test acc {test_acc:.4f}")
+            tqdm.write(f"{model_cfg.get('attn', 'std')} {cfg.dataset} epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, "
+                       f"train acc {correct / seen:.4f}" + (f", test acc {test_acc:.4f}" if record["done"] else ""))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not record["done"]:
             break
     return model.eval(), record
@@ -549,15 +552,15 @@ PRESETS = {
         "clip": {"kind": "clip", "embed_dim": 64,
                  "image": {"patch_size": 7, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
                  "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
-        "clip_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 30000},
+        "clip_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000},
         # depth sweep: narrower models, 2 epochs on 10k training images, so 10 models fit in minutes
         "depths": [1, 2, 4, 8, 12],
         "depth_model": {"patch_size": 7, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
         "depth_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
         "lambda_depth": 2,
         # test images per table (each a prefix of one fixed permutation)
-        "eval_images": 1000, "depth_images": 500, "lipschitz_images": 100, "autoattack_images": 100,
-        "cw_images": 50, "cw_steps": 50, "cw_search": 5,
+        "eval_images": 1000, "depth_images": 400, "lipschitz_images": 64, "autoattack_images": 100,
+        "cw_images": 50, "cw_steps": 50, "cw_search": 4,
     },
     "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
         "dataset": "cifar10",
@@ -1271,7 +1274,9 @@ def table_summary(args, device) -> None:
     usually larger: a single-seed run supports a claim, it does not establish it.
     """
     out = Path(args.results) / args.preset
-    load = lambda name: json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").is_file() else None
+    suffix = f"-{args.dataset}" if getattr(args, "dataset", None) else ""  # --dataset: that dataset's tables
+    path = lambda name: out / f"{name}{suffix}.json"
+    load = lambda name: json.loads(path(name).read_text()) if path(name).is_file() else None
     claims = []
 
     def claim(text, table, outcomes, evidence):
@@ -1341,9 +1346,9 @@ def table_summary(args, device) -> None:
               f"{outcomes.count('lower')}: " + ", ".join(f"{k} {100 * d:.1f} vs {100 * s:.1f}" for k, d, s, _ in pairs))
     env = environment(device)
     md = [f"# summary: the paper's claims against this run ({args.preset} preset)", "",
-          f"Read from results/{args.preset}/*.json; device {env['device']}; commit {env['git_commit']}. "
-          + ("These are small models on Fashion-MNIST on a CPU, not the paper's CIFAR/ImageNet setting. " if
-             args.preset == "quick" else "")
+          f"Read from results/{args.preset}/*{suffix}.json; device {env['device']}; commit {env['git_commit']}. "
+          + (f"These are small models on {getattr(args, 'dataset', None) or 'Fashion-MNIST'} on a CPU, not the paper's "
+             f"CIFAR/ImageNet setting. " if args.preset == "quick" else "")
           + "A difference counts when it exceeds 2 standard errors of the sampling error over the evaluated test "
             "images (binomial for rates, over images for means); one training seed, so training noise is not in the "
             "error bars and a verdict here is evidence, not proof.", "",
@@ -1352,8 +1357,8 @@ def table_summary(args, device) -> None:
     missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None]
     if missing:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
-    write_table(out, "summary", "\n".join(md) + "\n",
-                {"table": "summary", "preset": args.preset, "noise_model": "2 standard errors, sampling over test "
+    write_table(out, f"summary{suffix}", "\n".join(md) + "\n",
+                {"table": "summary", "preset": args.preset, "dataset": getattr(args, "dataset", None), "noise_model": "2 standard errors, sampling over test "
                  "images; training seed variance not included", "claims": claims, "environment": env})
 
 
@@ -1456,12 +1461,12 @@ def estimate_training_hours(args, device, tables, steps: int = 5) -> float:
         depth = model_cfg.get("depth", model_cfg.get("image", {}).get("depth"))
         lam = f", lambda_init {model_cfg['lambda_init']}" if "lambda_init" in model_cfg else ""
         lines.append(f"  {kind}{model_cfg.get('attn', 'std')} depth {depth}{lam} on {cfg.dataset}: "
-                     f"{seconds / 60:.1f} min, {flops / 1e15:.1f} PFLOP ({cfg.epochs - done_epochs} epochs left)")
+                     f"{seconds / 60:.1f} min, {flops / 1e12:,.0f} TFLOP ({cfg.epochs - done_epochs} epochs left)")
     how = (f"projected for one GPU at an assumed {ASSUMED_GPU_TFLOPS} TFLOP/s sustained (counted matmul FLOPs; no GPU "
            f"here to time: run --estimate on the GPU for a measured figure)" if project else
            f"on {device}, from measured step times")
     print(f"estimated training still to do, {how}: {total / 3600:.2f} h ({total / 60:.0f} min) for {len(lines)} "
-          f"models, {total_flops / 1e15:.0f} PFLOP; evaluation not included")
+          f"models, {total_flops / 1e15:.2f} PFLOP; evaluation not included")
     print("\n".join(lines))
     return total / 3600
 
@@ -1560,7 +1565,7 @@ def report_run(args, device, seconds: dict, total: float, skipped: dict) -> None
           "| table | seconds |", "|---|---:|"] + [f"| {n} | {s:.0f} |" for n, s in seconds.items()]
     md += [f"| **total** | {total:.0f} |"] + (["", "Skipped: " + "; ".join(f"{n} ({w})" for n, w in skipped.items())]
                                                if skipped else [])
-    write_table(Path(args.results) / args.preset, "run", "\n".join(md) + "\n",
+    write_table(Path(args.results) / args.preset, f"run-{args.dataset}" if args.dataset else "run", "\n".join(md) + "\n",
                 {"table": "run", "preset": args.preset, "seconds": seconds, "total_seconds": total,
                  "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"],
                  "computed_cells": WORK["cells"], "skipped": skipped, "seed": args.seed, "environment": env})

@@ -561,6 +561,21 @@ def test_local_lipschitz_l2_estimator_on_a_linear_map_is_a_tight_lower_bound():
         assert (est <= 3.0 * (1 + 1e-5)).all() and (est >= 0.9 * 3.0).all(), est
 
 
+def test_local_lipschitz_of_a_layer_stops_the_forward_pass_there():
+    torch.manual_seed(0)
+    first, later = torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+    calls = []
+    later.register_forward_hook(lambda *_: calls.append(1))
+    model = torch.nn.Sequential(torch.nn.Flatten(), first, torch.nn.Tanh(), later)
+    x = torch.rand(4, 1, 2, 3)
+    est = da.local_lipschitz(model, x, eps=0.05, steps=3, modules=[first])
+    n_logits = len(calls)  # the logit estimate runs the whole model; the first layer's estimate does not
+    assert n_logits == 1 + 3 + 1
+    assert (est["layers"][0] <= torch.linalg.matrix_norm(first.weight, 2) * (1 + 1e-5)).all()
+    da.local_lipschitz(model, x, eps=0.05, steps=3, modules=[first, later])
+    assert len(calls) == 2 * n_logits + 1 + 3 + 1  # only the estimate of ``later`` itself reaches it
+
+
 def test_local_lipschitz_logit_estimator_on_a_linear_model():
     # ||W d||_1 / ||d||_inf <= max over sign vectors s of ||W s||_1 = the (inf -> 1) operator norm
     model, w, x, y = binary_linear(5)
