@@ -554,8 +554,8 @@ PRESETS = {
                  "image": {"patch_size": 7, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
                  "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
         "clip_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000},
-        # depth sweep: narrower models, 2 epochs on 10k training images, so 10 models fit in minutes
-        "depths": [1, 2, 4, 8, 12],
+        # depth sweep: narrower models, 2 epochs on 10k training images, so 8 models fit in minutes
+        "depths": [1, 2, 4, 8],  # the paper's 12 too would take 1.5 of the 15 minutes; the paper preset has it
         "depth_model": {"patch_size": 7, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
         "depth_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
         "lambda_depth": 2,
@@ -661,39 +661,30 @@ def keep_freed_memory() -> bool:
         return False
 
 
+SPEED_ROUNDS = {"cpu": (15, 3, 4, 1), "cuda": (20, 20, 20, 10)}  # rounds, reps: layers; rounds, reps: ViTs
+SPEED_SHAPE = (64, 65, 384, 6)  # batch, tokens (32x32 at patch 4, + class token), width, standard heads
+
+
 def table_speed(args, device) -> None:
-    """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width."""
-    cpu = device.type == "cpu"
-    allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
-    B, N, dim, heads = 64, 65, 384, 6
-    torch.manual_seed(args.seed)
-    rows = []
-    x = torch.randn(B, N, dim, device=device, requires_grad=True)
-    ta, tb, ratio = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
-                               rounds=25 if cpu else 20, reps=3 if cpu else 20, desc="attention layers")
-    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}",
-                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
-    try:  # reference point: timm's own pair on the same input, when timm is installed
-        from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
-        ta, tb, ratio = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
-                                   lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
-                                   rounds=25 if cpu else 20, reps=3 if cpu else 20, desc="timm attention layers")
-        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes",
-                     "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
-    except ImportError:
-        pass
-    vit = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
-    img = torch.rand(B, 3, 32, 32, device=device)
-    ta, tb, ratio = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
-                               rounds=6 if cpu else 20, reps=1 if cpu else 10, desc="ViT vs DiffViT")
-    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, 32x32 patch 4 ({N} tokens), batch {B}",
-                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
-    pgd_rows = pgd_throughput(args, device)
+    """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width.
+
+    A measurement is kept as a cell keyed by the device, the library versions and the source of
+    diffattn.py and reproduce.py: a rerun of ``--table all`` reads it; delete
+    ``<out>/cells/speed-*.json`` to measure again on unchanged code.
+    """
     env = environment(device)
+    rounds, reps, vit_rounds, vit_reps = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
+    source = hashlib.sha256((Path(da.__file__).read_bytes() + Path(__file__).read_bytes())).hexdigest()[:16]
+    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": args.seed,
+            "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": pair_entries(args)[0].model,
+            "dataset": _dataset(args)}
+    res = cached(args, "speed", cell, lambda: measure_speed(args, device, rounds, reps, vit_rounds, vit_reps))
+    rows, pgd_rows = res["rows"], res["pgd"]
     md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
-          "", "Median over alternating rounds after warm-up; diff / std is the median of per-round ratios.",
+          "", f"Median over alternating rounds after warm-up ({rounds} rounds of {reps} for the layers, {vit_rounds} of "
+          f"{vit_reps} for the ViTs); diff / std is the median of per-round ratios.",
           f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32; CPU allocator: "
-          f"{allocator}.", "",
+          f"{res['allocator']}; measured {res['measured_at']}.", "",
           "| what | standard (ms) | differential (ms) | diff / std |", "|---|---:|---:|---:|"]
     md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
     md += ["", f"## PGD-10 throughput, Linf eps 8/255 ({args.preset} preset models, {pgd_rows[0]['dataset']} test images, "
@@ -704,8 +695,38 @@ def table_speed(args, device) -> None:
         md.append(f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | "
                   f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
     write_table(Path(args.results), "speed", "\n".join(md) + "\n",
-                {"table": "speed", "rows": rows, "pgd": pgd_rows, "seed": args.seed, "allocator": allocator,
-                 "environment": env})
+                {"table": "speed", **res, "rounds": cell["rounds"], "seed": args.seed, "environment": env})
+
+
+def measure_speed(args, device, rounds: int, reps: int, vit_rounds: int, vit_reps: int) -> dict:
+    cpu = device.type == "cpu"
+    allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
+    B, N, dim, heads = SPEED_SHAPE
+    torch.manual_seed(args.seed)
+    rows = []
+    x = torch.randn(B, N, dim, device=device, requires_grad=True)
+    ta, tb, ratio = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
+                               rounds=rounds, reps=reps, desc="attention layers")
+    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}",
+                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    try:  # reference point: timm's own pair on the same input, when timm is installed
+        from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
+        ta, tb, ratio = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
+                                   lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
+                                   rounds=rounds, reps=reps, desc="timm attention layers")
+        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes",
+                     "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    except ImportError:
+        pass
+    side = 4 * math.isqrt(N - 1)  # patch 4
+    vit = dict(img_size=side, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
+    img = torch.rand(B, 3, side, side, device=device)
+    ta, tb, ratio = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
+                               rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT")
+    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}",
+                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    return {"rows": rows, "pgd": pgd_throughput(args, device), "allocator": allocator,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def pgd_throughput(args, device, batch: int = 256, rounds: int = 3) -> list:

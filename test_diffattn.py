@@ -924,6 +924,23 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
 ORIGINAL_LOAD = R.load_dataset
 
 
+def test_speed_table_times_both_pairs_and_a_rerun_reads_the_measurement(tmp_path, monkeypatch):
+    import json
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
+    monkeypatch.setattr(R, "SPEED_SHAPE", (4, 17, 32, 4))  # 16x16 images at patch 4
+    monkeypatch.setitem(R.SPEED_ROUNDS, "cpu", (2, 1, 2, 1))
+    args = tiny_args(tmp_path)
+    R.run_table(R.TABLES["speed"], args, torch.device("cpu"))
+    res = json.loads((tmp_path / "results" / "speed.json").read_text())
+    assert [r["what"].split(",")[0] for r in res["rows"]][::2] == ["attention layer", "ViT depth 6"]
+    assert all(r["std_ms"] > 0 and r["diff_ms"] > 0 and 0.2 < r["ratio"] < 5 for r in res["rows"])
+    assert {r["model"] for r in res["pgd"]} == {"ViT", "DiffViT"} and res["environment"]["torch"] == torch.__version__
+    monkeypatch.setattr(R, "measure_speed", lambda *a, **k: pytest.fail("measured again on unchanged code"))
+    R.run_table(R.TABLES["speed"], args, torch.device("cpu"))
+    assert json.loads((tmp_path / "results" / "speed.json").read_text())["rows"] == res["rows"]
+
+
 def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path / "data")
     monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
