@@ -206,11 +206,12 @@ def _load_mnist_like(name: str, root: Path, train: bool, download: bool):
             ds = cls(str(root), train=train, download=True)
         except Exception as e:  # offline: URLError, RuntimeError, ...
             raise _missing(name, root, f"download failed: {type(e).__name__}") from e
-        return ds.data.unsqueeze(1).contiguous(), ds.targets.long(), list(ds.classes)
-    x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)
-    y = torch.from_numpy(read_idx(lab).astype(np.int64))
-    classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
-    return x, y, classes
+        x, y = ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+    else:
+        x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)
+        y = torch.from_numpy(read_idx(lab).astype(np.int64))
+    # the same names whichever way the files came (torchvision's MNIST names are "0 - zero", ...)
+    return x, y, FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
 
 
 def _load_cifar(name: str, root: Path, train: bool, download: bool):
@@ -402,8 +403,11 @@ def build_model(model_cfg: dict, dataset: str) -> nn.Module:
 
 
 def class_names(dataset: str, data: Optional["ImageData"] = None) -> list:
-    names = data.classes if data is not None else FASHION_CLASSES if dataset == "fashion-mnist" else None
-    return [str(c).lower() for c in names]
+    """Lower-case class names of ``data``; without data (time and FLOP estimates), placeholders of the
+    dataset's class count, which cost the same."""
+    if data is None:
+        return [f"class {i}" for i in range(DATASETS[dataset].num_classes)]
+    return [str(c).lower() for c in data.classes]
 
 
 def prompt_tokens(classes: list) -> torch.Tensor:
@@ -560,7 +564,7 @@ PRESETS = {
         "depth_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
         "lambda_depth": 2,
         # test images per table (each a prefix of one fixed permutation)
-        "eval_images": 1000, "depth_images": 300, "lipschitz_images": 64, "autoattack_images": 64,
+        "eval_images": 1000, "clip_images": 1000, "depth_images": 300, "lipschitz_images": 64, "autoattack_images": 64,
         "cw_images": 50, "cw_steps": 50, "cw_search": 4,
     },
     "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
@@ -571,7 +575,7 @@ PRESETS = {
         "depth_model": {"patch_size": 4, "dim": 384, "heads": 6, "mlp_ratio": 4.0},
         "depth_train": {"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
         "lambda_depth": 6,
-        "eval_images": 10000, "depth_images": 2000, "lipschitz_images": 500, "autoattack_images": 1000,
+        "eval_images": 10000, "clip_images": 1000, "depth_images": 2000, "lipschitz_images": 500, "autoattack_images": 1000,
         "cw_images": 1000, "cw_steps": 100, "cw_search": 6,
     },
 }
@@ -669,12 +673,12 @@ def table_speed(args, device) -> None:
     """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width.
 
     A measurement is kept as a cell keyed by the device, the library versions and the source of
-    diffattn.py and reproduce.py: a rerun of ``--table all`` reads it; delete
+    diffattn.py and of the benchmark's functions: a rerun of ``--table all`` reads it; delete
     ``<out>/cells/speed-*.json`` to measure again on unchanged code.
     """
     env = environment(device)
     rounds, reps, vit_rounds, vit_reps = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
-    source = hashlib.sha256((Path(da.__file__).read_bytes() + Path(__file__).read_bytes())).hexdigest()[:16]
+    source = hashlib.sha256(Path(da.__file__).read_bytes() + SPEED_CODE.encode()).hexdigest()[:16]
     cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": args.seed,
             "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": pair_entries(args)[0].model,
             "dataset": _dataset(args)}
@@ -815,20 +819,27 @@ class EvalData:
     name: str
     x: torch.Tensor
     y: torch.Tensor
+    chosen: str  # how the images were picked, for the provenance line
     classes: Optional[list] = None
     captions: Optional[list] = None  # COCO: image i's caption is captions[i]
+
+
+SPEED_CODE = "".join(inspect.getsource(f) for f in (measure_speed, bench_pair, _time_fwd_bwd, pgd_throughput))
 
 
 def eval_data(args, name: str, n: int, device) -> EvalData:
     """The first ``n`` test images of a fixed permutation (seeded), so n=500 is a prefix of n=1000."""
     if name == "imagenet":
         d = load_imagenet_val(args.data_root, n, args.seed)
-        return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), classes=d.classes)
+        return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), f"a fixed permutation, seed {args.seed}",
+                        classes=d.classes)
     if name == "coco":
         x, captions = load_coco_captions(args.data_root, n)
-        return EvalData(name, x.to(device).float() / 255, torch.arange(len(x), device=device), captions=captions)
+        return EvalData(name, x.to(device).float() / 255, torch.arange(len(x), device=device),
+                        "the first by image id, each with its first caption", captions=captions)
     d = load_dataset(name, args.data_root, train=False).subset(n, args.seed)
-    return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), classes=d.classes)
+    return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), f"a fixed permutation, seed {args.seed}",
+                    classes=d.classes)
 
 
 def obtain_model(entry: Entry, args, device, loaded: dict):
@@ -836,8 +847,28 @@ def obtain_model(entry: Entry, args, device, loaded: dict):
     if entry.source is None:
         return train_model(entry.model, entry.train, args.data_root, args.out, device, compile=args.compile)
     if entry.source not in loaded:
-        loaded[entry.source] = da.load_clip(entry.source, trust_pickle=args.trust_pickle).to(device).eval()
-    return loaded[entry.source], {"key": entry.source, "source": entry.source}
+        try:
+            clip = da.load_clip(entry.source, trust_pickle=args.trust_pickle).to(device).eval()
+        except (OSError, ValueError, ImportError) as e:  # missing file, offline hub, pickle not trusted
+            raise SetupMissing(f"could not load the CLIP checkpoint {entry.source!r}: {e}") from e
+        path = Path(entry.source).expanduser()
+        # a local file is known by its contents (a retrained file at the same path recomputes its cells)
+        key = f"{entry.source}@sha256:{_file_sha256(path)[:16]}" if path.is_file() else entry.source
+        loaded[entry.source] = (clip, {"key": key, "source": entry.source})
+    return loaded[entry.source]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Cells are keyed by the library's source too: a fixed attack or metric recomputes the cells that used it.
+# (Checkpoints are keyed by their config only; delete runs/checkpoints after changing how models train.)
+LIBRARY_SOURCE = hashlib.sha256(Path(da.__file__).read_bytes()).hexdigest()[:16]
 
 
 def run_table(table: Table, args, device) -> None:
@@ -859,33 +890,34 @@ def run_table(table: Table, args, device) -> None:
             datas[data_name] = eval_data(args, data_name, n, device)
         data = datas[data_name]
         cell = {"table": table.name, "model_key": record["key"], "data": data_name, "n_images": len(data.y),
-                "seed": args.seed, **table.settings(args)}
+                "seed": args.seed, "library": LIBRARY_SOURCE, **table.settings(args)}
 
         def compute():
             torch.manual_seed(args.seed)
             return table.evaluate(args, model, data, record)
         rows.append({**row, **cached(args, table.name, cell, compute)})
     env = environment(device)
-    datasets = sorted({e.data or e.train.dataset for e in entries})
-    n_used = {len(d.y) for d in datas.values()}
+    datasets = list(dict.fromkeys(e.data or e.train.dataset for e in entries))
+    n_images = {name: len(d.y) for name, d in datas.items()}
     ctx = argparse.Namespace(args=args, preset=PRESETS[args.preset], dataset="+".join(datasets), env=env,
-                             n=n_used.pop() if len(n_used) == 1 else n, entries=entries)
+                             n=next(iter(n_images.values())) if len(n_images) == 1 else n_images, entries=entries)
     lines, extra, draw = table.render(ctx, rows)
-    seen = f"{ctx.n} test images (a fixed permutation, seed {args.seed})" if n is not None else "the full test set"
+    seen = "; ".join(f"{name}, {len(d.y)} test images ({d.chosen})" for name, d in datas.items()) if datas else \
+        f"{ctx.dataset}, the full test set"
     md = [f"# {table.name}: {table.title} ({args.preset} preset)", "",
-          f"Data: {ctx.dataset}, {seen}. Seed {args.seed}; device {env['device']}; torch {env['torch']}; "
+          f"Data: {seen}. Seed {args.seed}; device {env['device']}; torch {env['torch']}; "
           f"commit {env['git_commit']}. Settings and every number: the .json beside this file.", ""] + lines
     models = [{"labels": e.labels, **({"source": e.source} if e.source else
                                       {"model_config": e.model, "train_config": dataclasses.asdict(e.train)})}
               for e in entries]
     out = Path(args.results) / args.preset
     name = f"{table.name}-{args.dataset}" if args.dataset else table.name
+    if draw is not None:  # first: a failing figure must not leave an old picture beside new numbers
+        _figure(out / f"{name}.png", draw)
     write_table(out, name, "\n".join(md) + "\n",
                 {"table": table.name, "preset": args.preset, "dataset": ctx.dataset, "seed": args.seed,
                  "n_images": ctx.n, "settings": table.settings(args), "models": models, "rows": rows,
                  "environment": env, **extra})
-    if draw is not None:
-        _figure(out / f"{name}.png", draw)
 
 
 # --- which models each table uses
@@ -1031,9 +1063,10 @@ def evaluate_cw(args, model, data, record) -> dict:
     p = PRESETS[args.preset]
     correct = da.predict(model, data.x) == data.y
     res = da.cw_l2(model, data.x[correct], data.y[correct], steps=p["cw_steps"], search_steps=p["cw_search"])
-    d = res.norm.cpu()
-    finite = d[torch.isfinite(d)]
-    q = torch.quantile(finite, torch.tensor([0.25, 0.5, 0.75, 0.9])).tolist() if len(finite) else [float("nan")] * 4
+    d = res.norm.cpu().double()  # inf where the attack failed
+    # over every attacked image, a failure counting as infinitely far: quantiles over the successes
+    # alone would flatter the model the attack failed on more often
+    q = torch.quantile(d, torch.tensor([0.25, 0.5, 0.75, 0.9], dtype=d.dtype)).tolist() if len(d) else [float("nan")] * 4
     return {"n_correct": int(correct.sum()), "success_rate": res.success.float().mean().item(),
             "l2_q25_50_75_90": q, "l2": d.tolist()}
 
@@ -1179,7 +1212,7 @@ def render_cw(ctx, rows):
     p = ctx.preset
     lines = [f"The depth table's models ({_model_line(p['depth_model'], p['depth_train'])}); CW-L2 ({p['cw_steps']} Adam "
              f"steps, {p['cw_search']} binary-search steps over c) on the correctly classified images; L2 in [0, 1] "
-             "pixel units.", "",
+             "pixel units; quantiles over every attacked image, a failed attack counting as inf.", "",
              "| depth | model | attacked | success (%) | L2 p25 | L2 median | L2 p75 | L2 p90 |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['depth']} | {r['model']} | {r['n_correct']} | {100 * r['success_rate']:.1f} | "
@@ -1276,11 +1309,16 @@ def _two_sided(diff_value: float, std_value: float, se: float) -> str:
 
 
 def _se_rates(p1: float, n1: int, p2: float, n2: int) -> float:
-    """Standard error of the difference of two rates measured on n1 and n2 examples (binomial)."""
-    return math.sqrt(p1 * (1 - p1) / max(n1, 1) + p2 * (1 - p2) / max(n2, 1))
+    """Standard error of the difference of two rates measured on n1 and n2 examples: the pooled
+    binomial one of the two-proportion z-test (it stays positive when both rates are 0 or 1)."""
+    n1, n2 = max(n1, 1), max(n2, 1)
+    p = (p1 * n1 + p2 * n2) / (n1 + n2)
+    return math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
 
 
 def _verdict(outcomes: list) -> str:
+    if not outcomes:
+        return "not judged"
     up, down = outcomes.count("higher"), outcomes.count("lower")
     if up == len(outcomes):
         return "supported"
@@ -1301,8 +1339,19 @@ def table_summary(args, device) -> None:
     """
     out = Path(args.results) / args.preset
     suffix = f"-{args.dataset}" if getattr(args, "dataset", None) else ""  # --dataset: that dataset's tables
-    path = lambda name: out / f"{name}{suffix}.json"
-    load = lambda name: json.loads(path(name).read_text()) if path(name).is_file() else None
+    stale = {}
+
+    def load(name):
+        """A table of this run: same seed, and not skipped by the --table all that runs this summary."""
+        path = out / f"{name}{suffix}.json"
+        if not path.is_file():
+            return None
+        res = json.loads(path.read_text())
+        if name in getattr(args, "skipped", {}):
+            stale[name] = "skipped by this run, an older file is on disk"
+        elif res.get("seed", args.seed) != args.seed:
+            stale[name] = f"seed {res['seed']}, not {args.seed}"
+        return None if name in stale else res
     claims = []
 
     def claim(text, table, outcomes, evidence):
@@ -1315,14 +1364,20 @@ def table_summary(args, device) -> None:
                  2 * _se_rates(d_row[key][e], d_row["n_correct"], s_row[key][e], s_row["n_correct"]))
                 for e in s_row[key]]
 
-    main, al, depth, clip = load("main"), load("alignment"), load("depth"), load("clip")
+    main, al, depth, clip, aa = load("main"), load("alignment"), load("depth"), load("clip"), load("autoattack")
     if main:
         rows = {r["model"]: r for r in main["rows"]}
         pairs = asr_pairs(rows["DiffViT"], rows["ViT"])
-        claim("DiffViT has a higher attack success rate than ViT", "main",
-              [_two_sided(d, s, se / 2) for _, d, s, se in pairs],
-              "PGD-10 ASR, DiffViT vs ViT (+- 2 se of the difference): "
-              + ", ".join(f"{e} {100 * d:.1f} vs {100 * s:.1f} (+-{100 * se:.1f})" for e, d, s, se in pairs))
+        evidence = ("PGD-10 ASR, DiffViT vs ViT (+- 2 se of the difference): "
+                    + ", ".join(f"{e} {100 * d:.1f} vs {100 * s:.1f} (+-{100 * se:.1f})" for e, d, s, se in pairs))
+        if aa:
+            a = {r["model"]: r for r in aa["rows"]}
+            se = 2 * _se_rates(a["DiffViT"]["asr"], a["DiffViT"]["n_correct"], a["ViT"]["asr"], a["ViT"]["n_correct"])
+            pairs.append(("AutoAttack 8/255", a["DiffViT"]["asr"], a["ViT"]["asr"], se))
+            evidence += (f"; AutoAttack 8/255 ({aa['n_images']} images) {100 * a['DiffViT']['asr']:.1f} vs "
+                         f"{100 * a['ViT']['asr']:.1f} (+-{100 * se:.1f})")
+        claim("DiffViT has a higher attack success rate than ViT", "main", [_two_sided(d, s, se / 2) for _, d, s, se in pairs],
+              evidence)
     if al:
         rows = {r["model"]: r for r in al["rows"]}
         d_rows, s_rows = rows["DiffViT"]["layers"], rows["ViT"]["layers"]
@@ -1347,7 +1402,8 @@ def table_summary(args, device) -> None:
         small = {dep: asr_pairs(pick(dep, "DiffViT"), pick(dep, "ViT"))[0] for dep in depths}   # 1/255
         large = {dep: asr_pairs(pick(dep, "DiffViT"), pick(dep, "ViT"))[1] for dep in depths}  # 4/255
         damped = [dep for dep in depths if dep > 1 and _two_sided(small[dep][1], small[dep][2], small[dep][3] / 2) == "lower"]
-        kept = [dep for dep in damped if _two_sided(large[dep][1], large[dep][2], large[dep][3] / 2) != "lower"]
+        # ... and at 4/255 not lower at all (the damping has faded), not merely not significantly lower
+        kept = [dep for dep in damped if large[dep][1] >= large[dep][2]]
         outcomes = ["higher" if kept else "lower" if all(
             _two_sided(small[dep][1], small[dep][2], small[dep][3] / 2) == "higher" for dep in depths if dep > 1)
             else "within noise"]
@@ -1380,12 +1436,17 @@ def table_summary(args, device) -> None:
             "error bars and a verdict here is evidence, not proof.", "",
           "| claim | table | verdict | evidence |", "|---|---|---|---|"]
     md += [f"| {c['claim']} | {c['table']} | {c['verdict']} | {c['evidence']} |" for c in claims]
-    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None]
+    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None and t not in stale]
     if missing:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
+    if stale:
+        md += ["", "Not judged: " + "; ".join(f"{t} ({why})" for t, why in stale.items()) + "."]
     write_table(out, f"summary{suffix}", "\n".join(md) + "\n",
                 {"table": "summary", "preset": args.preset, "dataset": getattr(args, "dataset", None), "noise_model": "2 standard errors, sampling over test "
-                 "images; training seed variance not included", "claims": claims, "environment": env})
+                 "images; training seed variance not included", "claims": claims, "not_judged": stale,
+                 "inputs": {t: {"seed": r.get("seed"), "commit": r.get("environment", {}).get("git_commit")}
+                            for t in ("main", "alignment", "depth", "clip", "autoattack") if (r := load(t))},
+                 "environment": env})
 
 
 TABLES = {t.name: t for t in [
@@ -1399,7 +1460,7 @@ TABLES = {t.name: t for t in [
           images=lambda a: min(500, PRESETS[a.preset]["eval_images"]),
           settings=lambda a: {"lipschitz": {"eps": 8 / 255, "images": PRESETS[a.preset]["lipschitz_images"]}},
           evaluate=evaluate_alignment, render=render_alignment),
-    Table("clip", "CLIP vs DiffCLIP", clip_entries, images=lambda a: PRESETS[a.preset]["eval_images"],
+    Table("clip", "CLIP vs DiffCLIP", clip_entries, images=lambda a: PRESETS[a.preset]["clip_images"],
           settings=lambda a: {"templates": CLIP_TEMPLATES, "eps": list(EPS_LINF), "attacks": ["pgd-ce", "pgd-logit"]},
           evaluate=evaluate_clip, render=render_clip),
     Table("autoattack", "standard AutoAttack, Linf 8/255", pair_entries,
@@ -1414,7 +1475,7 @@ TABLES = {t.name: t for t in [
     Table("cw", "minimal L2 perturbation found by CW-L2, against depth", depth_entries,
           images=lambda a: PRESETS[a.preset]["cw_images"],
           settings=lambda a: {"attack": "cw_l2", "steps": PRESETS[a.preset]["cw_steps"],
-                              "search": PRESETS[a.preset]["cw_search"]},
+                              "search": PRESETS[a.preset]["cw_search"], "quantiles": "all attacked, failure = inf"},
           evaluate=evaluate_cw, render=render_cw),
     Table("lambda", "DiffViT against lambda_init", lambda_entries, images=lambda a: PRESETS[a.preset]["depth_images"],
           settings=lambda a: {"attack": "pgd", "steps": 10, "eps": [8 / 255]},
@@ -1543,7 +1604,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     args.preset = resolve_preset(args.preset, device)
     tables = list(TABLES) if args.table == "all" else [args.table]
+    args.skipped = {}  # tables --table all could not run, and why (the summary leaves them out)
     try:
+        check_preset_fits(args)
         if args.table == "all" or args.estimate:
             estimate_training_hours(args, device, tables)
             if args.estimate:
@@ -1551,7 +1614,7 @@ def main(argv=None) -> int:
     except SetupMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    started, seconds, skipped = time.perf_counter(), {}, {}
+    started, seconds, skipped = time.perf_counter(), {}, args.skipped
     for name in tables:
         t = time.perf_counter()
         try:
@@ -1566,6 +1629,19 @@ def main(argv=None) -> int:
     if args.table == "all":
         report_run(args, device, seconds, time.perf_counter() - started, skipped)
     return 2 if skipped else 0
+
+
+def check_preset_fits(args) -> None:
+    """The preset's patch sizes must divide the dataset's images (quick's 7 is for 28x28 ones)."""
+    p, dataset = PRESETS[args.preset], _dataset(args)
+    size = DATASETS[dataset].img_size
+    models = [p["model"], p.get("depth_model", {}), p.get("clip", {}).get("image", {})]
+    bad = sorted({m["patch_size"] for m in models if m and size % m["patch_size"]})
+    if bad:
+        fits = sorted(n for n, info in DATASETS.items() if all(info.img_size % q == 0 for q in bad))
+        raise SetupMissing(f"the {args.preset} preset's models use patch size {bad[0]}, which does not divide "
+                           f"{dataset}'s {size}x{size} images; with this preset use --dataset "
+                           f"{' or '.join(fits)}, or --preset paper for {dataset}")
 
 
 def report_run(args, device, seconds: dict, total: float, skipped: dict) -> None:

@@ -876,7 +876,7 @@ TINY_PRESET = {
     "clip_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
     "depths": [1, 2], "depth_model": {"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
     "depth_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, "lambda_depth": 1,
-    "eval_images": 20, "depth_images": 12, "lipschitz_images": 4, "autoattack_images": 6, "cw_images": 8,
+    "eval_images": 20, "clip_images": 20, "depth_images": 12, "lipschitz_images": 4, "autoattack_images": 6, "cw_images": 8,
     "cw_steps": 4, "cw_search": 2}
 
 
@@ -1009,7 +1009,7 @@ def test_summary_judges_claims_with_the_noise_model(tmp_path):
         depth_rows += [{"depth": d, "model": "ViT", "n_correct": 1000, "asr": {"1/255": s1, "4/255": s4}},
                        {"depth": d, "model": "DiffViT", "n_correct": 1000, "asr": {"1/255": d1, "4/255": d4}}]
     (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
-    args = argparse.Namespace(preset="quick", results=tmp_path)
+    args = argparse.Namespace(preset="quick", results=tmp_path, seed=0)
     R.table_summary(args, torch.device("cpu"))
     claims = {c["table"]: c for c in json.loads((out / "summary.json").read_text())["claims"]}
     assert claims["main"]["outcomes"] == ["higher", "higher", "within noise", "higher"]
@@ -1017,6 +1017,29 @@ def test_summary_judges_claims_with_the_noise_model(tmp_path):
     assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
     assert "alignment, clip" in (out / "summary.md").read_text()  # not judged without results
     assert R._verdict(["within noise"] * 3) == "not resolved (within noise)" and R._verdict(["lower"] * 2) == "contradicted"
+    assert R._verdict([]) == "not judged" and R._se_rates(0.0, 1, 1.0, 1) > 0  # pooled: never a zero error
+    # damped at 1/255 but still (if not significantly) lower at 4/255: that is no crossover
+    depth_rows[2:4] = [{"depth": 2, "model": "ViT", "n_correct": 1000, "asr": {"1/255": .20, "4/255": .30}},
+                       {"depth": 2, "model": "DiffViT", "n_correct": 1000, "asr": {"1/255": .10, "4/255": .28}}]
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
+    # a table of another seed is not judged as part of this run
+    (out / "main.json").write_text(json.dumps({**json.loads((out / "main.json").read_text()), "seed": 3}))
+    R.table_summary(args, torch.device("cpu"))
+    res = json.loads((out / "summary.json").read_text())
+    assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
+    assert res["not_judged"] == {"main": "seed 3, not 0"}
+
+
+def test_quick_preset_refuses_datasets_its_patches_do_not_divide(capsys):
+    assert R.main(["--table", "main", "--preset", "quick", "--dataset", "cifar10"]) == 2
+    assert "patch size 7" in capsys.readouterr().err
+
+
+def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
+    args = tiny_args(tmp_path)
+    entry = R.Entry({"model": "CLIP"}, source=str(tmp_path / "absent.pt"), data="imagenet")
+    with pytest.raises(R.SetupMissing, match="could not load the CLIP checkpoint"):
+        R.obtain_model(entry, args, torch.device("cpu"), {})
 
 
 @pytest.mark.parametrize("layer", [da.DiffAttention(32, 4, causal=True), da.Attention(32, 4, causal=True)])
