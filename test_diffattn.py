@@ -876,7 +876,7 @@ TINY_PRESET = {
     "clip_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
     "depths": [1, 2], "depth_model": {"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
     "depth_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, "lambda_depth": 1,
-    "eval_images": 20, "clip_images": 20, "depth_images": 12, "lipschitz_images": 4, "autoattack_images": 6, "cw_images": 8,
+    "eval_images": 20, "clip_images": 20, "depth_images": 12, "lipschitz_images": 4, "autoattack_images": 6, "cw_images": 20,
     "cw_steps": 4, "cw_search": 2}
 
 
@@ -900,6 +900,12 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     assert [r["model"] for r in first["main"]["rows"]] == ["ViT", "DiffViT"] and first["main"]["n_images"] == 20
     assert set(first["main"]["rows"][0]["asr"]) == {"1/255", "2/255", "4/255", "8/255"}
     assert [(r["depth"], r["model"]) for r in first["cw"]["rows"]] == [(1, "ViT"), (1, "DiffViT"), (2, "ViT"), (2, "DiffViT")]
+    attacked = [sorted(r["l2"]) for r in first["cw"]["rows"] if r["l2"]]
+    assert attacked and all(len(r["l2"]) == r["n_correct"] for r in first["cw"]["rows"])
+    for r in first["cw"]["rows"]:  # quantiles over every attacked image, failures (inf) included, never nan
+        l2 = sorted(r["l2"])
+        if l2:
+            assert r["l2_q25_50_75_90"][1] == l2[math.ceil(0.5 * (len(l2) - 1))]
     assert [r["lambda_init"] for r in first["lambda"]["rows"]] == list(R.LAMBDA_INITS)
     assert [len(r["layers"]) for r in first["alignment"]["rows"]] == [1, 1]
     assert first["main"]["environment"]["torch"] == torch.__version__ and first["main"]["models"][1]["model_config"]["attn"] == "diff"
