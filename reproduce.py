@@ -269,6 +269,15 @@ def _load_tiny_imagenet(root: Path, train: bool, download: bool):
         files = [(base / "val" / "images" / r[0], index[r[1]]) for r in rows]
     if not files:
         raise _missing("tiny-imagenet", root, f"no images under {base / split}")
+    # an interrupted extraction leaves wnids.txt but not every image: refuse it rather than cache it
+    found = {c for _, c in files}
+    empty = [w for i, w in enumerate(wnids) if i not in found] if train else []
+    absent = [p for p, _ in files if not p.is_file()] if not train else []
+    if empty or absent:
+        raise _missing("tiny-imagenet", root, f"{base} looks incompletely extracted ("
+                       + (f"no training images for {len(empty)} classes, e.g. {empty[0]}" if empty else
+                          f"{len(absent)} validation images listed but absent, e.g. {absent[0].name}")
+                       + f"): delete {base} and run again to download and extract it")
     x = torch.empty(len(files), 3, 64, 64, dtype=torch.uint8)
     for i, (p, _) in enumerate(tqdm(files, desc=f"decode tiny-imagenet {split}", leave=False)):
         x[i] = torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)

@@ -989,6 +989,18 @@ def write_fake_tiny_imagenet(root, per_class=3, seed=1):
     return wnids
 
 
+def test_an_incompletely_extracted_tiny_imagenet_is_refused_not_cached(tmp_path):
+    import shutil
+    wnids = write_fake_tiny_imagenet(tmp_path)
+    shutil.rmtree(tmp_path / "tiny-imagenet-200" / "train" / wnids[1])
+    with pytest.raises(R.DatasetMissing, match="incompletely extracted.*no training images for 1 classes"):
+        R.load_dataset("tiny-imagenet", tmp_path, train=True, download=False)
+    (tmp_path / "tiny-imagenet-200" / "val" / "images" / "val_1.JPEG").unlink()
+    with pytest.raises(R.DatasetMissing, match="1 validation images listed but absent"):
+        R.load_dataset("tiny-imagenet", tmp_path, train=False, download=False)
+    assert not list((tmp_path / "tiny-imagenet-200").glob("*.uint8.pt"))
+
+
 def test_main_table_on_made_up_tiny_imagenet(tmp_path, monkeypatch):
     import json
     write_fake_tiny_imagenet(tmp_path / "data", per_class=10)
