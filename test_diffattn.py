@@ -62,21 +62,63 @@ def test_diff_attention_equals_naive_formula(dim, heads, n, lambda_init, layer):
     for fused in (False, True):
         m.fused = fused
         assert torch.allclose(m(x), ref, atol=1e-10, rtol=0), f"fused={fused}"
+    with da.attention_maps(m):  # the recorded path
+        assert torch.allclose(m(x), ref, atol=1e-10, rtol=0)
 
 
-def test_fused_and_explicit_paths_agree_in_float32_with_gradients():
+def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients():
     torch.manual_seed(1)
     for m in (da.DiffAttention(64, 4), da.Attention(64, 4)):
         x = torch.randn(4, 33, 64, requires_grad=True)
-        m.fused = True
-        y_fast = m(x)
-        g_fast = torch.autograd.grad(y_fast.square().sum(), [x] + list(m.parameters()))
         with da.attention_maps(m):
-            y_exp = m(x)
-        g_exp = torch.autograd.grad(y_exp.square().sum(), [x] + list(m.parameters()))
-        assert (y_fast - y_exp).abs().max() < 1e-5
-        for a, b in zip(g_fast, g_exp):
-            assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+            y_rec = m(x)
+        g_rec = torch.autograd.grad(y_rec.square().sum(), [x] + list(m.parameters()))
+        for fused in (True, False):
+            m.fused = fused
+            y = m(x)
+            g = torch.autograd.grad(y.square().sum(), [x] + list(m.parameters()))
+            assert (y - y_rec).abs().max() < 1e-5, f"fused={fused}"
+            for a, b in zip(g, g_rec):
+                assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), f"fused={fused}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_core_has_the_reference_derivatives_in_every_mode(causal):
+    """_DiffCore's hand-written backward against finite differences (gradcheck), and every other
+    derivative (double backward, torch.func, forward mode) against autograd through the reference."""
+    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    B, N, H, d = 2, 5, 4, 3  # two differential heads
+    qkv = torch.randn(B, N, 3 * H * d, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2 * d, dtype=torch.float64, requires_grad=True)
+    core = lambda q, l, w: da._DiffCore.apply(q, l, w, H, 1e-5, causal)[0]
+    ref = lambda q, l, w: da._diff_reference(q, l, w, H, 1e-5, causal)[0]
+    assert torch.autograd.gradcheck(core, (qkv, lam, weight))
+    assert torch.autograd.gradgradcheck(core, (qkv, lam, weight))
+    close = lambda a, b: torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    assert close(core(qkv, lam, weight), ref(qkv, lam, weight))
+    X = qkv.detach()
+    f = lambda q: core(q, lam.detach(), weight.detach()).square().sum()
+    f_ref = lambda q: ref(q, lam.detach(), weight.detach()).square().sum()
+    assert close(jacrev(lambda q: core(q, lam, weight))(X), jacfwd(lambda q: ref(q, lam, weight))(X))
+    assert close(vmap(grad(f))(torch.stack([X, 2 * X])), torch.stack([grad(f_ref)(X), grad(f_ref)(2 * X)]))
+    assert close(jacrev(jacrev(f))(X[:1]), jacrev(jacrev(f_ref))(X[:1]))  # second order through torch.func
+    t = torch.randn_like(X)
+    assert close(jvp(f, (X,), (t,))[1], jvp(f_ref, (X,), (t,))[1])
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(core(fwAD.make_dual(X, t), lam.detach(), weight.detach())).tangent
+    assert close(tangent, jvp(lambda q: ref(q, lam.detach(), weight.detach()), (X,), (t,))[1])
+
+
+def test_low_precision_takes_the_reference_path():
+    torch.manual_seed(0)
+    m = da.DiffAttention(32, 4).bfloat16()
+    x = torch.randn(2, 9, 32, dtype=torch.bfloat16)
+    with da.attention_maps(m, retain_grad=False):
+        y_rec = m(x)
+    assert not da._DiffCore.usable(m.qkv(x)) and torch.equal(m(x), y_rec)
 
 
 def test_lambda_init_schedule_values():
