@@ -641,8 +641,9 @@ def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int) -> list:
     return times
 
 
-def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str):
-    """Forward+backward seconds of two modules: (median a, median b, median of per-round b/a).
+def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str) -> dict:
+    """Forward+backward of two modules: medians over rounds of a and b (ms), the median of the
+    per-round ratios b/a, and their quartiles (how much one round's ratio moves on this machine).
 
     Each round times a then b back to back (median of ``reps`` each), so the per-round ratio
     cancels the slow drift of a shared machine; the rounds follow two warm-up passes.
@@ -654,7 +655,10 @@ def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, 
     for _ in tqdm(range(rounds), desc=desc, leave=False):
         ta.append(statistics.median(_time_fwd_bwd(a, x, device, reps)))
         tb.append(statistics.median(_time_fwd_bwd(b, x, device, reps)))
-    return statistics.median(ta), statistics.median(tb), statistics.median(q / p for p, q in zip(ta, tb))
+    ratios = [q / p for p, q in zip(ta, tb)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"std_ms": statistics.median(ta) * 1e3, "diff_ms": statistics.median(tb) * 1e3,
+            "ratio": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2]}
 
 
 def keep_freed_memory() -> bool:
@@ -674,7 +678,9 @@ def keep_freed_memory() -> bool:
         return False
 
 
-SPEED_ROUNDS = {"cpu": (15, 3, 4, 1), "cuda": (20, 20, 20, 10)}  # rounds, reps: layers; rounds, reps: ViTs
+# rounds, reps: layers; rounds, reps: ViTs. On a shared 2-core VM one round's layer ratio moves by
+# +-5 % (interquartile range), so the CPU median is over 30 rounds (its standard error ~1.5 %).
+SPEED_ROUNDS = {"cpu": (30, 3, 6, 1), "cuda": (20, 20, 20, 10)}
 SPEED_SHAPE = (64, 65, 384, 6)  # batch, tokens (32x32 at patch 4, + class token), width, standard heads
 
 
@@ -695,11 +701,13 @@ def table_speed(args, device) -> None:
     rows, pgd_rows = res["rows"], res["pgd"]
     md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
           "", f"Median over alternating rounds after warm-up ({rounds} rounds of {reps} for the layers, {vit_rounds} of "
-          f"{vit_reps} for the ViTs); diff / std is the median of per-round ratios.",
+          f"{vit_reps} for the ViTs); diff / std is the median of per-round ratios, and the "
+          f"last column their interquartile range (the round-to-round noise).",
           f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32; CPU allocator: "
           f"{res['allocator']}; measured {res['measured_at']}.", "",
-          "| what | standard (ms) | differential (ms) | diff / std |", "|---|---:|---:|---:|"]
-    md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
+          "| what | standard (ms) | differential (ms) | diff / std | per-round IQR |", "|---|---:|---:|---:|---:|"]
+    md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} | "
+           f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} |" for r in rows]
     md += ["", f"## PGD-10 throughput, Linf eps 8/255 ({args.preset} preset models, {pgd_rows[0]['dataset']} test images, "
            f"batch {pgd_rows[0]['batch']}; median of {pgd_rows[0]['rounds']} alternating rounds)", "",
            "| model | attack | images/s | vs torchattacks |", "|---|---|---:|---:|"]
@@ -718,26 +726,23 @@ def measure_speed(args, device, rounds: int, reps: int, vit_rounds: int, vit_rep
     torch.manual_seed(args.seed)
     rows = []
     x = torch.randn(B, N, dim, device=device, requires_grad=True)
-    ta, tb, ratio = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
-                               rounds=rounds, reps=reps, desc="attention layers")
-    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}",
-                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    r = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
+                   rounds=rounds, reps=reps, desc="attention layers")
+    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}", **r})
     try:  # reference point: timm's own pair on the same input, when timm is installed
         from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
-        ta, tb, ratio = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
-                                   lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
-                                   rounds=rounds, reps=reps, desc="timm attention layers")
-        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes",
-                     "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+        r = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
+                       lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
+                       rounds=rounds, reps=reps, desc="timm attention layers")
+        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes", **r})
     except ImportError:
         pass
     side = 4 * math.isqrt(N - 1)  # patch 4
     vit = dict(img_size=side, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
     img = torch.rand(B, 3, side, side, device=device)
-    ta, tb, ratio = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
-                               rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT")
-    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}",
-                 "std_ms": ta * 1e3, "diff_ms": tb * 1e3, "ratio": ratio})
+    r = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
+                   rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT")
+    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}", **r})
     return {"rows": rows, "pgd": pgd_throughput(args, device), "allocator": allocator,
             "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
