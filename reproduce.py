@@ -645,16 +645,17 @@ def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, 
     """Forward+backward of two modules: medians over rounds of a and b (ms), the median of the
     per-round ratios b/a, and their quartiles (how much one round's ratio moves on this machine).
 
-    Each round times a then b back to back (median of ``reps`` each), so the per-round ratio
-    cancels the slow drift of a shared machine; the rounds follow two warm-up passes.
+    Each round times a and b back to back (median of ``reps`` each), so the per-round ratio
+    cancels the slow drift of a shared machine; the order alternates (a b, b a, ...) so that
+    neither module always runs second; the rounds follow two warm-up passes.
     """
     a, b = make_a().to(device), make_b().to(device)
     for m in (a, b):  # warm-up
         _time_fwd_bwd(m, x, device, 2)
     ta, tb = [], []
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        ta.append(statistics.median(_time_fwd_bwd(a, x, device, reps)))
-        tb.append(statistics.median(_time_fwd_bwd(b, x, device, reps)))
+    for i in tqdm(range(rounds), desc=desc, leave=False):
+        for m, times in ((a, ta), (b, tb))[::1 if i % 2 == 0 else -1]:
+            times.append(statistics.median(_time_fwd_bwd(m, x, device, reps)))
     ratios = [q / p for p, q in zip(ta, tb)]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"std_ms": statistics.median(ta) * 1e3, "diff_ms": statistics.median(tb) * 1e3,
@@ -679,8 +680,8 @@ def keep_freed_memory() -> bool:
 
 
 # rounds, reps: layers; rounds, reps: ViTs. On a shared 2-core VM one round's layer ratio moves by
-# +-5 % (interquartile range), so the CPU median is over 30 rounds (its standard error ~1.5 %).
-SPEED_ROUNDS = {"cpu": (30, 3, 6, 1), "cuda": (20, 20, 20, 10)}
+# +-5 % (interquartile range; a ViT round +-10 %), so the CPU medians are over 30 and 12 rounds.
+SPEED_ROUNDS = {"cpu": (30, 3, 12, 1), "cuda": (20, 20, 20, 10)}
 SPEED_SHAPE = (64, 65, 384, 6)  # batch, tokens (32x32 at patch 4, + class token), width, standard heads
 
 
