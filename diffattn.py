@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 __all__ = [
     "Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule",
@@ -72,7 +73,8 @@ def lambda_init_schedule(layer_index: int) -> float:
 
 
 class _Recordable(nn.Module):
-    """Shared plumbing: while ``_record`` is a list, forward takes the explicit path and appends maps."""
+    """Shared plumbing: while ``_record`` is a list, forward takes the plain-autograd reference path
+    (maps materialized) and appends the maps."""
 
     def __init__(self):
         super().__init__()
@@ -133,11 +135,12 @@ class DiffAttention(_Recordable):
     Three paths compute the same numbers:
 
     * fused (CUDA by default, or ``fused=True``): both maps in one ``F.scaled_dot_product_attention``;
-    * explicit (elsewhere): ``_DiffCore``, the maps materialized head by head with a hand-written
-      backward (on CPU it beats both autograd's chain of the same operations and PyTorch's CPU
-      SDPA, which falls back to its unfused kernel for a value width 2d != d);
-    * recorded (inside ``attention_maps``): ``_diff_reference`` under plain autograd, which stores
-      A1, A2, lambda and A for the metrics.
+    * explicit (elsewhere, float32/float64): ``_DiffCore``, the maps materialized head by head
+      with a hand-written backward (on CPU it beats both autograd's chain of the same operations
+      and PyTorch's CPU SDPA, which falls back to its unfused kernel for a value width 2d != d);
+    * reference: ``_diff_reference`` under plain autograd, inside ``attention_maps`` (where it
+      stores A1, A2, lambda and A for the metrics), for float16/bfloat16 or autocast, and under
+      ``torch.compile`` (which fuses it itself).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
@@ -224,25 +227,36 @@ def _diff_heads(qkv, heads: int):
              v[..., 2 * i * d:(2 * i + 2) * d]) for i in range(heads // 2)]
 
 
+def _has_tangent(*tensors) -> bool:
+    """Whether any tensor carries a tangent of ``torch.autograd.forward_ad`` (cheap without a dual level)."""
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 class _DiffCore(torch.autograd.Function):
     """``_diff_reference``'s output, computed head by head with a hand-written first derivative.
 
     Working per differential head on strided views of qkv needs no head-major copies of Q, K,
     V, writes the output and the qkv gradient in the layout the projections use, and the
-    backward fuses what autograd would chain (RMSNorm, A1 - lam A2, both softmaxes): about 20 %
-    less time than autograd through ``_diff_reference`` for the layer's forward + backward on
-    CPU (results/speed.md). Checked against ``_diff_reference`` by gradcheck in the tests.
+    backward fuses what autograd would chain (RMSNorm, A1 - lam A2, both softmaxes): on CPU
+    about a quarter less time outside the linear layers than the autograd path it replaced
+    (README, Speed). The tests check it by gradcheck (finite differences) and against autograd
+    through ``_diff_reference``.
 
-    Higher derivatives (``create_graph=True``), forward mode and torch.func transforms above
-    the first derivative go through autograd's graph of ``_diff_reference`` (recomputed from
-    the saved qkv), so every derivative is one of the same function.
+    The hand-written backward serves plain first derivatives (``backward()``,
+    ``autograd.grad``). Whenever the backward must itself be differentiable or carry tangents
+    (``create_graph=True``, torch.func transforms, which run it with grad mode on, and
+    forward-over-reverse under ``torch.autograd.forward_ad``) and for forward mode, the
+    derivative is taken by autograd through ``_diff_reference`` recomputed from the saved qkv,
+    so every derivative is one of the same function.
     """
     generate_vmap_rule = True
 
     @staticmethod
     def usable(qkv: torch.Tensor) -> bool:
-        """float32/float64 outside autocast; anything else takes ``_diff_reference``."""
-        return qkv.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(qkv.device.type)
+        """float32/float64, outside autocast and torch.compile; anything else takes ``_diff_reference``."""
+        device = qkv.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        return qkv.dtype in (torch.float32, torch.float64) and not autocast and not torch.compiler.is_compiling()
 
     @staticmethod
     def forward(qkv, lam, weight, heads, eps, causal):
@@ -265,8 +279,9 @@ class _DiffCore(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         qkv, lam, weight, heads, eps, causal = inputs
-        ctx.save_for_backward(qkv, lam, weight, *output[1:])
-        ctx.save_for_forward(qkv, lam, weight)
+        saved = (qkv, lam, weight, *output[1:])
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)  # the same list: torch.func's generated vmap rule keeps one
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.args = (heads, eps, causal)
@@ -280,7 +295,9 @@ class _DiffCore(torch.autograd.Function):
         qkv, lam, weight, *saved = ctx.saved_tensors
         if g_out is None:
             return None, None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+        if torch.is_grad_enabled() or _has_tangent(g_out, qkv, lam, weight):
+            # the backward itself must be differentiable, or carry forward-mode tangents, which the
+            # saved intermediates (computed without them) lack: autograd through the reference
             _, vjp = torch.func.vjp(_DiffCore._reference(ctx), qkv, lam, weight)
             return (*vjp(g_out), None, None, None)
         heads = ctx.args[0]
@@ -307,7 +324,7 @@ class _DiffCore(torch.autograd.Function):
     def jvp(ctx, g_qkv, g_lam, g_weight, *_):
         # J t as the transpose of the (linear) map u -> J^T u: vjp of vjp, so that it also works
         # inside torch.autograd.forward_ad, where a nested torch.func.jvp is not allowed
-        primals = ctx.saved_tensors
+        primals = ctx.saved_tensors[:3]
         tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, (g_qkv, g_lam, g_weight)))
         _, vjp = torch.func.vjp(_DiffCore._reference(ctx), *primals)
         B, N, C3 = primals[0].shape
@@ -333,7 +350,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]:
     """Record the attention maps of every ``Attention``/``DiffAttention`` layer of ``model``.
 
-    Inside the block, forward passes take the explicit path (same numbers as the fused one)
+    Inside the block, forward passes take the reference path (same numbers as the others)
     and append one ``AttnMaps`` per layer and pass, in execution order, to the yielded list::
 
         with attention_maps(model) as maps:

@@ -82,14 +82,14 @@ def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients():
                 assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), f"fused={fused}"
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_explicit_core_has_the_reference_derivatives_in_every_mode(causal):
+@pytest.mark.parametrize("causal,B,N,H,d", [(False, 2, 5, 4, 3), (True, 2, 5, 4, 3), (True, 1, 1, 2, 4)])
+def test_explicit_core_has_the_reference_derivatives_in_every_mode(causal, B, N, H, d):
     """_DiffCore's hand-written backward against finite differences (gradcheck), and every other
-    derivative (double backward, torch.func, forward mode) against autograd through the reference."""
+    derivative (double backward, torch.func, forward mode, forward-over-reverse, through vmap)
+    against autograd through the reference. Two differential heads, and one with a single token."""
     from torch.func import grad, jacfwd, jacrev, jvp, vmap
     import torch.autograd.forward_ad as fwAD
     torch.manual_seed(0)
-    B, N, H, d = 2, 5, 4, 3  # two differential heads
     qkv = torch.randn(B, N, 3 * H * d, dtype=torch.float64, requires_grad=True)
     lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2 * d, dtype=torch.float64, requires_grad=True)
@@ -111,6 +111,17 @@ def test_explicit_core_has_the_reference_derivatives_in_every_mode(causal):
         tangent = fwAD.unpack_dual(core(fwAD.make_dual(X, t), lam.detach(), weight.detach())).tangent
     assert close(tangent, jvp(lambda q: ref(q, lam.detach(), weight.detach()), (X,), (t,))[1])
 
+    def forward_over_reverse(fn):  # the tangent of a plain (create_graph=False) gradient
+        with fwAD.dual_level():
+            x = fwAD.make_dual(X.clone(), t).requires_grad_()
+            g, = torch.autograd.grad(fn(x, lam.detach(), weight.detach()).square().sum(), x)
+            return fwAD.unpack_dual(g).tangent
+    assert close(forward_over_reverse(core), forward_over_reverse(ref))
+    # differentiating through vmap (ensembles: vmap over stacked inputs, then backward)
+    assert close(jacrev(jacfwd(f))(X[:1]), jacrev(jacfwd(f_ref))(X[:1]))
+    assert close(grad(lambda q: vmap(f)(q).sum())(torch.stack([X, 2 * X])),
+                 grad(lambda q: vmap(f_ref)(q).sum())(torch.stack([X, 2 * X])))
+
 
 def test_low_precision_takes_the_reference_path():
     torch.manual_seed(0)
@@ -119,6 +130,10 @@ def test_low_precision_takes_the_reference_path():
     with da.attention_maps(m, retain_grad=False):
         y_rec = m(x)
     assert not da._DiffCore.usable(m.qkv(x)) and torch.equal(m(x), y_rec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not da._DiffCore.usable(torch.randn(2, 9, 96))
+    with torch.device("meta"):  # shape inference on the meta device runs (no autocast there)
+        assert da.DiffAttention(32, 4)(torch.empty(2, 9, 32)).shape == (2, 9, 32)
 
 
 def test_lambda_init_schedule_values():
