@@ -29,12 +29,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 
 __all__ = [
     "Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule",
     "Block", "ViT", "check_images",
-    "TextTransformer", "CLIP", "tokenize", "CIFAR_TEMPLATES", "imagenet_templates", "zero_shot_weights",
+    "TextTransformer", "CLIP", "tokenize", "imagenet_templates", "zero_shot_weights",
     "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip",
     "AttackResult", "pgd", "fgsm", "cw_l2", "autoattack",
     "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate", "input_gradient_norm",
@@ -50,15 +49,11 @@ __all__ = [
 class AttnMaps:
     """What one attention layer saw in one forward pass (recorded inside ``attention_maps``).
 
-    For ``DiffAttention``: ``A1 = softmax(Q1 K1^T / sqrt(d))`` and ``A2 = softmax(Q2 K2^T / sqrt(d))``,
-    each (B, H/2, N, N); ``lam`` is the scalar lambda; ``A = A1 - lam * A2`` is the combined map
-    that multiplies V. For standard ``Attention``: ``A`` is the (B, H, N, N) softmax map and
-    ``A1 = A2 = lam = None``.
-
-    ``A`` is a non-leaf tensor of the autograd graph with ``retain_grad()`` set whenever it
-    requires grad, so after ``loss.backward()`` the gradient flowing into the map,
-    G = dL/dA, is ``A.grad``. ``A1``, ``A2`` and ``lam`` stay in the graph too: a later
-    ``torch.autograd.grad`` can differentiate them with respect to the input.
+    ``DiffAttention``: ``A1 = softmax(Q1 K1^T / sqrt(d))``, ``A2 = softmax(Q2 K2^T / sqrt(d))``, each
+    (B, H/2, N, N), the scalar ``lam`` and ``A = A1 - lam * A2``, the map that multiplies V.
+    ``Attention``: ``A`` is the (B, H, N, N) softmax map and ``A1 = A2 = lam = None``.
+    All stay in the autograd graph; ``A.retain_grad()`` is set, so after ``loss.backward()``
+    ``A.grad`` is G = dL/dA.
     """
     layer: str
     A: torch.Tensor
@@ -73,18 +68,13 @@ def lambda_init_schedule(layer_index: int) -> float:
 
 
 class _Recordable(nn.Module):
-    """Shared plumbing: while ``_record`` is a list, forward takes the plain-autograd reference path
-    (maps materialized) and appends the maps."""
-
-    def __init__(self):
-        super().__init__()
-        self._record: Optional[list] = None
-        self._name, self._retain_grad = "", True
+    """While ``_record`` is a list (inside ``attention_maps``), forward takes the explicit path and appends its maps."""
+    _record: Optional[list] = None
+    _name, _retain_grad = "", True
 
     def _store(self, **maps):
-        A = maps["A"]
-        if self._retain_grad and A.requires_grad:
-            A.retain_grad()
+        if self._retain_grad and maps["A"].requires_grad:
+            maps["A"].retain_grad()
         self._record.append(AttnMaps(layer=self._name, **maps))
 
 
@@ -124,23 +114,18 @@ class DiffAttention(_Recordable):
         head_h = (1 - lambda_init) * RMSNorm((A1 - lambda A2) V_h)              (V_h of width 2d)
         out = proj(concat_h head_h)
 
-    Q1/Q2 of head h are the standard heads 2h and 2h+1 of ``qkv`` (timm's layout), so the
-    projections have the shapes of ``Attention(dim, H)``; on top come 4d lambda parameters and
-    2d RMSNorm weights (one RMSNorm over the 2d channels, shared by the heads).
+    Q1/Q2 (K1/K2) of head h are the standard heads 2h and 2h+1 of ``qkv`` (timm's layout) and V_h
+    is their two value heads side by side, so the projections have the shapes of
+    ``Attention(dim, H)``; on top come 4d lambda parameters and the 2d RMSNorm weights (one
+    RMSNorm over 2d channels, shared by the heads).
 
     ``lambda_init``: a number (0.8 by default, as in the paper studied here and in DiffCLIP), or
-    ``"schedule"`` for 0.8 - 0.6 exp(-0.3 l) with l = ``layer_index`` (the Differential
-    Transformer's default, and timm's).
+    ``"schedule"`` for 0.8 - 0.6 exp(-0.3 l) with l = ``layer_index`` (Ye et al.'s and timm's default).
 
-    Three paths compute the same numbers:
-
-    * fused (CUDA by default, or ``fused=True``): both maps in one ``F.scaled_dot_product_attention``;
-    * explicit (elsewhere, float32/float64): ``_DiffCore``, the maps materialized head by head
-      with a hand-written backward (on CPU it beats both autograd's chain of the same operations
-      and PyTorch's CPU SDPA, which falls back to its unfused kernel for a value width 2d != d);
-    * reference: ``_diff_reference`` under plain autograd, inside ``attention_maps`` (where it
-      stores A1, A2, lambda and A for the metrics), for float16/bfloat16 or autocast, and under
-      ``torch.compile`` (which fuses it itself).
+    Two paths compute the same numbers: fused (``F.scaled_dot_product_attention`` with [Q1; Q2]
+    stacked on the batch axis; the default on CUDA, or ``fused=True``) and explicit (the maps
+    materialized under plain autograd; the default elsewhere, where PyTorch's SDPA has no fused
+    kernel for a value width 2d != d, and always inside ``attention_maps``, which records them).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
@@ -175,161 +160,24 @@ class DiffAttention(_Recordable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         H, d = self.heads, self.head_dim
-        qkv = self.qkv(x)
-        lam = self.lam().to(qkv.dtype)
-        weight = self.sub_norm.weight * (1 - self.lambda_init)
-        args = (qkv, lam, weight, H, self.sub_norm.eps, self.causal)
+        qkv = self.qkv(x).view(B, N, 3, H, d)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, H, N, d): heads 2h, 2h+1 = Q1, Q2
+        v = qkv[:, :, 2].reshape(B, N, H // 2, 2 * d).transpose(1, 2)       # (B, H/2, N, 2d)
+        lam = self.lam().to(v.dtype)
         fused = x.is_cuda if self.fused is None else self.fused
-        if self._record is not None:
-            out, P, A = _diff_reference(*args)
-            A12 = P.view(B, H // 2, 2, N, N)  # heads 2i, 2i+1: A1, A2 of diff head i
-            self._store(A=A, A1=A12[:, :, 0], A2=A12[:, :, 1], lam=lam)
-        elif fused:
-            # Both maps in one fused call: stack [Q1; Q2] (and [K1; K2]) on the batch axis, V shared.
-            q, k, v = qkv.view(B, N, 3, H // 2, 2, d).unbind(2)
-            q = q.permute(3, 0, 2, 1, 4).reshape(2 * B, H // 2, N, d)
-            k = k.permute(3, 0, 2, 1, 4).reshape(2 * B, H // 2, N, d)
-            v = v.reshape(B, N, H // 2, 2 * d).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v.repeat(2, 1, 1, 1), is_causal=self.causal)  # (2B, H/2, N, 2d)
-            out = _rms_norm(o[:B] - lam * o[B:], weight, self.sub_norm.eps)  # A1 V - lam A2 V
-            out = out.transpose(1, 2).reshape(B, N, C)
-        elif _DiffCore.usable(qkv):
-            out = _DiffCore.apply(*args)[0]
+        if fused and self._record is None:
+            o = F.scaled_dot_product_attention(torch.cat([q[:, 0::2], q[:, 1::2]]), torch.cat([k[:, 0::2], k[:, 1::2]]),
+                                               torch.cat([v, v]), is_causal=self.causal)  # (2B, H/2, N, 2d)
+            o = o[:B] - lam * o[B:]                                                        # A1 V - lambda A2 V
         else:
-            out = _diff_reference(*args)[0]
-        return self.proj(out)
-
-
-def _diff_reference(qkv, lam, weight, heads: int, eps: float, causal: bool):
-    """The differential heads from the qkv projection (B, N, 3 dim), under plain autograd.
-
-    Returns out (B, N, dim) = weight * RMSNorm((A1 - lam A2) V) with the heads side by side,
-    P (B, H, N, N) with A1, A2 of diff head i at heads 2i, 2i+1, and A = A1 - lam A2 (B, H/2, N, N).
-    """
-    B, N, C3 = qkv.shape
-    H, d = heads, C3 // (3 * heads)
-    q, k, v = qkv.view(B, N, 3, H, d).unbind(2)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.reshape(B, N, H // 2, 2 * d).transpose(1, 2)
-    P = _masked(q @ k.transpose(-2, -1) * d ** -0.5, causal).softmax(-1)
-    P1, P2 = P.view(B, H // 2, 2, N, N).unbind(2)
-    A = P1 - lam * P2
-    out = _rms_norm(A @ v, weight, eps)  # (B, H/2, N, 2d)
-    return out.transpose(1, 2).reshape(B, N, C3 // 3), P, A
-
-
-def _diff_heads(qkv, heads: int):
-    """Per differential head i, views of qkv (B, N, 3 dim): (Q1, Q2, K1, K2) (B, N, d) and V (B, N, 2d)."""
-    C = qkv.shape[-1] // 3
-    d = C // heads
-    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
-    return [(q[..., 2 * i * d:(2 * i + 1) * d], q[..., (2 * i + 1) * d:(2 * i + 2) * d],
-             k[..., 2 * i * d:(2 * i + 1) * d], k[..., (2 * i + 1) * d:(2 * i + 2) * d],
-             v[..., 2 * i * d:(2 * i + 2) * d]) for i in range(heads // 2)]
-
-
-def _has_tangent(*tensors) -> bool:
-    """Whether any tensor carries a tangent of ``torch.autograd.forward_ad`` (cheap without a dual level)."""
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-class _DiffCore(torch.autograd.Function):
-    """``_diff_reference``'s output, computed head by head with a hand-written first derivative.
-
-    Working per differential head on strided views of qkv needs no head-major copies of Q, K,
-    V, writes the output and the qkv gradient in the layout the projections use, and the
-    backward fuses what autograd would chain (RMSNorm, A1 - lam A2, both softmaxes): on CPU
-    about a quarter less time outside the linear layers than the autograd path it replaced
-    (README, Speed). The tests check it by gradcheck (finite differences) and against autograd
-    through ``_diff_reference``.
-
-    The hand-written backward serves plain first derivatives (``backward()``,
-    ``autograd.grad``). Whenever the backward must itself be differentiable or carry tangents
-    (``create_graph=True``, torch.func transforms, which run it with grad mode on, and
-    forward-over-reverse under ``torch.autograd.forward_ad``) and for forward mode, the
-    derivative is taken by autograd through ``_diff_reference`` recomputed from the saved qkv,
-    so every derivative is one of the same function.
-    """
-    generate_vmap_rule = True
-
-    @staticmethod
-    def usable(qkv: torch.Tensor) -> bool:
-        """float32/float64, outside autocast and torch.compile; anything else takes ``_diff_reference``."""
-        device = qkv.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        return qkv.dtype in (torch.float32, torch.float64) and not autocast and not torch.compiler.is_compiling()
-
-    @staticmethod
-    def forward(qkv, lam, weight, heads, eps, causal):
-        N, d = qkv.shape[1], qkv.shape[-1] // (3 * heads)
-        mask = torch.ones(N, N, dtype=torch.bool, device=qkv.device).triu(1) if causal else None
-        outs, saved = [], []
-        for q1, q2, k1, k2, v in _diff_heads(qkv, heads):
-            P1, P2 = ((q @ k.transpose(1, 2)).mul_(d ** -0.5) for q, k in ((q1, k1), (q2, k2)))
-            if mask is not None:
-                P1, P2 = P1.masked_fill_(mask, float("-inf")), P2.masked_fill_(mask, float("-inf"))
-            P1, P2 = P1.softmax(-1), P2.softmax(-1)
-            A = torch.addcmul(P1, P2, -lam)  # A1 - lam A2
-            O = A @ v                        # (B, N, 2d)
-            r = torch.linalg.vector_norm(O, dim=-1, keepdim=True).square().div(2 * d).add(eps).rsqrt()
-            Yhat = O * r                     # RMSNorm before its weight
-            outs.append(Yhat * weight)
-            saved += [P1, P2, A, Yhat, r]
-        return (torch.cat(outs, -1), *saved)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        qkv, lam, weight, heads, eps, causal = inputs
-        saved = (qkv, lam, weight, *output[1:])
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)  # the same list: torch.func's generated vmap rule keeps one
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        ctx.args = (heads, eps, causal)
-
-    @staticmethod
-    def _reference(ctx):
-        return lambda qkv, lam, weight: _diff_reference(qkv, lam, weight, *ctx.args)[0]
-
-    @staticmethod
-    def backward(ctx, g_out, *_):
-        qkv, lam, weight, *saved = ctx.saved_tensors
-        if g_out is None:
-            return None, None, None, None, None, None
-        if torch.is_grad_enabled() or _has_tangent(g_out, qkv, lam, weight):
-            # the backward itself must be differentiable, or carry forward-mode tangents, which the
-            # saved intermediates (computed without them) lack: autograd through the reference
-            _, vjp = torch.func.vjp(_DiffCore._reference(ctx), qkv, lam, weight)
-            return (*vjp(g_out), None, None, None)
-        heads = ctx.args[0]
-        d = qkv.shape[-1] // (3 * heads)
-        g_q, g_k, g_v, g_lam, g_weight = [], [], [], 0, 0
-        for i, (q1, q2, k1, k2, v) in enumerate(_diff_heads(qkv, heads)):
-            P1, P2, A, Yhat, r = saved[5 * i:5 * i + 5]
-            g = g_out[..., 2 * i * d:2 * (i + 1) * d]            # dL/d(weight * Yhat)
-            g_weight = g_weight + (g * Yhat).sum((0, 1))
-            g = g * weight                                        # dL/dYhat
-            # RMSNorm: dO = r (dYhat - Yhat mean(dYhat * Yhat))
-            g_O = torch.addcmul(g, Yhat, (g * Yhat).mean(-1, keepdim=True), value=-1.0).mul_(r)
-            g_A = g_O @ v.transpose(1, 2)
-            g_v.append(A.transpose(1, 2) @ g_O)
-            g_lam = g_lam - torch.linalg.vecdot(g_A, P2).sum()  # -sum(dL/dA * A2)
-            # dA1 = g_A, dA2 = -lam g_A through each softmax (one fused kernel each) and the 1/sqrt(d)
-            g_S1 = torch._softmax_backward_data(g_A * d ** -0.5, P1, -1, P1.dtype)
-            g_S2 = torch._softmax_backward_data(g_A * (-lam * d ** -0.5), P2, -1, P2.dtype)
-            g_q += [g_S1 @ k1, g_S2 @ k2]
-            g_k += [g_S1.transpose(1, 2) @ q1, g_S2.transpose(1, 2) @ q2]
-        return torch.cat(g_q + g_k + g_v, -1), g_lam, g_weight, None, None, None
-
-    @staticmethod
-    def jvp(ctx, g_qkv, g_lam, g_weight, *_):
-        # J t as the transpose of the (linear) map u -> J^T u: vjp of vjp, so that it also works
-        # inside torch.autograd.forward_ad, where a nested torch.func.jvp is not allowed
-        primals = ctx.saved_tensors[:3]
-        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, (g_qkv, g_lam, g_weight)))
-        _, vjp = torch.func.vjp(_DiffCore._reference(ctx), *primals)
-        B, N, C3 = primals[0].shape
-        _, transpose = torch.func.vjp(vjp, primals[0].new_zeros(B, N, C3 // 3))
-        return (transpose(tangents)[0], *[None] * (5 * (ctx.args[0] // 2)))  # none for the saved intermediates
+            P = _masked(q @ k.transpose(-2, -1) * d ** -0.5, self.causal).softmax(-1)    # (B, H, N, N)
+            A1, A2 = P[:, 0::2], P[:, 1::2]                                                # (B, H/2, N, N) each
+            A = A1 - lam * A2
+            if self._record is not None:
+                self._store(A=A, A1=A1, A2=A2, lam=lam)
+            o = A @ v                                                                      # (B, H/2, N, 2d)
+        o = _rms_norm(o, self.sub_norm.weight * (1 - self.lambda_init), self.sub_norm.eps)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
 def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -341,7 +189,7 @@ def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis, at least in float32 (2x faster than nn.RMSNorm's CPU backward here)."""
+    """RMSNorm over the last axis, in float32 at least (also under bf16 autocast)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
@@ -350,17 +198,15 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]:
     """Record the attention maps of every ``Attention``/``DiffAttention`` layer of ``model``.
 
-    Inside the block, forward passes take the reference path (same numbers as the others)
-    and append one ``AttnMaps`` per layer and pass, in execution order, to the yielded list::
+    Inside the block, forward passes take the explicit path and append one ``AttnMaps`` per
+    layer and pass, in execution order, to the yielded list::
 
         with attention_maps(model) as maps:
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            F.cross_entropy(model(x), y).backward()
         G = maps[0].A.grad          # dL/dA of the first layer, A = A1 - lambda A2
         A1, A2, lam = maps[0].A1, maps[0].A2, maps[0].lam
 
-    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms (``jacrev``,
-    ``vmap``) do not allow; the maps are still recorded.
+    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms do not allow.
     """
     record: list = []
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _Recordable)]
@@ -377,22 +223,32 @@ def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]
 # ViT / DiffViT
 # ----------------------------------------------------------------------------------------
 
-def check_images(x: torch.Tensor, in_chans: int, img_size: int) -> None:
-    """Raise ``ValueError`` unless x is a finite float batch (B, in_chans, img_size, img_size) in [0, 1]."""
-    expected = f"(B, {in_chans}, {img_size}, {img_size})"
-    if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != (in_chans, img_size, img_size):
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"expected images of shape {expected}, got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+def check_images(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless x is a float tensor of finite values in [0, 1] (one host sync).
+
+    Called once where images enter (``predict``, every attack and metric), not in forward passes:
+    a model checks only shape and dtype, which costs nothing on a GPU and nothing under
+    ``torch.compile``.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        what = x.dtype if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"expected float images in [0, 1], got {what}; divide uint8 images by 255")
     tol = 1e-4
-    bad = (~torch.isfinite(x)).any() | (x < -tol).any() | (x > 1 + tol).any()
-    if bad:  # one host sync on the good path
+    if ((~torch.isfinite(x)).any() | (x < -tol).any() | (x > 1 + tol).any()).item():
         if not torch.isfinite(x).all():
             raise ValueError(f"images contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
         raise ValueError(f"images must lie in [0, 1] (the model normalizes inside), got range "
                          f"[{x.min().item():.4g}, {x.max().item():.4g}]; pass raw pixels / 255, "
                          f"not mean/std-normalized images")
+
+
+def _check_shape(x: torch.Tensor, in_chans: int, img_size: int) -> None:
+    """Shape and dtype only: metadata, so no host sync and no graph break."""
+    if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != (in_chans, img_size, img_size):
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"expected images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
 
 
 class QuickGELU(nn.Module):
@@ -505,7 +361,7 @@ class ViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> final-norm tokens (B, N, dim), class token first."""
-        check_images(x, self.in_chans, self.img_size)
+        _check_shape(x, self.in_chans, self.img_size)
         x = self.patch_embed((x - self.mean) / self.std)
         x = self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
         for blk in self.blocks:
@@ -590,17 +446,6 @@ def tokenize(texts, context_length: int = 77) -> torch.Tensor:
     except ImportError as e:
         raise ImportError("tokenize() uses open_clip's CLIP tokenizer: pip install open_clip_torch") from e
     return open_clip.tokenize([texts] if isinstance(texts, str) else list(texts), context_length=context_length)
-
-
-# The 18 CIFAR prompt templates of CLIP (Radford et al. 2021); the 80 ImageNet ones come from open_clip.
-CIFAR_TEMPLATES = [
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
-    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
-    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
-    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
-    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
-    "a photo of the small {}.", "a photo of the big {}.",
-]
 
 
 def imagenet_templates() -> list:
@@ -909,6 +754,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     than the strongest, and fooled examples cost no more passes. Costs steps + 1 forward and
     steps backward passes per restart (one more forward with ``amp``).
     """
+    check_images(x)
     if norm not in ("inf", "2"):
         raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
     if eps < 0:
@@ -980,6 +826,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
     example, and its L2 distortion in ``norm`` (inf where the attack failed), so medians and
     percentiles of the minimal L2 norm can be read off directly.
     """
+    check_images(x)
     B = len(x)
     lo, hi = x.new_zeros(B), x.new_full((B,), float("inf"))
     c = x.new_full((B,), c_init)
@@ -1016,6 +863,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     RobustBench. (torchattacks' ``AutoAttack`` is not this: it runs fewer iterations and other
     target counts.) ``norm``: "inf" or "2".
     """
+    check_images(x)
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:
@@ -1037,6 +885,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted labels in eval mode (the mode is restored)."""
+    check_images(x)
     with _eval_mode(model):
         return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
 
@@ -1076,6 +925,7 @@ def input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm
     L is the cross-entropy on the true label, summed over the batch, so an example's gradient
     does not depend on the batch it sits in.
     """
+    check_images(x)
     dual = {"inf": "1", "2": "2"}.get(norm)
     if dual is None:
         raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
@@ -1120,6 +970,7 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     Returns one ``Alignment`` per layer, in forward order. Costs one forward and, per layer, two
     backward passes.
     """
+    check_images(x)
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
     out = []
     with _eval_mode(model):
@@ -1155,6 +1006,7 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 
     ascent on ||h(x') - h(x)||_2 / ||x' - x||_2, h the module's output. Any ratio found is
     attained, so each is a lower bound of the true local constant.
     """
+    check_images(x)
     def ascend(ratio_fn):
         with torch.no_grad():
             xp = _project(x + 0.001 * torch.randn_like(x), x, eps, "inf")

@@ -30,8 +30,9 @@ def naive_diff_attention(m: da.DiffAttention, x: torch.Tensor) -> torch.Tensor:
         q1, q2 = q[..., (2 * h) * d:(2 * h + 1) * d], q[..., (2 * h + 1) * d:(2 * h + 2) * d]
         k1, k2 = k[..., (2 * h) * d:(2 * h + 1) * d], k[..., (2 * h + 1) * d:(2 * h + 2) * d]
         vh = v[..., 2 * h * d:2 * (h + 1) * d]
-        A1 = torch.softmax(q1 @ k1.transpose(-1, -2) / math.sqrt(d), dim=-1)
-        A2 = torch.softmax(q2 @ k2.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        mask = torch.ones(x.shape[-2], x.shape[-2], dtype=torch.bool).triu(1) if m.causal else None
+        A1, A2 = (torch.softmax((qi @ ki.transpose(-1, -2) / math.sqrt(d)).masked_fill(mask, -math.inf) if m.causal
+                                else qi @ ki.transpose(-1, -2) / math.sqrt(d), dim=-1) for qi, ki in ((q1, k1), (q2, k2)))
         o = (A1 - lam * A2) @ vh
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * m.sub_norm.weight
         heads.append(o * (1 - m.lambda_init))
@@ -83,57 +84,83 @@ def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients():
 
 
 @pytest.mark.parametrize("causal,B,N,H,d", [(False, 2, 5, 4, 3), (True, 2, 5, 4, 3), (True, 1, 1, 2, 4)])
-def test_explicit_core_has_the_reference_derivatives_in_every_mode(causal, B, N, H, d):
-    """_DiffCore's hand-written backward against finite differences (gradcheck), and every other
-    derivative (double backward, torch.func, forward mode, forward-over-reverse, through vmap)
-    against autograd through the reference. Two differential heads, and one with a single token."""
-    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H, d):
+    """Fused and explicit paths against finite differences (gradcheck, gradgradcheck, every parameter
+    included), and every torch.func / forward-mode derivative against autograd through the naive
+    formula. Two differential heads, and one with a single token."""
+    from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
     import torch.autograd.forward_ad as fwAD
     torch.manual_seed(0)
-    qkv = torch.randn(B, N, 3 * H * d, dtype=torch.float64, requires_grad=True)
-    lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(2 * d, dtype=torch.float64, requires_grad=True)
-    core = lambda q, l, w: da._DiffCore.apply(q, l, w, H, 1e-5, causal)[0]
-    ref = lambda q, l, w: da._diff_reference(q, l, w, H, 1e-5, causal)[0]
-    assert torch.autograd.gradcheck(core, (qkv, lam, weight))
-    assert torch.autograd.gradgradcheck(core, (qkv, lam, weight))
-    close = lambda a, b: torch.allclose(a, b, atol=1e-12, rtol=1e-10)
-    assert close(core(qkv, lam, weight), ref(qkv, lam, weight))
-    X = qkv.detach()
-    f = lambda q: core(q, lam.detach(), weight.detach()).square().sum()
-    f_ref = lambda q: ref(q, lam.detach(), weight.detach()).square().sum()
-    assert close(jacrev(lambda q: core(q, lam, weight))(X), jacfwd(lambda q: ref(q, lam, weight))(X))
-    assert close(vmap(grad(f))(torch.stack([X, 2 * X])), torch.stack([grad(f_ref)(X), grad(f_ref)(2 * X)]))
-    assert close(jacrev(jacrev(f))(X[:1]), jacrev(jacrev(f_ref))(X[:1]))  # second order through torch.func
+    m = da.DiffAttention(H * d, H, causal=causal).double()
+    randomize(m)
+    names, params = zip(*[(n, p.detach().requires_grad_()) for n, p in m.named_parameters()])
+    X = torch.randn(B, N, H * d, dtype=torch.float64)
     t = torch.randn_like(X)
-    assert close(jvp(f, (X,), (t,))[1], jvp(f_ref, (X,), (t,))[1])
-    with fwAD.dual_level():
-        tangent = fwAD.unpack_dual(core(fwAD.make_dual(X, t), lam.detach(), weight.detach())).tangent
-    assert close(tangent, jvp(lambda q: ref(q, lam.detach(), weight.detach()), (X,), (t,))[1])
-
-    def forward_over_reverse(fn):  # the tangent of a plain (create_graph=False) gradient
+    close = lambda a, b: torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    ref = lambda x: naive_diff_attention(m, x)
+    f_ref = lambda x: ref(x).square().sum()
+    for fused in (False, True):
+        m.fused = fused
+        with_params = lambda x, *ps: functional_call(m, dict(zip(names, ps)), (x,))
+        assert torch.autograd.gradcheck(with_params, (X.clone().requires_grad_(), *params)), f"fused={fused}"
+        assert torch.autograd.gradgradcheck(with_params, (X.clone().requires_grad_(), *params)), f"fused={fused}"
+        f = lambda x: m(x).square().sum()
+        assert close(m(X), ref(X))
+        assert close(jacrev(m)(X), jacfwd(ref)(X))
+        assert close(jacfwd(m)(X), jacrev(ref)(X))
+        assert close(vmap(grad(f))(torch.stack([X, 2 * X])), torch.stack([grad(f_ref)(X), grad(f_ref)(2 * X)]))
+        assert close(jacrev(jacrev(f))(X[:1]), jacrev(jacrev(f_ref))(X[:1]))  # second order through torch.func
+        assert close(jvp(f, (X,), (t,))[1], jvp(f_ref, (X,), (t,))[1])
         with fwAD.dual_level():
-            x = fwAD.make_dual(X.clone(), t).requires_grad_()
-            g, = torch.autograd.grad(fn(x, lam.detach(), weight.detach()).square().sum(), x)
-            return fwAD.unpack_dual(g).tangent
-    assert close(forward_over_reverse(core), forward_over_reverse(ref))
-    # differentiating through vmap (ensembles: vmap over stacked inputs, then backward)
-    assert close(jacrev(jacfwd(f))(X[:1]), jacrev(jacfwd(f_ref))(X[:1]))
-    assert close(grad(lambda q: vmap(f)(q).sum())(torch.stack([X, 2 * X])),
-                 grad(lambda q: vmap(f_ref)(q).sum())(torch.stack([X, 2 * X])))
+            tangent = fwAD.unpack_dual(m(fwAD.make_dual(X, t))).tangent
+        assert close(tangent, jvp(ref, (X,), (t,))[1])
+
+        def forward_over_reverse(fn):  # the tangent of a plain (create_graph=False) gradient
+            with fwAD.dual_level():
+                x = fwAD.make_dual(X.clone(), t).requires_grad_()
+                g, = torch.autograd.grad(fn(x).square().sum(), x)
+                return fwAD.unpack_dual(g).tangent
+        assert close(forward_over_reverse(m), forward_over_reverse(ref))
+        # differentiating through vmap (ensembles: vmap over stacked inputs, then backward)
+        assert close(jacrev(jacfwd(f))(X[:1]), jacrev(jacfwd(f_ref))(X[:1]))
+        assert close(grad(lambda x: vmap(f)(x).sum())(torch.stack([X, 2 * X])),
+                     grad(lambda x: vmap(f_ref)(x).sum())(torch.stack([X, 2 * X])))
 
 
-def test_low_precision_takes_the_reference_path():
+def test_low_precision_and_autocast_agree_with_float32_on_both_paths():
+    """bf16 and bf16 autocast (the CUDA training and PGD set-up) on CPU: fused and explicit paths
+    within bf16's resolution of the float32 result; the norm itself runs in float32."""
     torch.manual_seed(0)
-    m = da.DiffAttention(32, 4).bfloat16()
-    x = torch.randn(2, 9, 32, dtype=torch.bfloat16)
+    m = da.DiffAttention(32, 4)
+    x = torch.randn(2, 9, 32)
+    ref = m(x)
+    tol = 3e-2 * ref.abs().max().item()  # bf16 keeps 8 bits of mantissa
+    for fused in (False, True):
+        m.fused = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < tol, f"fused={fused}"
+        y16 = m.bfloat16()(x.bfloat16())
+        assert y16.dtype == torch.bfloat16 and (y16.float() - ref).abs().max() < tol, f"fused={fused}"
+        m.float()
+    m.fused = False
+    y16 = m.bfloat16()(x.bfloat16())
     with da.attention_maps(m, retain_grad=False):
-        y_rec = m(x)
-    assert not da._DiffCore.usable(m.qkv(x)) and torch.equal(m(x), y_rec)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not da._DiffCore.usable(torch.randn(2, 9, 96))
-    with torch.device("meta"):  # shape inference on the meta device runs (no autocast there)
+        assert torch.equal(m(x.bfloat16()), y16)  # recorded = explicit, bit for bit
+    with torch.device("meta"):  # shape inference on the meta device runs (no data-dependent step)
         assert da.DiffAttention(32, 4)(torch.empty(2, 9, 32)).shape == (2, 9, 32)
+
+
+@pytest.mark.parametrize("attn", ["std", "diff"])
+def test_vit_forward_has_no_graph_break_and_no_host_sync(attn):
+    """torch.compile traces the whole forward as one graph, and the forward runs on the meta device,
+    where any step that reads a value on the host (a sync on CUDA) raises."""
+    model = da.ViT(**TINY, attn=attn)
+    x = torch.rand(2, 3, 16, 16)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    with torch.device("meta"):
+        assert da.ViT(**TINY, attn=attn)(torch.empty(2, 3, 16, 16)).shape == (2, 7)
 
 
 def test_lambda_init_schedule_values():
@@ -220,24 +247,48 @@ def test_gradients_reach_the_lambda_parameters():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (torch.rand(2, 3, 16, 16) * 2, r"must lie in \[0, 1\]"),
-    (torch.rand(2, 3, 16, 16) - 0.5, "mean/std-normalized"),
-    (torch.full((2, 3, 16, 16), float("nan")), "NaN"),
-    (torch.rand(2, 3, 16, 16).index_fill_(3, torch.tensor([0]), float("inf")), "NaN/inf"),
     (torch.rand(2, 1, 16, 16), r"shape \(B, 3, 16, 16\)"),
     (torch.rand(3, 16, 16), r"shape \(B, 3, 16, 16\)"),
     (torch.rand(2, 3, 32, 32), r"got \(2, 3, 32, 32\)"),
     ((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), "divide uint8 images by 255"),
 ])
-def test_bad_inputs_raise_clear_errors(bad, match):
+def test_a_model_refuses_images_of_the_wrong_shape_or_dtype(bad, match):
     with pytest.raises(ValueError, match=match):
         da.ViT(**TINY)(bad)
+
+
+BAD_VALUES = [
+    (torch.rand(2, 3, 16, 16) * 2, r"must lie in \[0, 1\]"),
+    (torch.rand(2, 3, 16, 16) - 0.5, "mean/std-normalized"),
+    (torch.full((2, 3, 16, 16), float("nan")), "NaN"),
+    (torch.rand(2, 3, 16, 16).index_fill_(3, torch.tensor([0]), float("inf")), "NaN/inf"),
+    ((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), "divide uint8 images by 255"),
+]
+ENTRY_POINTS = {  # every public function that takes images checks their values once, where they enter
+    "predict": lambda m, x, y: da.predict(m, x),
+    "pgd": lambda m, x, y: da.pgd(m, x, y, 4 / 255, steps=1),
+    "fgsm": lambda m, x, y: da.fgsm(m, x, y, 4 / 255),
+    "cw_l2": lambda m, x, y: da.cw_l2(m, x, y, steps=1, search_steps=1),
+    "autoattack": lambda m, x, y: da.autoattack(m, x, y, 4 / 255),
+    "input_gradient_norm": lambda m, x, y: da.input_gradient_norm(m, x, y),
+    "branch_gradient_alignment": lambda m, x, y: da.branch_gradient_alignment(m, x, y),
+    "local_lipschitz": lambda m, x, y: da.local_lipschitz(m, x, 4 / 255, steps=1),
+    "sanity_checks": lambda m, x, y: da.sanity_checks(m, x, y, [4 / 255], steps=1),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("bad,match", BAD_VALUES)
+def test_every_attack_and_metric_refuses_images_outside_the_unit_range(entry, bad, match):
+    with pytest.raises(ValueError, match=match):
+        ENTRY_POINTS[entry](da.ViT(**TINY, attn="diff"), bad, torch.zeros(2, dtype=torch.long))
 
 
 def test_inputs_within_tolerance_of_the_unit_range_are_accepted():
     x = torch.rand(2, 3, 16, 16).clamp(0, 1)
     x[0, 0, 0, 0], x[1, 0, 0, 0] = -5e-5, 1 + 5e-5
-    assert da.ViT(**TINY)(x).shape == (2, 7)
+    da.check_images(x)
+    assert da.predict(da.ViT(**TINY), x).shape == (2,)
 
 
 def test_normalization_happens_inside_and_is_not_in_the_state_dict():
@@ -247,7 +298,7 @@ def test_normalization_happens_inside_and_is_not_in_the_state_dict():
     ref = da.ViT(**TINY, mean=0.0, std=1.0)
     ref.load_state_dict(m.state_dict())
     xn = (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
-    # the reference sees pre-normalized pixels; bypass its range check by feeding the patch embed directly
+    # the reference sees pre-normalized pixels, so feed its patch embedding directly
     tokens = ref.patch_embed(xn)
     assert torch.allclose(m.patch_embed((x - m.mean) / m.std), tokens, atol=1e-6)
 
