@@ -471,6 +471,13 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def checkpoint_path(out, model_cfg: dict, cfg: TrainConfig) -> Path:
+    """<out>/checkpoints/[clip-]<attn>-<hash of the model and training configs>.pt"""
+    key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
+    kind = "clip-" if model_cfg.get("kind") == "clip" else ""
+    return Path(out) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
+
+
 WORK = {"epochs": 0, "cells": 0}  # what this process computed (not read from the caches)
 
 
@@ -484,9 +491,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
     """
     device = torch.device(device)
     full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
-    key = config_hash(full_cfg)
-    kind = "clip-" if model_cfg.get("kind") == "clip" else ""
-    path = Path(out) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
+    key, path = config_hash(full_cfg), checkpoint_path(out, model_cfg, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, cfg.dataset).to(device)
     decays = {n: p.ndim >= 2 and "embed" not in n and "token" not in n for n, p in model.named_parameters()}
@@ -556,52 +561,87 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compi
 # Presets and tables
 # ----------------------------------------------------------------------------------------
 
-# Model sizes are the kit's choice (the paper does not give them); see README.
-PRESETS = {
-    "quick": {  # CPU, offline, Fashion-MNIST: --table all in under 15 minutes on 2 cores
-        "dataset": "fashion-mnist",
-        "model": {"patch_size": 7, "dim": 128, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
-        "train": {"epochs": 6, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
-        # small CLIP / DiffCLIP trained from scratch on captions built from the class names
-        "clip": {"kind": "clip", "embed_dim": 64,
+@dataclass(frozen=True)
+class Preset:
+    """Every size a run uses. Model sizes are the kit's choice (the paper gives none); see README."""
+    name: str
+    dataset: str
+    model: dict         # the ViT/DiffViT pair of the clean, main, alignment and autoattack tables
+    train: dict         # its TrainConfig fields
+    depths: tuple       # the depth sweep (depth and cw tables) ...
+    depth_model: dict   # ... of these models (without depth)
+    depth_train: dict
+    lambda_depth: int   # the lambda table's DiffViT depth (depth-sweep recipe)
+    eval_images: int    # test images per table, each a prefix of one fixed permutation
+    clip_images: int
+    depth_images: int
+    lipschitz_images: int
+    autoattack_images: int
+    cw_images: int
+    cw_steps: int
+    cw_search: int
+    clip: Optional[dict] = None        # a small CLIP/DiffCLIP trained here; None: pretrained checkpoints
+    clip_train: Optional[dict] = None
+
+
+PRESETS = {p.name: p for p in [
+    # CPU, offline, Fashion-MNIST: --table all in under 15 minutes on 2 cores
+    Preset("quick", "fashion-mnist",
+           model={"patch_size": 7, "dim": 128, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
+           train={"epochs": 6, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
+           # narrower models, 2 epochs on 10k images, so 8 fit in minutes; the paper's depth 12 would cost
+           # 1.5 of the 15 minutes (the paper preset has it)
+           depths=(1, 2, 4, 8), depth_model={"patch_size": 7, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
+           depth_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
+           lambda_depth=2, eval_images=1000, clip_images=1000, depth_images=300, lipschitz_images=64,
+           autoattack_images=64, cw_images=50, cw_steps=50, cw_search=4,
+           # small CLIP / DiffCLIP trained from scratch on captions built from the class names
+           clip={"kind": "clip", "embed_dim": 64,
                  "image": {"patch_size": 7, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
                  "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
-        "clip_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000},
-        # depth sweep: narrower models, 2 epochs on 10k training images, so 8 models fit in minutes
-        "depths": [1, 2, 4, 8],  # the paper's 12 too would take 1.5 of the 15 minutes; the paper preset has it
-        "depth_model": {"patch_size": 7, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
-        "depth_train": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
-        "lambda_depth": 2,
-        # test images per table (each a prefix of one fixed permutation)
-        "eval_images": 1000, "clip_images": 1000, "depth_images": 300, "lipschitz_images": 64, "autoattack_images": 64,
-        "cw_images": 50, "cw_steps": 50, "cw_search": 4,
-    },
-    "paper": {  # one GPU: a ViT-S-like model on 32x32 inputs
-        "dataset": "cifar10",
-        "model": {"patch_size": 4, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0},
-        "train": {"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
-        "depths": [1, 2, 4, 8, 12],
-        "depth_model": {"patch_size": 4, "dim": 384, "heads": 6, "mlp_ratio": 4.0},
-        "depth_train": {"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
-        "lambda_depth": 6,
-        "eval_images": 10000, "clip_images": 1000, "depth_images": 2000, "lipschitz_images": 500, "autoattack_images": 1000,
-        "cw_images": 1000, "cw_steps": 100, "cw_search": 6,
-    },
-}
+           clip_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000}),
+    # one GPU: a ViT-S-like model on 32x32 inputs; pretrained CLIP / DiffCLIP checkpoints
+    Preset("paper", "cifar10",
+           model={"patch_size": 4, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0},
+           train={"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
+           depths=(1, 2, 4, 8, 12), depth_model={"patch_size": 4, "dim": 384, "heads": 6, "mlp_ratio": 4.0},
+           depth_train={"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
+           lambda_depth=6, eval_images=10000, clip_images=1000, depth_images=2000, lipschitz_images=500,
+           autoattack_images=1000, cw_images=1000, cw_steps=100, cw_search=6),
+]}
 
 
-def resolve_preset(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    chosen = "paper" if device.type == "cuda" else "quick"
-    print(f"preset auto -> {chosen} ({'a CUDA device is present' if chosen == 'paper' else 'no CUDA device'})")
-    return chosen
+@dataclass(frozen=True)
+class Run:
+    """One invocation: the command line resolved once in ``main`` and passed down."""
+    preset: Preset
+    dataset: str                 # the preset's, or --dataset
+    data_root: Path
+    out: Path                    # caches in <out>/runs, tables in <out>/results/<preset>
+    device: torch.device
+    seed: int = 0
+    compile: bool = False
+    clip_checkpoint: Optional[str] = None
+    diffclip_checkpoint: Optional[str] = None
+    trust_pickle: bool = False
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results" / self.preset.name
+
+    def result_name(self, table: str) -> str:
+        """``main``, or ``main-cifar100`` when the run's dataset is not the preset's."""
+        return table if self.dataset == self.preset.dataset else f"{table}-{self.dataset}"
 
 
-def cached(args, name: str, cfg: dict, compute):
-    """Evaluate a cell once: ``compute()``'s JSON-able result is kept in <out>/cells/<name>-<hash>.json,
+def cached(cache: Path, name: str, cfg: dict, compute):
+    """Evaluate a cell once: ``compute()``'s JSON-able result is kept in <cache>/cells/<name>-<hash>.json,
     keyed by everything in ``cfg`` (the model's checkpoint key, images, attack settings, seed)."""
-    path = Path(args.out) / "cells" / f"{name}-{config_hash(cfg)}.json"
+    path = Path(cache) / "cells" / f"{name}-{config_hash(cfg)}.json"
     if path.is_file():
         return json.loads(path.read_text())["result"]
     result = compute()
@@ -628,163 +668,6 @@ def write_table(out: Path, name: str, markdown: str, payload: dict) -> None:
     print(f"wrote {out / name}.md and .json")
 
 
-def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int) -> list:
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(x).float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str) -> dict:
-    """Forward+backward of two modules: medians over rounds of a and b (ms), the median of the
-    per-round ratios b/a, and their quartiles (how much one round's ratio moves on this machine).
-
-    Each round times a and b back to back (median of ``reps`` each), so the per-round ratio
-    cancels the slow drift of a shared machine; the order alternates (a b, b a, ...) so that
-    neither module always runs second; the rounds follow two warm-up passes.
-    """
-    a, b = make_a().to(device), make_b().to(device)
-    for m in (a, b):  # warm-up
-        _time_fwd_bwd(m, x, device, 2)
-    ta, tb = [], []
-    for i in tqdm(range(rounds), desc=desc, leave=False):
-        for m, times in ((a, ta), (b, tb))[::1 if i % 2 == 0 else -1]:
-            times.append(statistics.median(_time_fwd_bwd(m, x, device, reps)))
-    ratios = [q / p for p, q in zip(ta, tb)]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return {"std_ms": statistics.median(ta) * 1e3, "diff_ms": statistics.median(tb) * 1e3,
-            "ratio": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2]}
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing freed blocks back to the OS (as jemalloc/tcmalloc set-ups do).
-
-    Otherwise every large CPU tensor is a fresh mmap whose page faults are timed with the
-    kernels, and the variant with more or larger temporaries pays for the allocator as well.
-    PyTorch's CPU performance guide recommends such an allocator. Returns False where not glibc.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        # mallopt takes a C int: values must stay below 2^31 (1 << 40 would wrap to 0, i.e. always trim)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-# rounds, reps: layers; rounds, reps: ViTs. On a shared 2-core VM one round's layer ratio moves by
-# +-5 % (interquartile range; a ViT round +-10 %), so the CPU medians are over 30 and 12 rounds.
-SPEED_ROUNDS = {"cpu": (30, 3, 12, 1), "cuda": (20, 20, 20, 10)}
-SPEED_SHAPE = (64, 65, 384, 6)  # batch, tokens (32x32 at patch 4, + class token), width, standard heads
-
-
-def table_speed(args, device) -> None:
-    """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width.
-
-    A measurement is kept as a cell keyed by the device, the library versions and the source of
-    diffattn.py and of the benchmark's functions: a rerun of ``--table all`` reads it; delete
-    ``<out>/cells/speed-*.json`` to measure again on unchanged code.
-    """
-    env = environment(device)
-    rounds, reps, vit_rounds, vit_reps = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
-    source = hashlib.sha256(Path(da.__file__).read_bytes() + SPEED_CODE.encode()).hexdigest()[:16]
-    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": args.seed,
-            "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": pair_entries(args)[0].model,
-            "dataset": _dataset(args)}
-    res = cached(args, "speed", cell, lambda: measure_speed(args, device, rounds, reps, vit_rounds, vit_reps))
-    rows, pgd_rows = res["rows"], res["pgd"]
-    md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
-          "", f"Median over alternating rounds after warm-up ({rounds} rounds of {reps} for the layers, {vit_rounds} of "
-          f"{vit_reps} for the ViTs); diff / std is the median of per-round ratios, and the "
-          f"last column their interquartile range (the round-to-round noise).",
-          f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32; CPU allocator: "
-          f"{res['allocator']}; measured {res['measured_at']}.", "",
-          "| what | standard (ms) | differential (ms) | diff / std | per-round IQR |", "|---|---:|---:|---:|---:|"]
-    md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} | "
-           f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} |" for r in rows]
-    md += ["", f"## PGD-10 throughput, Linf eps 8/255 ({args.preset} preset models, {pgd_rows[0]['dataset']} test images, "
-           f"batch {pgd_rows[0]['batch']}; median of {pgd_rows[0]['rounds']} alternating rounds)", "",
-           "| model | attack | images/s | vs torchattacks |", "|---|---|---:|---:|"]
-    for r in pgd_rows:
-        ref = next((q["images_per_s"] for q in pgd_rows if q["model"] == r["model"] and q["attack"].startswith("torchattacks")), None)
-        md.append(f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | "
-                  f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
-    write_table(Path(args.results), "speed", "\n".join(md) + "\n",
-                {"table": "speed", **res, "rounds": cell["rounds"], "seed": args.seed, "environment": env})
-
-
-def measure_speed(args, device, rounds: int, reps: int, vit_rounds: int, vit_reps: int) -> dict:
-    cpu = device.type == "cpu"
-    allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
-    B, N, dim, heads = SPEED_SHAPE
-    torch.manual_seed(args.seed)
-    rows = []
-    x = torch.randn(B, N, dim, device=device, requires_grad=True)
-    r = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
-                   rounds=rounds, reps=reps, desc="attention layers")
-    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}", **r})
-    try:  # reference point: timm's own pair on the same input, when timm is installed
-        from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
-        r = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
-                       lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
-                       rounds=rounds, reps=reps, desc="timm attention layers")
-        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes", **r})
-    except ImportError:
-        pass
-    side = 4 * math.isqrt(N - 1)  # patch 4
-    vit = dict(img_size=side, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
-    img = torch.rand(B, 3, side, side, device=device)
-    r = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
-                   rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT")
-    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}", **r})
-    return {"rows": rows, "pgd": pgd_throughput(args, device), "allocator": allocator,
-            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def pgd_throughput(args, device, batch: int = 256, rounds: int = 3) -> list:
-    """Images/s of the kit's PGD-10 (default, and with early_stop) beside torchattacks' PGD, same models and batch."""
-    preset = PRESETS[args.preset]
-    dataset = args.dataset or preset["dataset"]
-    cfg = TrainConfig(dataset=dataset, seed=args.seed, **preset["train"])
-    x, y = next(batches(load_dataset(dataset, args.data_root, train=False).subset(batch, args.seed), batch, device))
-    eps, steps = 8 / 255, 10
-    try:
-        import torchattacks
-    except ImportError:
-        torchattacks = None
-        print("torchattacks is not installed: its PGD row is skipped (pip install torchattacks)")
-    rows = []
-    for attn in ("std", "diff"):
-        model, _ = train_model({**preset["model"], "attn": attn}, cfg, args.data_root, args.out, device)
-        attacks = {"diffattn.pgd": lambda: da.pgd(model, x, y, eps, steps=steps),
-                   "diffattn.pgd early_stop": lambda: da.pgd(model, x, y, eps, steps=steps, early_stop=True)}
-        if torchattacks is not None:
-            ta = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
-            attacks[f"torchattacks {torchattacks.__version__} PGD"] = lambda: ta(x, y)
-        times = {k: [] for k in attacks}
-        for _ in tqdm(range(rounds), desc=f"PGD throughput ({attn})", leave=False):
-            for name, run in attacks.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t)
-        for name, ts in times.items():
-            rows.append({"model": "ViT" if attn == "std" else "DiffViT", "attack": name, "dataset": dataset,
-                         "batch": batch, "rounds": rounds, "seconds": statistics.median(ts),
-                         "images_per_s": batch / statistics.median(ts)})
-    return rows
-
-
 # ----------------------------------------------------------------------------------------
 # The tables, declared as data (Entry, Table) and run by one loop (run_table)
 # ----------------------------------------------------------------------------------------
@@ -809,23 +692,22 @@ class Entry:
 class Table:
     """One table of the paper, as data for ``run_table``:
 
-    - ``entries(args)``: its models, in row order;
-    - ``images(args)``: how many test images it evaluates (None: none, the training record suffices);
-    - ``settings(args)``: the evaluation's settings; with the model's key, the images and the seed
-      they name the cached cell, so changing any of them recomputes exactly the cells concerned;
-    - ``evaluate(args, model, data, record)``: one cell, a JSON-able dict;
-    - ``render(ctx, rows)``: (markdown lines below the provenance line, extra JSON, figure draw or None).
-
-    The speed and summary tables train nothing of their own and give ``run`` instead.
+    - ``entries(run)``: its models, in row order;
+    - ``images(preset)``: how many test images it evaluates (None: none, the training record suffices);
+    - ``settings(preset)``: everything its evaluation uses, handed to ``evaluate``; with the model's
+      key, the images and the seed they name the cached cell, so changing any of them recomputes
+      exactly the cells concerned;
+    - ``evaluate(model, data, settings, record)``: one cell, a JSON-able dict;
+    - ``render(rows, preset, dataset, entries)``: (markdown lines below the provenance line, extra
+      JSON, figure draw or None).
     """
     name: str
     title: str
-    entries: Callable = lambda args: []
-    images: Callable = lambda args: None
-    settings: Callable = lambda args: {}
-    evaluate: Optional[Callable] = None
-    render: Optional[Callable] = None
-    run: Optional[Callable] = None
+    entries: Callable
+    evaluate: Callable
+    render: Callable
+    images: Callable = lambda preset: None
+    settings: Callable = lambda preset: {}
 
 
 @dataclass
@@ -839,31 +721,25 @@ class EvalData:
     captions: Optional[list] = None  # COCO: image i's caption is captions[i]
 
 
-SPEED_CODE = "".join(inspect.getsource(f) for f in (measure_speed, bench_pair, _time_fwd_bwd, pgd_throughput))
-
-
-def eval_data(args, name: str, n: int, device) -> EvalData:
+def eval_data(run: Run, name: str, n: int) -> EvalData:
     """The first ``n`` test images of a fixed permutation (seeded), so n=500 is a prefix of n=1000."""
-    if name == "imagenet":
-        d = load_imagenet_val(args.data_root, n, args.seed)
-        return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), f"a fixed permutation, seed {args.seed}",
-                        classes=d.classes)
+    device, picked = run.device, f"a fixed permutation, seed {run.seed}"
     if name == "coco":
-        x, captions = load_coco_captions(args.data_root, n)
+        x, captions = load_coco_captions(run.data_root, n)
         return EvalData(name, x.to(device).float() / 255, torch.arange(len(x), device=device),
                         "the first by image id, each with its first caption", captions=captions)
-    d = load_dataset(name, args.data_root, train=False).subset(n, args.seed)
-    return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), f"a fixed permutation, seed {args.seed}",
-                    classes=d.classes)
+    d = (load_imagenet_val(run.data_root, n, run.seed) if name == "imagenet" else
+         load_dataset(name, run.data_root, train=False).subset(n, run.seed))
+    return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), picked, classes=d.classes)
 
 
-def obtain_model(entry: Entry, args, device, loaded: dict):
+def obtain_model(entry: Entry, run: Run, loaded: dict):
     """(model in eval mode, record): trained (or read from the checkpoint cache) or loaded from ``source``."""
     if entry.source is None:
-        return train_model(entry.model, entry.train, args.data_root, args.out, device, compile=args.compile)
+        return train_model(entry.model, entry.train, run.data_root, run.cache, run.device, compile=run.compile)
     if entry.source not in loaded:
         try:
-            clip = da.load_clip(entry.source, trust_pickle=args.trust_pickle).to(device).eval()
+            clip = da.load_clip(entry.source, trust_pickle=run.trust_pickle).to(run.device).eval()
         except (OSError, ValueError, ImportError) as e:  # missing file, offline hub, pickle not trusted
             raise SetupMissing(f"could not load the CLIP checkpoint {entry.source!r}: {e}") from e
         path = Path(entry.source).expanduser()
@@ -886,60 +762,51 @@ def _file_sha256(path: Path) -> str:
 LIBRARY_SOURCE = hashlib.sha256(Path(da.__file__).read_bytes()).hexdigest()[:16]
 
 
-def run_table(table: Table, args, device) -> None:
+def run_table(table: Table, run: Run) -> None:
     """The one loop: for each entry, get the model, evaluate its cell (or read it from the cache),
-    then write ``results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance."""
-    if table.run is not None:
-        return table.run(args, device)
+    then write ``<out>/results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance."""
     rows, loaded, datas = [], {}, {}
-    entries = table.entries(args)
-    n = table.images(args)
+    entries = table.entries(run)
+    n, settings = table.images(run.preset), {**table.settings(run.preset), "seed": run.seed}
     for entry in entries:
-        model, record = obtain_model(entry, args, device, loaded)
+        model, record = obtain_model(entry, run, loaded)
         data_name = entry.data or entry.train.dataset
         row = {**entry.labels, "model_key": record["key"]}
         if n is None:
-            rows.append({**row, **table.evaluate(args, model, None, record)})
+            rows.append({**row, **table.evaluate(model, None, settings, record)})
             continue
         if data_name not in datas:
-            datas[data_name] = eval_data(args, data_name, n, device)
+            datas[data_name] = eval_data(run, data_name, n)
         data = datas[data_name]
         cell = {"table": table.name, "model_key": record["key"], "data": data_name, "n_images": len(data.y),
-                "seed": args.seed, "library": LIBRARY_SOURCE, **table.settings(args)}
+                "library": LIBRARY_SOURCE, **settings}
 
         def compute():
-            torch.manual_seed(args.seed)
-            return table.evaluate(args, model, data, record)
-        rows.append({**row, **cached(args, table.name, cell, compute)})
-    env = environment(device)
-    datasets = list(dict.fromkeys(e.data or e.train.dataset for e in entries))
+            torch.manual_seed(run.seed)
+            return table.evaluate(model, data, settings, record)
+        rows.append({**row, **cached(run.cache, table.name, cell, compute)})
+    env = environment(run.device)
+    dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
     n_images = {name: len(d.y) for name, d in datas.items()}
-    ctx = argparse.Namespace(args=args, preset=PRESETS[args.preset], dataset="+".join(datasets), env=env,
-                             n=next(iter(n_images.values())) if len(n_images) == 1 else n_images, entries=entries)
-    lines, extra, draw = table.render(ctx, rows)
+    lines, extra, draw = table.render(rows, run.preset, dataset, entries)
     seen = "; ".join(f"{name}, {len(d.y)} test images ({d.chosen})" for name, d in datas.items()) if datas else \
-        f"{ctx.dataset}, the full test set"
-    md = [f"# {table.name}: {table.title} ({args.preset} preset)", "",
-          f"Data: {seen}. Seed {args.seed}; device {env['device']}; torch {env['torch']}; "
+        f"{dataset}, the full test set"
+    md = [f"# {table.name}: {table.title} ({run.preset.name} preset)", "",
+          f"Data: {seen}. Seed {run.seed}; device {env['device']}; torch {env['torch']}; "
           f"commit {env['git_commit']}. Settings and every number: the .json beside this file.", ""] + lines
     models = [{"labels": e.labels, **({"source": e.source} if e.source else
                                       {"model_config": e.model, "train_config": dataclasses.asdict(e.train)})}
               for e in entries]
-    out = Path(args.results) / args.preset
-    name = f"{table.name}-{args.dataset}" if args.dataset else table.name
+    name = run.result_name(table.name)
     if draw is not None:  # first: a failing figure must not leave an old picture beside new numbers
-        _figure(out / f"{name}.png", draw)
-    write_table(out, name, "\n".join(md) + "\n",
-                {"table": table.name, "preset": args.preset, "dataset": ctx.dataset, "seed": args.seed,
-                 "n_images": ctx.n, "settings": table.settings(args), "models": models, "rows": rows,
-                 "environment": env, **extra})
+        _figure(run.results / f"{name}.png", draw)
+    write_table(run.results, name, "\n".join(md) + "\n",
+                {"table": table.name, "preset": run.preset.name, "dataset": dataset, "seed": run.seed,
+                 "n_images": next(iter(n_images.values())) if len(n_images) == 1 else n_images,
+                 "settings": settings, "models": models, "rows": rows, "environment": env, **extra})
 
 
 # --- which models each table uses
-
-def _dataset(args) -> str:
-    return args.dataset or PRESETS[args.preset]["dataset"]
-
 
 def _model_line(m: dict, tc: dict) -> str:
     subset = f" on {tc['train_subset']} training images" if tc.get("train_subset") else ""
@@ -948,19 +815,18 @@ def _model_line(m: dict, tc: dict) -> str:
             f"{tc['epochs']} epochs{subset}, batch {tc['batch_size']}, AdamW lr {tc['lr']}")
 
 
-def pair_entries(args) -> list:
+def pair_entries(run: Run) -> list:
     """The preset's ViT and DiffViT (tables clean, main, alignment, autoattack)."""
-    p = PRESETS[args.preset]
-    cfg = TrainConfig(dataset=_dataset(args), seed=args.seed, **p["train"])
-    return [Entry({"model": NAMES[a]}, {**p["model"], "attn": a}, cfg) for a in ("std", "diff")]
+    cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **run.preset.train)
+    return [Entry({"model": NAMES[a]}, {**run.preset.model, "attn": a}, cfg) for a in ("std", "diff")]
 
 
-def depth_entries(args) -> list:
+def depth_entries(run: Run) -> list:
     """ViT and DiffViT at every depth of the sweep (tables depth, cw)."""
-    p = PRESETS[args.preset]
-    cfg = TrainConfig(dataset=_dataset(args), seed=args.seed, **p["depth_train"])
-    return [Entry({"depth": d, "model": NAMES[a]}, {**p["depth_model"], "depth": d, "attn": a}, cfg)
-            for d in p["depths"] for a in ("std", "diff")]
+    p = run.preset
+    cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **p.depth_train)
+    return [Entry({"depth": d, "model": NAMES[a]}, {**p.depth_model, "depth": d, "attn": a}, cfg)
+            for d in p.depths for a in ("std", "diff")]
 
 
 LAMBDA_INITS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -968,40 +834,40 @@ LAMBDA_INITS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 PAPER_LAMBDA = {"clean_acc": (86.05, 86.97, 87.00, 85.67, 85.24, 84.68), "asr": (40.74, 67.72, 84.98, 75.31, 49.56, 41.64)}
 
 
-def lambda_entries(args) -> list:
+def lambda_entries(run: Run) -> list:
     """DiffViT at each lambda_init, with the depth sweep's recipe; at the default lambda_init the model
     config is the depth sweep's own (no ``lambda_init`` key), so that model is trained once for both."""
-    p = PRESETS[args.preset]
-    cfg = TrainConfig(dataset=_dataset(args), seed=args.seed, **p["depth_train"])
-    base = {**p["depth_model"], "depth": p["lambda_depth"], "attn": "diff"}
+    p = run.preset
+    cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **p.depth_train)
+    base = {**p.depth_model, "depth": p.lambda_depth, "attn": "diff"}
     default = inspect.signature(da.ViT).parameters["lambda_init"].default
     return [Entry({"lambda_init": lam}, base if lam == default else {**base, "lambda_init": lam}, cfg)
             for lam in LAMBDA_INITS]
 
 
-def clip_entries(args) -> list:
+def clip_entries(run: Run) -> list:
     """quick: a small CLIP and DiffCLIP trained here; paper: the pretrained checkpoints on ImageNet and COCO."""
-    p = PRESETS[args.preset]
-    if "clip" in p:
-        cfg = TrainConfig(dataset=_dataset(args), seed=args.seed, **p["clip_train"])
-        return [Entry({"model": m, "data": f"{cfg.dataset} (zero-shot)"}, {**p["clip"], "attn": a}, cfg)
+    p = run.preset
+    if p.clip is not None:
+        cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **p.clip_train)
+        return [Entry({"model": m, "data": f"{cfg.dataset} (zero-shot)"}, {**p.clip, "attn": a}, cfg)
                 for a, m in (("std", "CLIP"), ("diff", "DiffCLIP"))]
-    if not args.clip_checkpoint:
+    if not run.clip_checkpoint:
         raise SetupMissing("the paper preset's clip table needs --clip-checkpoint: the standard-attention CLIP "
                            "trained with DiffCLIP's recipe (a file or a Hugging Face id, DiffCLIP's layout), as the "
                            "controlled baseline of --diffclip-checkpoint")
     return [Entry({"model": m, "data": label}, source=src, data=data)
-            for m, src in (("CLIP", args.clip_checkpoint), ("DiffCLIP", args.diffclip_checkpoint))
+            for m, src in (("CLIP", run.clip_checkpoint), ("DiffCLIP", run.diffclip_checkpoint))
             for data, label in (("imagenet", "ImageNet val (zero-shot)"), ("coco", "COCO val2017 (image-to-text retrieval)"))]
 
 
 # --- what one cell computes
 
-def pgd10_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, loss: str = "ce",
-                      chunk: int = 250) -> torch.Tensor:
-    """Predictions on PGD-10 (Linf, random start, early_stop: the same success flags) adversarial
+def pgd_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, loss: str = "ce",
+                    chunk: int = 250) -> torch.Tensor:
+    """Predictions on PGD (Linf, random start, early_stop: the same success flags) adversarial
     inputs, attacked ``chunk`` images at a time: the tables' one evaluation attack."""
-    adv = torch.cat([da.pgd(model, xb, yb, eps, steps=10, loss=loss, early_stop=True).x_adv
+    adv = torch.cat([da.pgd(model, xb, yb, eps, steps=steps, loss=loss, early_stop=True).x_adv
                      for xb, yb in zip(x.split(chunk), y.split(chunk))])
     return da.predict(model, adv, batch_size=chunk)
 
@@ -1010,12 +876,12 @@ def _eps_name(eps: float) -> str:
     return f"{eps * 255:.0f}/255"
 
 
-def asr_row(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, desc: str, loss: str = "ce") -> dict:
-    """Clean accuracy, and ASR and robust accuracy of PGD-10 at each eps (the main, depth and lambda cells)."""
+def asr_row(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, steps: int) -> dict:
+    """Clean accuracy, and ASR and robust accuracy of PGD at each eps (the main, depth and lambda cells)."""
     clean = da.predict(model, x)
     row = {"clean_acc": da.clean_accuracy(y, clean), "n_correct": int((clean == y).sum()), "asr": {}, "robust_acc": {}}
-    for eps in tqdm(eps_list, desc=desc, leave=False):
-        pred = pgd10_predictions(model, x, y, eps, loss)
+    for eps in tqdm(eps_list, desc=f"PGD-{steps}", leave=False):
+        pred = pgd_predictions(model, x, y, eps, steps)
         row["asr"][_eps_name(eps)] = da.attack_success_rate(y, clean, pred)
         row["robust_acc"][_eps_name(eps)] = da.robust_accuracy(y, clean, pred)
     return row
@@ -1043,12 +909,14 @@ def alignment_by_layer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk
     return rows
 
 
-def evaluate_alignment(args, model, data, record) -> dict:
-    p = PRESETS[args.preset]
+def evaluate_main(model, data, s, record) -> dict:
+    return asr_row(model, data.x, data.y, s["eps"], s["steps"])
+
+
+def evaluate_alignment(model, data, s, record) -> dict:
     layers = alignment_by_layer(model, data.x, data.y, chunk=250)
     grad_l1, grad_sem = _mean_sem(da.input_gradient_norm(model, data.x, data.y, "inf"))
-    k = p["lipschitz_images"]
-    lip = da.local_lipschitz(model, data.x[:k], eps=8 / 255)
+    lip = da.local_lipschitz(model, data.x[:s["lipschitz"]["images"]], eps=s["lipschitz"]["eps"])
     for layer, values in zip(layers, lip["layers"]):
         layer["lipschitz_layer_l2"], layer["lipschitz_layer_l2_sem"] = _mean_sem(values)
     lip_logits, lip_sem = _mean_sem(lip["logits"])
@@ -1056,28 +924,26 @@ def evaluate_alignment(args, model, data, record) -> dict:
             "lipschitz_logits_sem": lip_sem, "lipschitz_images": len(lip["logits"]), "layers": layers}
 
 
-def evaluate_autoattack(args, model, data, record) -> dict:
+def evaluate_autoattack(model, data, s, record) -> dict:
     clean = da.predict(model, data.x)
-    res = da.autoattack(model, data.x, data.y, 8 / 255, version="standard", seed=args.seed)
+    res = da.autoattack(model, data.x, data.y, s["eps"], version=s["version"], seed=s["seed"])
     pred = da.predict(model, res.x_adv)
     return {"clean_acc": da.clean_accuracy(data.y, clean), "n_correct": int((clean == data.y).sum()),
             "robust_acc": da.robust_accuracy(data.y, clean, pred), "asr": da.attack_success_rate(data.y, clean, pred),
             "max_linf": res.norm.max().item()}
 
 
-def evaluate_depth(args, model, data, record) -> dict:
-    p = PRESETS[args.preset]
-    row = asr_row(model, data.x, data.y, (1 / 255, 4 / 255), "PGD-10")
-    lip = da.local_lipschitz(model, data.x[:p["lipschitz_images"]], eps=4 / 255)
+def evaluate_depth(model, data, s, record) -> dict:
+    row = asr_row(model, data.x, data.y, s["eps"], s["steps"])
+    lip = da.local_lipschitz(model, data.x[:s["lipschitz"]["images"]], eps=s["lipschitz"]["eps"])
     row["lipschitz_logits"] = lip["logits"].mean().item()
     row["lipschitz_layers"] = [v.mean().item() for v in lip["layers"]]
     return row
 
 
-def evaluate_cw(args, model, data, record) -> dict:
-    p = PRESETS[args.preset]
+def evaluate_cw(model, data, s, record) -> dict:
     correct = da.predict(model, data.x) == data.y
-    res = da.cw_l2(model, data.x[correct], data.y[correct], steps=p["cw_steps"], search_steps=p["cw_search"])
+    res = da.cw_l2(model, data.x[correct], data.y[correct], steps=s["steps"], search_steps=s["search"])
     d = res.norm.cpu().double()  # inf where the attack failed
     # over every attacked image, a failure counting as infinitely far: quantiles over the successes
     # alone would flatter the model the attack failed on more often
@@ -1088,25 +954,26 @@ def evaluate_cw(args, model, data, record) -> dict:
             "l2_q25_50_75_90": q, "l2": d.tolist()}
 
 
-def evaluate_lambda(args, model, data, record) -> dict:
-    return {**asr_row(model, data.x, data.y, (8 / 255,), "PGD-10"),
+def evaluate_lambda(model, data, s, record) -> dict:
+    return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]),
             "learned_lambda": [b.attn.lam().item() for b in model.blocks]}
 
 
-def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, desc: str) -> dict:
-    """Zero-shot (or retrieval) accuracy, ASR of PGD-10 on the zero-shot cross-entropy and of the
+def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, eps_list, steps: int,
+                    desc: str) -> dict:
+    """Zero-shot (or retrieval) accuracy, ASR of PGD on the zero-shot cross-entropy and of the
     cosine attack at every eps, and per-layer branch-gradient alignment of the image tower."""
     clean = da.predict(zs, x, batch_size=128)
     row = {"clean_acc": da.clean_accuracy(y, clean), "n_correct": int((clean == y).sum()), "asr_pgd": {},
            "asr_cosine": {}}
-    for eps in tqdm(EPS_LINF, desc=desc, leave=False):
+    for eps in tqdm(eps_list, desc=desc, leave=False):
         for key, loss in (("asr_pgd", "ce"), ("asr_cosine", "logit")):
-            row[key][_eps_name(eps)] = da.attack_success_rate(y, clean, pgd10_predictions(zs, x, y, eps, loss))
+            row[key][_eps_name(eps)] = da.attack_success_rate(y, clean, pgd_predictions(zs, x, y, eps, steps, loss))
     row["alignment"] = alignment_by_layer(zs, x[:500], y[:500], chunk=100)
     return row
 
 
-def evaluate_clip(args, model, data, record) -> dict:
+def evaluate_clip(model, data, s, record) -> dict:
     """The zero-shot classifier of a CLIP over ``data``: class prompts (this kit's templates for the
     small CLIPs trained here, OpenAI's 80 for pretrained ones) or, for COCO, the images' captions."""
     if data.captions is not None:
@@ -1118,7 +985,7 @@ def evaluate_clip(args, model, data, record) -> dict:
         zs = da.ZeroShotClassifier(model, da.zero_shot_weights(model, data.classes, da.imagenet_templates()))
     else:
         zs = classifier(model, class_names("", data))
-    return clip_attack_row(zs, data.x, data.y, f"attacks ({data.name})")
+    return clip_attack_row(zs, data.x, data.y, s["eps"], s["steps"], f"attacks ({data.name})")
 
 
 # --- how the rows read
@@ -1127,21 +994,21 @@ def _eps_names(rows, key="asr") -> list:
     return list(rows[0][key])
 
 
-def render_clean(ctx, rows):
-    m, tc = ctx.preset["model"], ctx.preset["train"]
+def render_clean(rows, preset, dataset, entries):
+    m, tc = preset.model, preset.train
     lines = [f"Models: {_model_line(m, tc)}. Accuracy on the full test set after the last epoch.", "",
              "| model | clean test accuracy (%) | training time (s) |", "|---|---:|---:|"]
     lines += [f"| {r['model']} | {100 * r['test_acc']:.2f} | {r['train_seconds'] or float('nan'):.0f} |" for r in rows]
     return lines, {}, None
 
 
-def evaluate_clean(args, model, data, record) -> dict:
+def evaluate_clean(model, data, s, record) -> dict:
     return {"test_acc": record["test_acc"], "history": record["history"], "train_seconds": record.get("train_seconds")}
 
 
-def render_main(ctx, rows):
+def render_main(rows, preset, dataset, entries):
     eps = _eps_names(rows)
-    lines = [f"Models: {_model_line(ctx.preset['model'], ctx.preset['train'])}. ASR = fraction of the initially "
+    lines = [f"Models: {_model_line(preset.model, preset.train)}. ASR = fraction of the initially "
              "correct test images that PGD-10 (Linf, random start, step 2.5 eps / 10) misclassifies.", "",
              "| model | clean acc (%) | " + " | ".join(f"ASR eps={e} (%)" for e in eps) + " |",
              "|---|---:|" + "---:|" * len(eps)]
@@ -1153,14 +1020,14 @@ def render_main(ctx, rows):
         for r in rows:
             ax.plot([float(e.split("/")[0]) for e in eps], [100 * r["asr"][e] for e in eps], "o-",
                     label=f"{r['model']} (clean {100 * r['clean_acc']:.1f}%)")
-        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-10 on {ctx.dataset} ({ctx.args.preset})")
+        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-10 on {dataset} ({preset.name})")
         ax.legend()
         return fig
     return lines, {}, draw
 
 
-def render_alignment(ctx, rows):
-    lines = [f"Models: {_model_line(ctx.preset['model'], ctx.preset['train'])}.",
+def render_alignment(rows, preset, dataset, entries):
+    lines = [f"Models: {_model_line(preset.model, preset.train)}.",
              "cos = cos(g1, g2), g_i = grad_x <A_i, G>, G = dL/dA (DiffViT: the two maps of each differential head; "
              "ViT control: head pairs (2h, 2h+1), each with its own G, lambda = 1). kappa = sqrt(1 + l^2 rho^2 - "
              "2 l rho cos). grad L1: mean L1 norm of the cross-entropy input gradient (dual of Linf). Lipschitz: Yang "
@@ -1183,14 +1050,14 @@ def render_alignment(ctx, rows):
                 label = f"{r['model']}{' (head-pair control)' if a['control'] else ''}: cos<0 {100 * a['frac_cos_negative']:.0f}%"
                 ax.hist(a["cos_values"], bins=40, range=(-1, 1), alpha=0.5, label=label)
             ax.axvline(0, color="k", lw=0.8)
-            ax.set(xlabel="cos(g1, g2)", ylabel="examples", title=f"layer {layer} ({ctx.dataset})")
+            ax.set(xlabel="cos(g1, g2)", ylabel="examples", title=f"layer {layer} ({dataset})")
             ax.legend(fontsize=8)
         return fig
     return lines, {}, draw
 
 
-def render_autoattack(ctx, rows):
-    lines = [f"Models: {_model_line(ctx.preset['model'], ctx.preset['train'])}. Reference implementation (pyautoattack, "
+def render_autoattack(rows, preset, dataset, entries):
+    lines = [f"Models: {_model_line(preset.model, preset.train)}. Reference implementation (pyautoattack, "
              "version standard: APGD-CE, APGD-T, FAB-T, Square) at Linf 8/255. Robust accuracy over all images; ASR "
              "over the initially correct ones.", "",
              "| model | clean acc (%) | robust acc (%) | ASR (%) |", "|---|---:|---:|---:|"]
@@ -1199,13 +1066,13 @@ def render_autoattack(ctx, rows):
     return lines, {}, None
 
 
-def render_depth(ctx, rows):
-    depths = ctx.preset["depths"]
+def render_depth(rows, preset, dataset, entries):
+    depths = preset.depths
     pick = lambda d, m: next(r for r in rows if r["depth"] == d and r["model"] == m)
     gap = {e: [100 * (pick(d, "DiffViT")["asr"][e] - pick(d, "ViT")["asr"][e]) for d in depths] for e in ("1/255", "4/255")}
-    lines = [f"Models: {_model_line(ctx.preset['depth_model'], ctx.preset['depth_train'])}. ASR: PGD-10 over the "
+    lines = [f"Models: {_model_line(preset.depth_model, preset.depth_train)}. ASR: PGD-10 over the "
              f"initially correct images. Lipschitz: Yang et al. estimator at eps 4/255 on the first "
-             f"{ctx.preset['lipschitz_images']} images (lower bounds).", "",
+             f"{preset.lipschitz_images} images (lower bounds).", "",
              "| depth | model | clean acc (%) | ASR 1/255 (%) | ASR 4/255 (%) | Lip. logits | Lip. last layer (L2) |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['depth']} | {r['model']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']['1/255']:.1f} | "
@@ -1219,16 +1086,16 @@ def render_depth(ctx, rows):
             for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
                 ax.plot(depths, [100 * pick(d, model)["asr"][e] for d in depths], style, label=model)
             ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="ASR (%)",
-                   title=f"PGD-10, eps {e} ({ctx.dataset})")
+                   title=f"PGD-10, eps {e} ({dataset})")
             ax.legend()
         return fig
     return lines, {"diff_minus_vit_asr_points": gap}, draw
 
 
-def render_cw(ctx, rows):
-    p = ctx.preset
-    lines = [f"The depth table's models ({_model_line(p['depth_model'], p['depth_train'])}); CW-L2 ({p['cw_steps']} Adam "
-             f"steps, {p['cw_search']} binary-search steps over c) on the correctly classified images; L2 in [0, 1] "
+def render_cw(rows, preset, dataset, entries):
+    p = preset
+    lines = [f"The depth table's models ({_model_line(p.depth_model, p.depth_train)}); CW-L2 ({p.cw_steps} Adam "
+             f"steps, {p.cw_search} binary-search steps over c) on the correctly classified images; L2 in [0, 1] "
              "pixel units; quantiles (nearest rank above) over every attacked image, a failed attack counting as "
              "inf.", "",
              "| depth | model | attacked | success (%) | L2 p25 | L2 median | L2 p75 | L2 p90 |",
@@ -1238,25 +1105,25 @@ def render_cw(ctx, rows):
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        depths = p["depths"]
+        depths = p.depths
         for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
             ax.plot(depths, [r["l2_q25_50_75_90"][1] for d in depths for r in rows if r["depth"] == d and r["model"] == model],
                     style, label=f"{model} (median)")
         ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="minimal L2 (CW)",
-               title=f"CW-L2 on {ctx.dataset}")
+               title=f"CW-L2 on {dataset}")
         ax.legend()
         return fig
     return lines, {}, draw
 
 
-def render_lambda(ctx, rows):
-    p = ctx.preset
+def render_lambda(rows, preset, dataset, entries):
+    p = preset
     for r, clean, asr in zip(rows, PAPER_LAMBDA["clean_acc"], PAPER_LAMBDA["asr"]):
         r["paper_clean_acc"], r["paper_asr"] = clean / 100, asr / 100
-    lines = [f"DiffViT, depth {p['lambda_depth']}: {_model_line(p['depth_model'], p['depth_train'])}. ASR: PGD-10 at "
+    lines = [f"DiffViT, depth {p.lambda_depth}: {_model_line(p.depth_model, p.depth_train)}. ASR: PGD-10 at "
              "Linf 8/255 over the initially correct images. The paper's columns are its CIFAR-10 numbers as quoted in "
              "secondary notes (its attack settings for this table are not stated there)"
-             + (", not comparable with this dataset" if ctx.dataset != "cifar10" else "") + ".", "",
+             + (", not comparable with this dataset" if dataset != "cifar10" else "") + ".", "",
              "| lambda_init | clean acc (%) | ASR (%) | learned lambda (per layer) | paper clean acc (%) | paper ASR (%) |",
              "|---:|---:|---:|---|---:|---:|"]
     lines += [f"| {r['lambda_init']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']['8/255']:.1f} | "
@@ -1265,7 +1132,7 @@ def render_lambda(ctx, rows):
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(LAMBDA_INITS, [100 * r["asr"]["8/255"] for r in rows], "s-", label=f"this run ({ctx.dataset})")
+        ax.plot(LAMBDA_INITS, [100 * r["asr"]["8/255"] for r in rows], "s-", label=f"this run ({dataset})")
         ax.plot(LAMBDA_INITS, PAPER_LAMBDA["asr"], "k--", label="paper (CIFAR-10)")
         ax.set(xlabel="lambda_init", ylabel="ASR (%)", title="DiffViT, PGD-10 at 8/255")
         ax.legend()
@@ -1273,15 +1140,15 @@ def render_lambda(ctx, rows):
     return lines, {}, draw
 
 
-def render_clip(ctx, rows):
-    p = ctx.preset
-    if "clip" in p:
-        im, tx = p["clip"]["image"], p["clip"]["text"]
+def render_clip(rows, preset, dataset, entries):
+    p = preset
+    if p.clip is not None:
+        im, tx = p.clip["image"], p.clip["text"]
         setup = (f"Small CLIPs trained here from scratch: image tower depth {im['depth']}, dim {im['dim']}, patch "
                  f"{im['patch_size']}; text tower depth {tx['depth']}, width {tx['width']}; captions: "
-                 f"{len(CLIP_TEMPLATES)} templates x class names; {p['clip_train']['epochs']} epochs.")
+                 f"{len(CLIP_TEMPLATES)} templates x class names; {p.clip_train['epochs']} epochs.")
     else:
-        setup = ("Pretrained checkpoints (" + ", ".join(f"{e.labels['model']} {e.source}" for e in ctx.entries[::2])
+        setup = ("Pretrained checkpoints (" + ", ".join(f"{e.labels['model']} {e.source}" for e in entries[::2])
                  + "); ImageNet validation images (OpenAI's 80 templates) and the first COCO val2017 images with "
                  "their first captions (retrieval among those captions).")
     eps = _eps_names(rows, "asr_pgd")
@@ -1312,7 +1179,7 @@ def render_clip(ctx, rows):
             ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=g)
             ax.legend(fontsize=8)
         return fig
-    return lines, {"templates": CLIP_TEMPLATES if "clip" in p else "openai-imagenet-80"}, draw
+    return lines, {"templates": CLIP_TEMPLATES if p.clip is not None else "openai-imagenet-80"}, draw
 
 
 # --- the claims, judged with a noise model
@@ -1347,7 +1214,7 @@ def _verdict(outcomes: list) -> str:
     return "mixed" if up else "not resolved (within noise)"
 
 
-def table_summary(args, device) -> None:
+def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
     """Claim by claim: what this preset's tables (already in results/) support and what they do not.
 
     Noise model: sampling error over the evaluated test images only. A difference counts when it
@@ -1355,20 +1222,18 @@ def table_summary(args, device) -> None:
     standard errors over images). Training noise (another seed, another model) is not in it and is
     usually larger: a single-seed run supports a claim, it does not establish it.
     """
-    out = Path(args.results) / args.preset
-    suffix = f"-{args.dataset}" if getattr(args, "dataset", None) else ""  # --dataset: that dataset's tables
-    stale = {}
+    out, skipped, stale = run.results, skipped or {}, {}
 
     def load(name):
         """A table of this run: same seed, and not skipped by the --table all that runs this summary."""
-        path = out / f"{name}{suffix}.json"
+        path = out / f"{run.result_name(name)}.json"
         if not path.is_file():
             return None
         res = json.loads(path.read_text())
-        if name in getattr(args, "skipped", {}):
+        if name in skipped:
             stale[name] = "skipped by this run, an older file is on disk"
-        elif res.get("seed", args.seed) != args.seed:
-            stale[name] = f"seed {res['seed']}, not {args.seed}"
+        elif res.get("seed", run.seed) != run.seed:
+            stale[name] = f"seed {res['seed']}, not {run.seed}"
         return None if name in stale else res
     claims = []
 
@@ -1444,11 +1309,12 @@ def table_summary(args, device) -> None:
         claim("DiffCLIP is more vulnerable than CLIP at every budget", "clip", outcomes,
               f"ASR higher beyond noise in {outcomes.count('higher')}/{len(pairs)} (data x attack x eps), lower in "
               f"{outcomes.count('lower')}: " + ", ".join(f"{k} {100 * d:.1f} vs {100 * s:.1f}" for k, d, s, _ in pairs))
-    env = environment(device)
-    md = [f"# summary: the paper's claims against this run ({args.preset} preset)", "",
-          f"Read from results/{args.preset}/*{suffix}.json; device {env['device']}; commit {env['git_commit']}. "
-          + (f"These are small models on {getattr(args, 'dataset', None) or 'Fashion-MNIST'} on a CPU, not the paper's "
-             f"CIFAR/ImageNet setting. " if args.preset == "quick" else "")
+    env = environment(run.device)
+    md = [f"# summary: the paper's claims against this run ({run.preset.name} preset)", "",
+          f"Read from results/{run.preset.name}/{run.result_name('*')}.json; device {env['device']}; commit "
+          f"{env['git_commit']}. "
+          + (f"These are small models on {run.dataset} on a CPU, not the paper's CIFAR/ImageNet setting. "
+             if run.preset.name == "quick" else "")
           + "A difference counts when it exceeds 2 standard errors of the sampling error over the evaluated test "
             "images (binomial for rates, over images for means); one training seed, so training noise is not in the "
             "error bars and a verdict here is evidence, not proof.", "",
@@ -1459,58 +1325,216 @@ def table_summary(args, device) -> None:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
     if stale:
         md += ["", "Not judged: " + "; ".join(f"{t} ({why})" for t, why in stale.items()) + "."]
-    write_table(out, f"summary{suffix}", "\n".join(md) + "\n",
-                {"table": "summary", "preset": args.preset, "dataset": getattr(args, "dataset", None), "noise_model": "2 standard errors, sampling over test "
-                 "images; training seed variance not included", "claims": claims, "not_judged": stale,
+    write_table(out, run.result_name("summary"), "\n".join(md) + "\n",
+                {"table": "summary", "preset": run.preset.name, "dataset": run.dataset, "noise_model": "2 standard "
+                 "errors, sampling over test images; training seed variance not included", "claims": claims,
+                 "not_judged": stale,
                  "inputs": {t: {"seed": r.get("seed"), "commit": r.get("environment", {}).get("git_commit")}
                             for t in ("main", "alignment", "depth", "clip", "autoattack") if (r := load(t))},
                  "environment": env})
 
 
 TABLES = {t.name: t for t in [
-    Table("speed", "forward+backward time", entries=pair_entries, run=table_speed),
-    Table("clean", "clean test accuracy, ViT vs DiffViT", pair_entries, evaluate=evaluate_clean, render=render_clean),
-    Table("main", "clean accuracy and attack success rate (PGD-10, Linf)", pair_entries,
-          images=lambda a: PRESETS[a.preset]["eval_images"],
-          settings=lambda a: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF)},
-          evaluate=lambda a, m, d, r: asr_row(m, d.x, d.y, EPS_LINF, "PGD-10"), render=render_main),
+    Table("clean", "clean test accuracy, ViT vs DiffViT", pair_entries, evaluate_clean, render_clean),
+    Table("main", "clean accuracy and attack success rate (PGD-10, Linf)", pair_entries, evaluate_main, render_main,
+          images=lambda p: p.eval_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF)}),
     Table("alignment", "branch-gradient alignment, gradient norms and local Lipschitz estimates", pair_entries,
-          images=lambda a: min(500, PRESETS[a.preset]["eval_images"]),
-          settings=lambda a: {"lipschitz": {"eps": 8 / 255, "images": PRESETS[a.preset]["lipschitz_images"]}},
-          evaluate=evaluate_alignment, render=render_alignment),
-    Table("clip", "CLIP vs DiffCLIP", clip_entries, images=lambda a: PRESETS[a.preset]["clip_images"],
-          settings=lambda a: {"templates": CLIP_TEMPLATES, "eps": list(EPS_LINF), "attacks": ["pgd-ce", "pgd-logit"]},
-          evaluate=evaluate_clip, render=render_clip),
-    Table("autoattack", "standard AutoAttack, Linf 8/255", pair_entries,
-          images=lambda a: PRESETS[a.preset]["autoattack_images"],
-          settings=lambda a: {"attack": "autoattack", "version": "standard", "eps": 8 / 255},
-          evaluate=evaluate_autoattack, render=render_autoattack),
-    Table("depth", "ASR against depth, ViT vs DiffViT", depth_entries,
-          images=lambda a: PRESETS[a.preset]["depth_images"],
-          settings=lambda a: {"attack": "pgd", "steps": 10, "eps": [1 / 255, 4 / 255],
-                              "lipschitz": {"eps": 4 / 255, "images": PRESETS[a.preset]["lipschitz_images"]}},
-          evaluate=evaluate_depth, render=render_depth),
-    Table("cw", "minimal L2 perturbation found by CW-L2, against depth", depth_entries,
-          images=lambda a: PRESETS[a.preset]["cw_images"],
-          settings=lambda a: {"attack": "cw_l2", "steps": PRESETS[a.preset]["cw_steps"],
-                              "search": PRESETS[a.preset]["cw_search"], "quantiles": "all attacked, failure = inf, nearest rank above"},
-          evaluate=evaluate_cw, render=render_cw),
-    Table("lambda", "DiffViT against lambda_init", lambda_entries, images=lambda a: PRESETS[a.preset]["depth_images"],
-          settings=lambda a: {"attack": "pgd", "steps": 10, "eps": [8 / 255]},
-          evaluate=evaluate_lambda, render=render_lambda),
-    Table("summary", "the paper's claims against this run", run=table_summary),  # last: it reads the others
+          evaluate_alignment, render_alignment, images=lambda p: min(500, p.eval_images),
+          settings=lambda p: {"lipschitz": {"eps": 8 / 255, "images": p.lipschitz_images}}),
+    Table("clip", "CLIP vs DiffCLIP", clip_entries, evaluate_clip, render_clip, images=lambda p: p.clip_images,
+          settings=lambda p: {"templates": CLIP_TEMPLATES, "eps": list(EPS_LINF), "steps": 10,
+                              "attacks": ["pgd-ce", "pgd-logit"]}),
+    Table("autoattack", "standard AutoAttack, Linf 8/255", pair_entries, evaluate_autoattack, render_autoattack,
+          images=lambda p: p.autoattack_images,
+          settings=lambda p: {"attack": "autoattack", "version": "standard", "eps": 8 / 255}),
+    Table("depth", "ASR against depth, ViT vs DiffViT", depth_entries, evaluate_depth, render_depth,
+          images=lambda p: p.depth_images,
+          settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [1 / 255, 4 / 255],
+                              "lipschitz": {"eps": 4 / 255, "images": p.lipschitz_images}}),
+    Table("cw", "minimal L2 perturbation found by CW-L2, against depth", depth_entries, evaluate_cw, render_cw,
+          images=lambda p: p.cw_images,
+          settings=lambda p: {"attack": "cw_l2", "steps": p.cw_steps, "search": p.cw_search,
+                              "quantiles": "all attacked, failure = inf, nearest rank above"}),
+    Table("lambda", "DiffViT against lambda_init", lambda_entries, evaluate_lambda, render_lambda,
+          images=lambda p: p.depth_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [8 / 255]}),
 ]}
+
+
+# ----------------------------------------------------------------------------------------
+# Speed: not one of the paper's tables; --table speed
+# ----------------------------------------------------------------------------------------
+
+def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int) -> list:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(x).float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str) -> dict:
+    """Forward+backward of two modules: medians over rounds of a and b (ms), the median of the
+    per-round ratios b/a, and their quartiles (how much one round's ratio moves on this machine).
+
+    Each round times a and b back to back (median of ``reps`` each), so the per-round ratio
+    cancels the slow drift of a shared machine; the order alternates (a b, b a, ...) so that
+    neither module always runs second; the rounds follow two warm-up passes.
+    """
+    a, b = make_a().to(device), make_b().to(device)
+    for m in (a, b):  # warm-up
+        _time_fwd_bwd(m, x, device, 2)
+    ta, tb = [], []
+    for i in tqdm(range(rounds), desc=desc, leave=False):
+        for m, times in ((a, ta), (b, tb))[::1 if i % 2 == 0 else -1]:
+            times.append(statistics.median(_time_fwd_bwd(m, x, device, reps)))
+    ratios = [q / p for p, q in zip(ta, tb)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"std_ms": statistics.median(ta) * 1e3, "diff_ms": statistics.median(tb) * 1e3,
+            "ratio": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2]}
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed blocks back to the OS (as jemalloc/tcmalloc set-ups do).
+
+    Otherwise every large CPU tensor is a fresh mmap whose page faults are timed with the
+    kernels, and the variant with more or larger temporaries pays for the allocator as well.
+    PyTorch's CPU performance guide recommends such an allocator. Returns False where not glibc.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        # mallopt takes a C int: values must stay below 2^31 (1 << 40 would wrap to 0, i.e. always trim)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+# rounds, reps: layers; rounds, reps: ViTs. On a shared 2-core VM one round's layer ratio moves by
+# +-5 % (interquartile range; a ViT round +-10 %), so the CPU medians are over 30 and 12 rounds.
+SPEED_ROUNDS = {"cpu": (30, 3, 12, 1), "cuda": (20, 20, 20, 10)}
+SPEED_SHAPE = (64, 65, 384, 6)  # batch, tokens (32x32 at patch 4, + class token), width, standard heads
+
+
+def table_speed(run: Run) -> None:
+    """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width, and
+    PGD-10 throughput on the preset's models.
+
+    A measurement is kept as a cell keyed by the device, the library versions and the source of
+    diffattn.py and of the benchmark's functions: a rerun reads it; delete
+    ``<out>/runs/cells/speed-*.json`` to measure again on unchanged code.
+    """
+    device = run.device
+    env = environment(device)
+    rounds, reps, vit_rounds, vit_reps = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
+    source = hashlib.sha256(Path(da.__file__).read_bytes() + SPEED_CODE.encode()).hexdigest()[:16]
+    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": run.seed,
+            "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": run.preset.model,
+            "dataset": run.dataset}
+    res = cached(run.cache, "speed", cell, lambda: measure_speed(run, rounds, reps, vit_rounds, vit_reps))
+    rows, pgd_rows = res["rows"], res["pgd"]
+    md = [f"# speed: forward+backward time, standard vs differential attention at equal width",
+          "", f"Median over alternating rounds after warm-up ({rounds} rounds of {reps} for the layers, {vit_rounds} of "
+          f"{vit_reps} for the ViTs); diff / std is the median of per-round ratios, and the "
+          f"last column their interquartile range (the round-to-round noise).",
+          f"", f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32; CPU allocator: "
+          f"{res['allocator']}; measured {res['measured_at']}.", "",
+          "| what | standard (ms) | differential (ms) | diff / std | per-round IQR |", "|---|---:|---:|---:|---:|"]
+    md += [f"| {r['what']} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} | "
+           f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} |" for r in rows]
+    md += ["", f"## PGD-10 throughput, Linf eps 8/255 ({run.preset.name} preset models, {pgd_rows[0]['dataset']} test images, "
+           f"batch {pgd_rows[0]['batch']}; median of {pgd_rows[0]['rounds']} alternating rounds)", "",
+           "| model | attack | images/s | vs torchattacks |", "|---|---|---:|---:|"]
+    for r in pgd_rows:
+        ref = next((q["images_per_s"] for q in pgd_rows if q["model"] == r["model"] and q["attack"].startswith("torchattacks")), None)
+        md.append(f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | "
+                  f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
+    write_table(run.results, run.result_name("speed"), "\n".join(md) + "\n",
+                {"table": "speed", "preset": run.preset.name, "dataset": run.dataset, **res, "rounds": cell["rounds"],
+                 "seed": run.seed, "environment": env})
+
+
+def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: int) -> dict:
+    device = run.device
+    cpu = device.type == "cpu"
+    allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
+    B, N, dim, heads = SPEED_SHAPE
+    torch.manual_seed(run.seed)
+    rows = []
+    x = torch.randn(B, N, dim, device=device, requires_grad=True)
+    r = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
+                   rounds=rounds, reps=reps, desc="attention layers")
+    rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}", **r})
+    try:  # reference point: timm's own pair on the same input, when timm is installed
+        from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
+        r = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
+                       lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
+                       rounds=rounds, reps=reps, desc="timm attention layers")
+        rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes", **r})
+    except ImportError:
+        pass
+    side = 4 * math.isqrt(N - 1)  # patch 4
+    vit = dict(img_size=side, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
+    img = torch.rand(B, 3, side, side, device=device)
+    r = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
+                   rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT")
+    rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}", **r})
+    return {"rows": rows, "pgd": pgd_throughput(run), "allocator": allocator,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3) -> list:
+    """Images/s of the kit's PGD-10 (default, and with early_stop) beside torchattacks' PGD, same models and batch."""
+    device, dataset = run.device, run.dataset
+    x, y = next(batches(load_dataset(dataset, run.data_root, train=False).subset(batch, run.seed), batch, device))
+    eps, steps = 8 / 255, 10
+    try:
+        import torchattacks
+    except ImportError:
+        torchattacks = None
+        print("torchattacks is not installed: its PGD row is skipped (pip install torchattacks)")
+    rows = []
+    for entry in pair_entries(run):
+        model, _ = obtain_model(entry, run, {})
+        attacks = {"diffattn.pgd": lambda: da.pgd(model, x, y, eps, steps=steps),
+                   "diffattn.pgd early_stop": lambda: da.pgd(model, x, y, eps, steps=steps, early_stop=True)}
+        if torchattacks is not None:
+            ta = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+            attacks[f"torchattacks {torchattacks.__version__} PGD"] = lambda: ta(x, y)
+        times = {k: [] for k in attacks}
+        for _ in tqdm(range(rounds), desc=f"PGD throughput ({entry.labels['model']})", leave=False):
+            for name, attack in attacks.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                attack()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+        for name, ts in times.items():
+            rows.append({"model": entry.labels["model"], "attack": name, "dataset": dataset,
+                         "batch": batch, "rounds": rounds, "seconds": statistics.median(ts),
+                         "images_per_s": batch / statistics.median(ts)})
+    return rows
+
+
+SPEED_CODE = "".join(inspect.getsource(f) for f in (measure_speed, bench_pair, _time_fwd_bwd, pgd_throughput))
 
 
 TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000, "mnist": 60000, "fashion-mnist": 60000}
 
 
-def planned_models(args, tables) -> list:
+def planned_models(run: Run, tables) -> list:
     """(model config, TrainConfig) of every model the given tables train, without duplicates."""
     plan = []
     for t in tables:
         try:
-            plan += [(e.model, e.train) for e in TABLES[t].entries(args) if e.train is not None]
+            plan += [(e.model, e.train) for e in TABLES[t].entries(run) if e.train is not None]
         except SetupMissing:
             continue  # the table reports what it misses when it runs
     unique = {config_hash({"model": m, "train": dataclasses.asdict(c)}): (m, c) for m, c in plan}
@@ -1537,20 +1561,19 @@ def train_step_flops(model_cfg: dict, cfg: TrainConfig) -> float:
     return counter.get_total_flops() / 2 * cfg.batch_size
 
 
-def estimate_training_hours(args, device, tables, steps: int = 5) -> float:
+def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
     """Hours of training still to do for ``tables``: each unfinished model's step time, measured on
     random inputs after two warm-up steps, times its steps. Evaluation time is not included.
 
     The paper preset on a machine without a GPU is not timed (a CPU says nothing about a GPU): its
     matmul FLOPs are counted instead and divided by ``ASSUMED_GPU_TFLOPS``, and the output says so.
     """
-    project = device.type == "cpu" and args.preset == "paper"
+    device = run.device
+    project = device.type == "cpu" and run.preset.name == "paper"
     total = total_flops = 0.0
     lines = []
-    for model_cfg, cfg in planned_models(args, tables):
-        key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
-        kind = "clip-" if model_cfg.get("kind") == "clip" else ""
-        ckpt = Path(args.out) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
+    for model_cfg, cfg in planned_models(run, tables):
+        ckpt = checkpoint_path(run.cache, model_cfg, cfg)
         done_epochs = torch.load(ckpt, map_location="cpu", weights_only=True)["record"]["epoch"] if ckpt.is_file() else 0
         if done_epochs >= cfg.epochs:
             continue
@@ -1565,7 +1588,7 @@ def estimate_training_hours(args, device, tables, steps: int = 5) -> float:
         total += seconds
         depth = model_cfg.get("depth", model_cfg.get("image", {}).get("depth"))
         lam = f", lambda_init {model_cfg['lambda_init']}" if "lambda_init" in model_cfg else ""
-        lines.append(f"  {kind}{model_cfg.get('attn', 'std')} depth {depth}{lam} on {cfg.dataset}: "
+        lines.append(f"  {ckpt.stem.rsplit('-', 1)[0]} depth {depth}{lam} on {cfg.dataset}: "
                      f"{seconds / 60:.1f} min, {flops / 1e12:,.1f} TFLOP ({cfg.epochs - done_epochs} epochs left)")
     how = (f"projected for one GPU at an assumed {ASSUMED_GPU_TFLOPS} TFLOP/s sustained (counted matmul FLOPs; no GPU "
            f"here to time: run --estimate on the GPU for a measured figure)" if project else
@@ -1603,12 +1626,13 @@ def _train_step_times(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", required=True, choices=sorted(TABLES) + ["all"])
-    p.add_argument("--preset", default="auto", choices=["auto", "quick", "paper"])
-    p.add_argument("--dataset", default=None, choices=sorted(DATASETS))
+    p.add_argument("--table", required=True, choices=sorted(TABLES) + ["summary", "speed", "all"],
+                   help="all: every table of the paper, then the summary (speed runs only when asked)")
+    p.add_argument("--preset", default="auto", choices=["auto"] + sorted(PRESETS),
+                   help="auto: paper on a CUDA device, quick elsewhere")
+    p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="default: the preset's")
     p.add_argument("--data-root", default=os.environ.get("DIFFATTN_DATA", "~/data"))
-    p.add_argument("--out", default="runs", help="checkpoint cache")
-    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(HERE), help="caches go to <out>/runs, tables to <out>/results/<preset>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -1620,23 +1644,27 @@ def main(argv=None) -> int:
     p.add_argument("--estimate", action="store_true", help="print the training time still to do, then stop")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    args.preset = resolve_preset(args.preset, device)
-    tables = list(TABLES) if args.table == "all" else [args.table]
-    args.skipped = {}  # tables --table all could not run, and why (the summary leaves them out)
+    preset = PRESETS[resolve_preset(args.preset, device)]
+    run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(), Path(args.out).expanduser(),
+              device, args.seed, args.compile, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle)
+    tables = list(TABLES) if args.table == "all" else [t for t in [args.table] if t in TABLES]
     try:
-        check_preset_fits(args)
+        check_preset_fits(run)
         if args.table == "all" or args.estimate:
-            estimate_training_hours(args, device, tables)
+            estimate_training_hours(run, tables)
             if args.estimate:
                 return 0
+        if args.table == "speed":
+            table_speed(run)
+            return 0
     except SetupMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    started, seconds, skipped = time.perf_counter(), {}, args.skipped
+    started, seconds, skipped = time.perf_counter(), {}, {}  # skipped: tables --table all could not run, and why
     for name in tables:
         t = time.perf_counter()
         try:
-            run_table(TABLES[name], args, device)
+            run_table(TABLES[name], run)
         except SetupMissing as e:
             if args.table != "all":
                 print(f"error: {e}", file=sys.stderr)
@@ -1644,51 +1672,60 @@ def main(argv=None) -> int:
             skipped[name] = str(e)
             print(f"table {name} skipped: {e}", file=sys.stderr)
         seconds[name] = time.perf_counter() - t
+    if args.table in ("all", "summary"):
+        table_summary(run, skipped)  # last: it reads the others
     if args.table == "all":
-        report_run(args, device, seconds, time.perf_counter() - started, skipped)
+        report_run(run, seconds, time.perf_counter() - started, skipped)
     return 2 if skipped else 0
 
 
-def check_preset_fits(args) -> None:
+def resolve_preset(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    chosen = "paper" if device.type == "cuda" else "quick"
+    print(f"preset auto -> {chosen} ({'a CUDA device is present' if chosen == 'paper' else 'no CUDA device'})")
+    return chosen
+
+
+def check_preset_fits(run: Run) -> None:
     """The preset's patch sizes must divide the dataset's images (quick's 7 is for 28x28 ones)."""
-    p, dataset = PRESETS[args.preset], _dataset(args)
-    size = DATASETS[dataset].img_size
-    models = [p["model"], p.get("depth_model", {}), p.get("clip", {}).get("image", {})]
+    p, size = run.preset, DATASETS[run.dataset].img_size
+    models = [p.model, p.depth_model, (p.clip or {}).get("image", {})]
     bad = sorted({m["patch_size"] for m in models if m and size % m["patch_size"]})
     if bad:
         fits = sorted(n for n, info in DATASETS.items() if all(info.img_size % q == 0 for q in bad))
-        raise SetupMissing(f"the {args.preset} preset's models use patch size {bad[0]}, which does not divide "
-                           f"{dataset}'s {size}x{size} images; with this preset use --dataset "
-                           f"{' or '.join(fits)}, or --preset paper for {dataset}")
+        raise SetupMissing(f"the {p.name} preset's models use patch size {bad[0]}, which does not divide "
+                           f"{run.dataset}'s {size}x{size} images; with this preset use --dataset "
+                           f"{' or '.join(fits)}, or --preset paper for {run.dataset}")
 
 
-def report_run(args, device, seconds: dict, total: float, skipped: dict) -> None:
+def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
     """Wall time per table and peak memory of a ``--table all`` run, kept in results/<preset>/run.md
     when the run computed anything (a rerun served from the caches leaves the record of the work)."""
     import resource
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
-    gpu = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    gpu = torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else None
     lines = [f"{name}: {s:.0f} s" for name, s in seconds.items()]
-    print(f"--table all ({args.preset} preset) finished in {total / 60:.1f} min; peak memory {peak_gib:.2f} GiB"
+    print(f"--table all ({run.preset.name} preset) finished in {total / 60:.1f} min; peak memory {peak_gib:.2f} GiB"
           + (f" (GPU {gpu:.2f} GiB)" if gpu is not None else "") + f"; computed {WORK['epochs']} training epochs and "
           f"{WORK['cells']} cells\n  " + "\n  ".join(lines))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     if not WORK["epochs"] and not WORK["cells"]:
         return
-    env = environment(device)
-    md = [f"# run: wall time of `python reproduce.py --table all --preset {args.preset}`", "",
-          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; seed {args.seed}. This run "
+    env = environment(run.device)
+    md = [f"# run: wall time of `python reproduce.py --table all --preset {run.preset.name}`", "",
+          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; seed {run.seed}. This run "
           f"trained {WORK['epochs']} epochs and computed {WORK['cells']} cells (the rest, if any, came from the "
-          f"caches in --out). Total {total / 60:.1f} min; peak resident memory {peak_gib:.2f} GiB"
+          f"caches in <out>/runs). Total {total / 60:.1f} min; peak resident memory {peak_gib:.2f} GiB"
           + (f"; peak GPU memory {gpu:.2f} GiB" if gpu is not None else "") + ".", "",
           "| table | seconds |", "|---|---:|"] + [f"| {n} | {s:.0f} |" for n, s in seconds.items()]
     md += [f"| **total** | {total:.0f} |"] + (["", "Skipped: " + "; ".join(f"{n} ({w})" for n, w in skipped.items())]
                                                if skipped else [])
-    write_table(Path(args.results) / args.preset, f"run-{args.dataset}" if args.dataset else "run", "\n".join(md) + "\n",
-                {"table": "run", "preset": args.preset, "seconds": seconds, "total_seconds": total,
-                 "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"],
-                 "computed_cells": WORK["cells"], "skipped": skipped, "seed": args.seed, "environment": env})
+    write_table(run.results, run.result_name("run"), "\n".join(md) + "\n",
+                {"table": "run", "preset": run.preset.name, "dataset": run.dataset, "seconds": seconds,
+                 "total_seconds": total, "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"],
+                 "computed_cells": WORK["cells"], "skipped": skipped, "seed": run.seed, "environment": env})
 
 
 if __name__ == "__main__":

@@ -976,34 +976,31 @@ def test_cifar_and_tiny_imagenet_readers_on_made_up_files(tmp_path):
     assert (base / "val.uint8.pt").is_file()  # decoded once, then read from the cache
 
 
-TINY_PRESET = {
-    "dataset": "cifar10", "model": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
-    "train": {"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
-    "clip": {"kind": "clip", "embed_dim": 8, "image": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
-             "text": {"width": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0}},
-    "clip_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
-    "depths": [1, 2], "depth_model": {"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
-    "depth_train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, "lambda_depth": 1,
-    "eval_images": 20, "clip_images": 20, "depth_images": 12, "lipschitz_images": 4, "autoattack_images": 6, "cw_images": 20,
-    "cw_steps": 4, "cw_search": 2}
+TINY_PRESET = R.Preset(
+    "tiny", "cifar10", model={"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+    train={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
+    depths=(1, 2), depth_model={"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
+    depth_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, lambda_depth=1,
+    eval_images=20, clip_images=20, depth_images=12, lipschitz_images=4, autoattack_images=6, cw_images=20,
+    cw_steps=4, cw_search=2,
+    clip={"kind": "clip", "embed_dim": 8, "image": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+          "text": {"width": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0}},
+    clip_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5})
 
 
-def tiny_args(tmp_path, dataset=None):
-    import argparse
-    return argparse.Namespace(preset="tiny", dataset=dataset, data_root=tmp_path / "data", out=tmp_path / "runs",
-                              results=tmp_path / "results", seed=0, compile=False, trust_pickle=False,
-                              clip_checkpoint=None, diffclip_checkpoint=None)
+def tiny_run(tmp_path, dataset="cifar10", preset=TINY_PRESET):
+    return R.Run(preset, dataset, tmp_path / "data", tmp_path, torch.device("cpu"))
 
 
 def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
     import json
     write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
-    args = tiny_args(tmp_path)
-    tables = [t for t in R.TABLES if t != "speed"]  # speed times fixed, larger shapes: a benchmark, not a test
-    for name in tables:
-        R.run_table(R.TABLES[name], args, torch.device("cpu"))
+    run = tiny_run(tmp_path)
+    for name in R.TABLES:
+        R.run_table(R.TABLES[name], run)
+    R.table_summary(run)
     out = tmp_path / "results" / "tiny"
+    tables = list(R.TABLES) + ["summary"]
     first = {t: json.loads((out / f"{t}.json").read_text()) for t in tables}
     assert [r["model"] for r in first["main"]["rows"]] == ["ViT", "DiffViT"] and first["main"]["n_images"] == 20
     assert set(first["main"]["rows"][0]["asr"]) == {"1/255", "2/255", "4/255", "8/255"}
@@ -1028,8 +1025,8 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     monkeypatch.setattr(R, "load_dataset", lambda *a, train=True, **k: pytest.fail("training data reloaded")
                         if train else ORIGINAL_LOAD(*a, train=train, **k))
     work = dict(R.WORK)
-    for name in tables:
-        R.run_table(R.TABLES[name], args, torch.device("cpu"))
+    for name in R.TABLES:
+        R.run_table(R.TABLES[name], run)
     assert R.WORK == work
     assert all(json.loads((out / f"{t}.json").read_text())["rows"] == first[t]["rows"] for t in tables if t != "summary")
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
@@ -1041,38 +1038,36 @@ ORIGINAL_LOAD = R.load_dataset
 def test_speed_table_times_both_pairs_and_a_rerun_reads_the_measurement(tmp_path, monkeypatch):
     import json
     write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
     monkeypatch.setattr(R, "SPEED_SHAPE", (4, 17, 32, 4))  # 16x16 images at patch 4
     monkeypatch.setitem(R.SPEED_ROUNDS, "cpu", (2, 1, 2, 1))
-    args = tiny_args(tmp_path)
-    R.run_table(R.TABLES["speed"], args, torch.device("cpu"))
-    res = json.loads((tmp_path / "results" / "speed.json").read_text())
+    run = tiny_run(tmp_path)
+    R.table_speed(run)
+    res = json.loads((tmp_path / "results" / "tiny" / "speed.json").read_text())
     assert [r["what"].split(",")[0] for r in res["rows"]][::2] == ["attention layer", "ViT depth 6"]
     assert all(r["std_ms"] > 0 and r["diff_ms"] > 0 and 0.2 < r["ratio"] < 5 for r in res["rows"])
     assert {r["model"] for r in res["pgd"]} == {"ViT", "DiffViT"} and res["environment"]["torch"] == torch.__version__
     monkeypatch.setattr(R, "measure_speed", lambda *a, **k: pytest.fail("measured again on unchanged code"))
-    R.run_table(R.TABLES["speed"], args, torch.device("cpu"))
-    assert json.loads((tmp_path / "results" / "speed.json").read_text())["rows"] == res["rows"]
+    R.table_speed(run)
+    assert json.loads((tmp_path / "results" / "tiny" / "speed.json").read_text())["rows"] == res["rows"]
 
 
 def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
-    args = tiny_args(tmp_path)
+    run = tiny_run(tmp_path)
     table = R.TABLES["main"]
     calls = []
 
-    def dies_on_the_second_model(a, model, data, record):
+    def dies_on_the_second_model(model, data, settings, record):
         calls.append(record["key"])
         if len(calls) == 2:
             raise KeyboardInterrupt  # what a kill leaves behind: the first cell written, the second not
-        return table.evaluate(a, model, data, record)
+        return table.evaluate(model, data, settings, record)
     with pytest.raises(KeyboardInterrupt):
-        R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), args, torch.device("cpu"))
+        R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), run)
     assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 1
     assert not (tmp_path / "results" / "tiny" / "main.md").exists()  # no half-written table
     calls.clear()
-    R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), args, torch.device("cpu"))
+    R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), run)
     assert len(calls) == 1  # only the DiffViT cell ran again; the ViT cell came from the cache
     assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 2
 
@@ -1112,19 +1107,18 @@ def test_an_incompletely_extracted_tiny_imagenet_is_refused_not_cached(tmp_path)
 def test_main_table_on_made_up_tiny_imagenet(tmp_path, monkeypatch):
     import json
     write_fake_tiny_imagenet(tmp_path / "data", per_class=10)
-    monkeypatch.setitem(R.PRESETS, "tiny", {**TINY_PRESET, "model": {**TINY_PRESET["model"], "patch_size": 16}})
-    args = tiny_args(tmp_path, dataset="tiny-imagenet")
-    R.run_table(R.TABLES["main"], args, torch.device("cpu"))
+    preset = R.dataclasses.replace(TINY_PRESET, model={**TINY_PRESET.model, "patch_size": 16})
+    R.run_table(R.TABLES["main"], tiny_run(tmp_path, "tiny-imagenet", preset))
     res = json.loads((tmp_path / "results" / "tiny" / "main-tiny-imagenet.json").read_text())
     assert res["dataset"] == "tiny-imagenet" and res["n_images"] == 2 and len(res["rows"]) == 2
     assert res["models"][0]["train_config"]["dataset"] == "tiny-imagenet"
 
 
 def test_summary_judges_claims_with_the_noise_model(tmp_path):
-    import argparse
     import json
-    out = tmp_path / "quick"
-    out.mkdir()
+    run = tiny_run(tmp_path, "fashion-mnist", R.PRESETS["quick"])
+    out = tmp_path / "results" / "quick"
+    out.mkdir(parents=True)
     asr = lambda *v: {e: x for e, x in zip(["1/255", "2/255", "4/255", "8/255"], v)}
     # n = 1000 initially correct: 2 se of a difference near p = 0.3 is about 4 points
     (out / "main.json").write_text(json.dumps({"rows": [
@@ -1135,8 +1129,7 @@ def test_summary_judges_claims_with_the_noise_model(tmp_path):
         depth_rows += [{"depth": d, "model": "ViT", "n_correct": 1000, "asr": {"1/255": s1, "4/255": s4}},
                        {"depth": d, "model": "DiffViT", "n_correct": 1000, "asr": {"1/255": d1, "4/255": d4}}]
     (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
-    args = argparse.Namespace(preset="quick", results=tmp_path, seed=0)
-    R.table_summary(args, torch.device("cpu"))
+    R.table_summary(run)
     claims = {c["table"]: c for c in json.loads((out / "summary.json").read_text())["claims"]}
     assert claims["main"]["outcomes"] == ["higher", "higher", "within noise", "higher"]
     assert claims["main"]["verdict"] == "partly supported"
@@ -1150,7 +1143,7 @@ def test_summary_judges_claims_with_the_noise_model(tmp_path):
     (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
     # a table of another seed is not judged as part of this run
     (out / "main.json").write_text(json.dumps({**json.loads((out / "main.json").read_text()), "seed": 3}))
-    R.table_summary(args, torch.device("cpu"))
+    R.table_summary(run)
     res = json.loads((out / "summary.json").read_text())
     assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
     assert res["not_judged"] == {"main": "seed 3, not 0"}
@@ -1162,10 +1155,9 @@ def test_quick_preset_refuses_datasets_its_patches_do_not_divide(capsys):
 
 
 def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
-    args = tiny_args(tmp_path)
     entry = R.Entry({"model": "CLIP"}, source=str(tmp_path / "absent.pt"), data="imagenet")
     with pytest.raises(R.SetupMissing, match="could not load the CLIP checkpoint"):
-        R.obtain_model(entry, args, torch.device("cpu"), {})
+        R.obtain_model(entry, tiny_run(tmp_path), {})
 
 
 @pytest.mark.parametrize("layer", [da.DiffAttention(32, 4, causal=True), da.Attention(32, 4, causal=True)])
@@ -1184,15 +1176,26 @@ def test_causal_attention_sees_no_later_token_on_both_paths(layer):
     assert (outs[0] - outs[1]).abs().max() < 1e-5
 
 
-def test_training_estimate_counts_unfinished_models_only(tmp_path, monkeypatch, capsys):
-    import argparse
+def test_training_estimate_counts_unfinished_models_only(tmp_path, capsys):
     write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setitem(R.PRESETS, "tiny", {
-        "dataset": "cifar10", "model": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
-        "train": {"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}})
-    args = argparse.Namespace(preset="tiny", dataset=None, data_root=tmp_path / "data", out=tmp_path / "runs", seed=0)
-    hours = R.estimate_training_hours(args, torch.device("cpu"), ["main"], steps=2)
+    run = tiny_run(tmp_path, preset=R.dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 1}))
+    hours = R.estimate_training_hours(run, ["main"], steps=2)
     assert hours > 0 and "for 2 models" in capsys.readouterr().out
-    for model_cfg, cfg in R.planned_models(args, ["main"]):
-        R.train_model(model_cfg, cfg, args.data_root, args.out, "cpu", progress=False)
-    assert R.estimate_training_hours(args, torch.device("cpu"), ["main"]) == 0.0
+    for model_cfg, cfg in R.planned_models(run, ["main"]):
+        R.train_model(model_cfg, cfg, run.data_root, run.cache, "cpu", progress=False)
+    assert R.estimate_training_hours(run, ["main"]) == 0.0
+
+
+def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monkeypatch):
+    import json
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
+    checkout = {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
+    argv = ["--preset", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu"]
+    assert R.main(["--table", "main", "--out", str(tmp_path / "a"), *argv]) == 0
+    assert R.main(["--table", "main", "--out", str(tmp_path / "b"), "--dataset", "cifar10", *argv]) == 0
+    for out in ("a", "b"):  # the preset's own dataset: no suffix
+        res = json.loads((tmp_path / out / "results" / "tiny" / "main.json").read_text())
+        assert res["preset"] == "tiny" and res["dataset"] == "cifar10" and len(res["rows"]) == 2
+        assert len(list((tmp_path / out / "runs" / "checkpoints").glob("*.pt"))) == 2
+    assert checkout == {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
