@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -27,13 +30,21 @@ from torch.func import jacrev, jvp
 from tqdm import tqdm
 
 import diffattn as da
-from reproduce import atomic_write_text, environment
 
 WIDTHS_HEADS = [(16, 2), (32, 4), (48, 4)]
 TOKENS = [4, 8, 12]
 LAMBDA_INITS = [0.2, 0.5, 0.8, 0.9]
 TOL = 1e-10  # float64 relative tolerance for identities
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # raised inside torch.func
+
+
+def provenance(device) -> dict:
+    """Device, versions, and the commit of the two files that decide these numbers ("-dirty": edited since)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True)
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    dirty = git("diff", "--quiet", "HEAD", "--", "diffattn.py", "theory_check.py").returncode == 1
+    return {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "git_commit": commit + ("-dirty" if dirty else "")}
 
 
 def random_layer(dim: int, heads: int, lambda_init: float, gen: torch.Generator, device) -> da.DiffAttention:
@@ -286,9 +297,11 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
     result = {"checks": [{"statement": n, "pass": ok, "detail": d} for n, ok, d in checks], "rows": rows,
               "extremes": extremes, "finite_differences": fd, "alignment_by_lambda_init": per_lambda,
               "depth": depth, "seed": seed, "samples": samples, "depth_trials": depth_trials,
-              "environment": environment(device), "report": report}
-    if json_path:
-        atomic_write_text(Path(json_path), json.dumps(result, indent=1, default=float) + "\n")
+              "environment": provenance(device), "report": report}
+    if json_path:  # atomically: a reader never sees half a file
+        tmp = Path(f"{json_path}.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        os.replace(tmp, json_path)
     return result
 
 
