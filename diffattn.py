@@ -4,24 +4,21 @@ A reproducibility kit for "Understanding Sensitivity of Differential Attention t
 Lens of Adversarial Robustness" (ICLR 2026, arXiv 2510.00517). This one file depends on torch
 alone and can be copied into another project.
 
-Read top to bottom: attention (the paper's object) -> ViT/DiffViT -> attacks (PGD, FGSM,
-CW-L2, AutoAttack) -> metrics (ASR, robust accuracy, gradient norms, branch-gradient
-alignment, local Lipschitz, sanity checks).
+Read top to bottom: attention (the paper's object) -> ViT/DiffViT -> CLIP/DiffCLIP and their
+loaders -> attacks (PGD, FGSM, CW-L2, AutoAttack) -> metrics (ASR, robust accuracy, gradient
+norms, branch-gradient alignment, local Lipschitz, sanity checks).
 
-Conventions
------------
-* Images are float tensors (B, C, H, W) in [0, 1]; models normalize inside with their own
-  mean/std (the RobustBench / AutoAttack convention), so attacks work in pixel space.
-* State dicts follow timm's ``VisionTransformer`` names, so checkpoints move between the two.
-* ``heads`` always counts *standard* heads H. ``DiffAttention(dim, H)`` has H/2 differential
-  heads, each with two query/key sub-heads of size d = dim/H and a value of width 2d, so it
-  has the projection shapes of ``Attention(dim, H)`` (Ye et al.'s comparison). timm's
-  ``DiffAttention`` counts ``num_heads`` in differential heads, i.e. H/2.
+Conventions: images are float (B, C, H, W) in [0, 1] and models normalize inside (RobustBench's
+convention), so attacks work in pixel space; state dicts use timm's ``VisionTransformer`` names;
+``heads`` always counts *standard* heads H: ``DiffAttention(dim, H)`` has H/2 differential heads
+and the projection shapes of ``Attention(dim, H)`` (Ye et al.'s comparison; timm's
+``DiffAttention`` counts H/2).
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -30,15 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    "Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule",
-    "Block", "ViT", "check_images",
-    "TextTransformer", "CLIP", "tokenize", "imagenet_templates", "zero_shot_weights",
-    "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip",
-    "AttackResult", "pgd", "fgsm", "cw_l2", "autoattack",
-    "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate", "input_gradient_norm",
-    "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks",
-]
+__all__ = ["Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule", "Block", "ViT",
+           "check_images", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
+           "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip", "AttackResult", "pgd", "fgsm", "cw_l2",
+           "autoattack", "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate",
+           "input_gradient_norm", "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -47,13 +40,10 @@ __all__ = [
 
 @dataclass
 class AttnMaps:
-    """What one attention layer saw in one forward pass (recorded inside ``attention_maps``).
+    """One attention layer's maps in one forward pass, recorded by ``attention_maps``, in the graph.
 
-    ``DiffAttention``: ``A1 = softmax(Q1 K1^T / sqrt(d))``, ``A2 = softmax(Q2 K2^T / sqrt(d))``, each
-    (B, H/2, N, N), the scalar ``lam`` and ``A = A1 - lam * A2``, the map that multiplies V.
-    ``Attention``: ``A`` is the (B, H, N, N) softmax map and ``A1 = A2 = lam = None``.
-    All stay in the autograd graph; ``A.retain_grad()`` is set, so after ``loss.backward()``
-    ``A.grad`` is G = dL/dA.
+    ``DiffAttention``: A1, A2 (B, H/2, N, N), the scalar ``lam`` and ``A = A1 - lam * A2``, the map that
+    multiplies V. ``Attention``: ``A`` (B, H, N, N), the rest None. ``A.grad`` is G = dL/dA after a backward.
     """
     layer: str
     A: torch.Tensor
@@ -68,7 +58,7 @@ def lambda_init_schedule(layer_index: int) -> float:
 
 
 class _Recordable(nn.Module):
-    """While ``_record`` is a list (inside ``attention_maps``), forward takes the explicit path and appends its maps."""
+    """While ``_record`` is a list (inside ``attention_maps``), forward takes the explicit path and records."""
     _record: Optional[list] = None
     _name, _retain_grad = "", True
 
@@ -114,18 +104,14 @@ class DiffAttention(_Recordable):
         head_h = (1 - lambda_init) * RMSNorm((A1 - lambda A2) V_h)              (V_h of width 2d)
         out = proj(concat_h head_h)
 
-    Q1/Q2 (K1/K2) of head h are the standard heads 2h and 2h+1 of ``qkv`` (timm's layout) and V_h
-    is their two value heads side by side, so the projections have the shapes of
-    ``Attention(dim, H)``; on top come 4d lambda parameters and the 2d RMSNorm weights (one
-    RMSNorm over 2d channels, shared by the heads).
+    Q1, Q2 (K1, K2) of head h are the standard heads 2h, 2h+1 of ``qkv`` (timm's layout) and V_h their
+    two value heads side by side: the projections of ``Attention(dim, H)``, plus 4d lambda parameters
+    and one RMSNorm(2d) shared by the heads. ``lambda_init``: a number (0.8, as in the paper and in
+    DiffCLIP) or ``"schedule"`` (``lambda_init_schedule(layer_index)``, Ye et al.'s and timm's default).
 
-    ``lambda_init``: a number (0.8 by default, as in the paper studied here and in DiffCLIP), or
-    ``"schedule"`` for 0.8 - 0.6 exp(-0.3 l) with l = ``layer_index`` (Ye et al.'s and timm's default).
-
-    Two paths compute the same numbers: fused (``F.scaled_dot_product_attention`` with [Q1; Q2]
-    stacked on the batch axis; the default on CUDA, or ``fused=True``) and explicit (the maps
-    materialized under plain autograd; the default elsewhere, where PyTorch's SDPA has no fused
-    kernel for a value width 2d != d, and always inside ``attention_maps``, which records them).
+    Two paths, one formula: fused (``F.scaled_dot_product_attention``, [Q1; Q2] stacked on the batch
+    axis; the default on CUDA) and explicit (the maps materialized; the default elsewhere, since CPU
+    SDPA has no fused kernel for a value width 2d != d, and inside ``attention_maps``).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
@@ -146,10 +132,8 @@ class DiffAttention(_Recordable):
         d = self.head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.lambda_q1 = nn.Parameter(torch.randn(d) * 0.1)
-        self.lambda_k1 = nn.Parameter(torch.randn(d) * 0.1)
-        self.lambda_q2 = nn.Parameter(torch.randn(d) * 0.1)
-        self.lambda_k2 = nn.Parameter(torch.randn(d) * 0.1)
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (nn.Parameter(torch.randn(d) * 0.1)
+                                                                          for _ in range(4))
         self.sub_norm = nn.RMSNorm(2 * d, eps=1e-5)
 
     def lam(self) -> torch.Tensor:
@@ -196,15 +180,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 @contextmanager
 def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]:
-    """Record the attention maps of every ``Attention``/``DiffAttention`` layer of ``model``.
-
-    Inside the block, forward passes take the explicit path and append one ``AttnMaps`` per
-    layer and pass, in execution order, to the yielded list::
+    """Record the maps of every ``Attention``/``DiffAttention`` layer of ``model``, one ``AttnMaps`` per
+    layer and pass, in execution order::
 
         with attention_maps(model) as maps:
             F.cross_entropy(model(x), y).backward()
-        G = maps[0].A.grad          # dL/dA of the first layer, A = A1 - lambda A2
-        A1, A2, lam = maps[0].A1, maps[0].A2, maps[0].lam
+        G, A1, A2, lam = maps[0].A.grad, maps[0].A1, maps[0].A2, maps[0].lam   # G = dL/dA, A = A1 - lam A2
 
     ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms do not allow.
     """
@@ -224,12 +205,8 @@ def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]
 # ----------------------------------------------------------------------------------------
 
 def check_images(x: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless x is a float tensor of finite values in [0, 1] (one host sync).
-
-    Called once where images enter (``predict``, every attack and metric), not in forward passes:
-    a model checks only shape and dtype, which costs nothing on a GPU and nothing under
-    ``torch.compile``.
-    """
+    """Raise ``ValueError`` unless x holds finite float values in [0, 1]. One host sync, so it runs where
+    images enter (``predict``, every attack and metric); a model's forward checks shape and dtype only."""
     if not torch.is_tensor(x) or not x.is_floating_point():
         what = x.dtype if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"expected float images in [0, 1], got {what}; divide uint8 images by 255")
@@ -258,13 +235,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), ACTIVATIONS[act](), nn.Linear(hidden, dim)
+        if act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act={act!r}; expected 'gelu' or 'quick_gelu'")
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = nn.GELU() if act == "gelu" else QuickGELU()
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -277,15 +254,11 @@ class Block(nn.Module):
                  lambda_init: Union[float, str] = 0.8, layer_index: int = 0, qkv_bias: bool = True,
                  proj_bias: bool = True, causal: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError(f"act={act!r}; expected one of {sorted(ACTIVATIONS)}")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if attn == "std":
-            self.attn = Attention(dim, heads, qkv_bias, proj_bias, causal)
-        elif attn == "diff":
-            self.attn = DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias, proj_bias, causal)
-        else:
+        if attn not in ("std", "diff"):
             raise ValueError(f"attn={attn!r}; expected 'std' or 'diff'")
+        self.attn = (Attention(dim, heads, qkv_bias, proj_bias, causal) if attn == "std" else
+                     DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias, proj_bias, causal))
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
@@ -305,26 +278,20 @@ class PatchEmbed(nn.Module):
 
 def _channels(v, in_chans: int, name: str) -> torch.Tensor:
     t = torch.as_tensor(v, dtype=torch.float32).flatten()
-    if t.numel() == 1:
-        t = t.expand(in_chans)
-    if t.numel() != in_chans:
+    if t.numel() not in (1, in_chans):
         raise ValueError(f"{name} has {t.numel()} values; expected 1 or in_chans={in_chans}")
-    return t.reshape(1, in_chans, 1, 1).clone()
+    return t.expand(in_chans).reshape(1, in_chans, 1, 1).clone()
 
 
 class ViT(nn.Module):
-    """Vision Transformer (``attn="std"``) or DiffViT (``attn="diff"``), timm-compatible state dict.
+    """Vision Transformer (``attn="std"``) or DiffViT (``attn="diff"``) with timm's state-dict names.
 
-    Pre-norm blocks, class token, learned position embedding (class token included), GELU MLP,
-    final LayerNorm, linear head on the class token. ``heads`` counts standard heads H for both
-    variants. Takes images in [0, 1] and normalizes inside with ``mean``/``std`` (buffers that
-    are not part of the state dict).
-
-    timm equivalent: ``timm.models.vision_transformer.VisionTransformer(img_size, patch_size,
-    in_chans, num_classes, embed_dim=dim, depth, num_heads=H, mlp_ratio, qkv_bias=True)``; for
-    DiffViT add ``attn_layer="diff"`` and ``num_heads=H // 2``, and set each block's
-    ``attn.lambda_init`` to match (timm uses the depth schedule). ``pre_norm=True`` adds
-    timm's ``norm_pre`` (CLIP's ln_pre) and drops the patch-embedding bias, as timm does for
+    Pre-norm blocks, class token, learned position embedding, GELU MLP, final LayerNorm, linear
+    head on the class token; images in [0, 1], normalized inside with ``mean``/``std`` (not in
+    the state dict). timm equivalent: ``VisionTransformer(img_size, patch_size, in_chans,
+    num_classes, embed_dim=dim, depth, num_heads=H, mlp_ratio, qkv_bias=True)``; for DiffViT
+    ``attn_layer="diff"``, ``num_heads=H // 2`` and each block's ``attn.lambda_init`` set to match.
+    ``pre_norm=True`` adds ``norm_pre`` (CLIP's ln_pre) without a patch bias, as timm does for
     CLIP towers; ``num_classes=0`` leaves the head out.
     """
 
@@ -374,6 +341,17 @@ class ViT(nn.Module):
         return self.head(self.forward_features(x)[:, 0])
 
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Run a block with ``model`` in eval mode; its mode is restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 # ----------------------------------------------------------------------------------------
 # CLIP / DiffCLIP
 # ----------------------------------------------------------------------------------------
@@ -409,12 +387,8 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """CLIP (Radford et al. 2021) or DiffCLIP (Hammoud & Ghanem 2025): two towers, linear
-    projections into a shared space, a learned logit scale.
-
-    ``image``: keyword arguments of the ``ViT`` image tower (``num_classes`` is 0); ``text``:
-    those of ``TextTransformer``. ``encode_image`` takes images in [0, 1] and normalizes inside.
-    """
+    """CLIP (Radford et al. 2021) or DiffCLIP (Hammoud & Ghanem 2025): two towers, linear projections into
+    a shared space, a learned logit scale. ``image``, ``text``: keyword arguments of ``ViT`` and ``TextTransformer``."""
 
     def __init__(self, embed_dim: int, image: dict, text: dict, logit_scale: float = math.log(1 / 0.07)):
         super().__init__()
@@ -448,34 +422,22 @@ def tokenize(texts, context_length: int = 77) -> torch.Tensor:
     return open_clip.tokenize([texts] if isinstance(texts, str) else list(texts), context_length=context_length)
 
 
-def imagenet_templates() -> list:
-    """The 80 prompt templates OpenAI used for ImageNet zero-shot classification (from open_clip)."""
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-
-
 @torch.no_grad()
 def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequence[str], tokenizer=tokenize,
                       batch_size: int = 256) -> torch.Tensor:
     """Per class, the mean of the normalized text embeddings of its prompts, normalized: (embed_dim, C)."""
-    device = model.logit_scale.device
-    was = model.training
-    model.eval()
     weights = []
-    for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
-        z = torch.cat([model.encode_text(tb, normalize=True) for tb in tokens.split(batch_size)])
-        weights.append(F.normalize(z.mean(0), dim=-1))
-    model.train(was)
+    with _eval_mode(model):
+        for name in classnames:
+            tokens = tokenizer([t.format(name) for t in templates]).to(model.logit_scale.device)
+            z = torch.cat([model.encode_text(tb, normalize=True) for tb in tokens.split(batch_size)])
+            weights.append(F.normalize(z.mean(0), dim=-1))
     return torch.stack(weights, 1)
 
 
 class ZeroShotClassifier(nn.Module):
-    """Images in [0, 1] -> logits = exp(logit_scale) * cos(image embedding, class embedding).
-
-    With one caption per "class" this is image-to-text retrieval; every attack and metric of the
-    kit applies to it as to a ViT (its ``blocks`` are the image tower's).
-    """
+    """Images in [0, 1] -> logits = exp(logit_scale) cos(image embedding, class embedding); with one caption
+    per "class", image-to-text retrieval. Attacks and metrics apply as to a ViT (``blocks``: the image tower's)."""
 
     def __init__(self, clip: CLIP, weights: torch.Tensor):
         super().__init__()
@@ -487,127 +449,66 @@ class ZeroShotClassifier(nn.Module):
         return self.clip.logit_scale.exp() * self.clip.encode_image(images, normalize=True) @ self.weights
 
 
-_BLOCK_RENAMES = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
-                  ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
-                  ("attn.out_proj.", "attn.proj."), ("attn.diff_norm.", "attn.sub_norm.")]
+# Checkpoint names (OpenCLIP / OpenAI, and DiffCLIP / SLIP) -> the kit's (timm's), applied in order to every key.
+_RENAMES = [(r"^visual\.conv1\.", "visual.patch_embed.proj."), (r"^visual\.class_embedding$", "visual.cls_token"),
+            (r"^visual\.positional_embedding$", "visual.pos_embed"), (r"^visual\.ln_pre\.", "visual.norm_pre."),
+            (r"^visual\.ln_post\.", "visual.norm."), (r"^visual\.proj$", "image_projection"),
+            (r"^visual\.transformer\.resblocks\.", "visual.blocks."), (r"^transformer\.resblocks\.", "text.blocks."),
+            (r"^token_embedding\.", "text.token_embedding."), (r"^positional_embedding$", "text.positional_embedding"),
+            (r"^ln_final\.", "text.norm."), (r"\.ln_([12])\.", r".norm\1."), (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+            (r"\.mlp\.c_proj\.", ".mlp.fc2."), (r"\.attn\.in_proj_", ".attn.qkv."),
+            (r"\.attn\.out_proj\.", ".attn.proj."), (r"\.attn\.diff_norm\.", ".attn.sub_norm.")]
 
 
-def _map_block(src: dict, src_prefix: str, dst_prefix: str, out: dict, used: set) -> None:
-    """One transformer block, CLIP / DiffCLIP names -> the kit's (timm's) names."""
-    keys = [k for k in src if k.startswith(src_prefix)]
-    for k in keys:
-        rest = k[len(src_prefix):]
-        if rest.startswith(("attn.q_proj.", "attn.k_proj.", "attn.v_proj.")):
-            continue
-        for a, b in _BLOCK_RENAMES:
-            if rest.startswith(a):
-                rest = b + rest[len(a):]
-                break
-        out[dst_prefix + rest] = src[k]
-        used.add(k)
-    for kind in ("weight", "bias"):  # separate q/k/v projections -> one qkv
-        parts = [f"{src_prefix}attn.{p}_proj.{kind}" for p in "qkv"]
-        if all(p in src for p in parts):
-            out[f"{dst_prefix}attn.qkv.{kind}"] = torch.cat([src[p] for p in parts])
-            used.update(parts)
-
-
-def _count(src: dict, pattern: str) -> int:
-    n = 0
-    while pattern.format(n) in src:
-        n += 1
-    return n
-
-
-def _tower_attn(src: dict, prefix: str, width: int, heads: Optional[int]) -> dict:
-    """attn type, heads, biases of a tower, read off its first block. Standard attention does not
-    show its head count in the weights: OpenCLIP's convention is 64-wide heads unless told."""
-    lam = src.get(f"{prefix}attn.lambda_q1")
-    q_bias = f"{prefix}attn.in_proj_bias" in src or f"{prefix}attn.q_proj.bias" in src or f"{prefix}attn.qkv.bias" in src
-    if heads is None:
-        heads = width // lam.numel() if lam is not None else max(1, width // 64)
-    return {"attn": "diff" if lam is not None else "std", "heads": heads,
-            "qkv_bias": q_bias, "proj_bias": f"{prefix}attn.out_proj.bias" in src or f"{prefix}attn.proj.bias" in src}
+def _tower_attn(sd: dict, prefix: str, heads: Optional[int]) -> dict:
+    """Attention type, heads and biases of a tower, read off its first block (kit names). Standard
+    attention does not show its head count in the weights: OpenCLIP's convention is 64-wide heads."""
+    lam, width = sd.get(prefix + "attn.lambda_q1"), sd[prefix + "norm1.weight"].shape[0]
+    cfg = {"attn": "std" if lam is None else "diff", "qkv_bias": prefix + "attn.qkv.bias" in sd,
+           "proj_bias": prefix + "attn.proj.bias" in sd,
+           "heads": heads or (max(1, width // 64) if lam is None else width // lam.numel())}
+    return cfg if lam is None else {**cfg, "lambda_init": 0.8}  # DiffCLIP: 0.8 in every layer
 
 
 def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_heads: Optional[int] = None,
                            text_heads: Optional[int] = None) -> tuple:
-    """Map an OpenCLIP / OpenAI CLIP or a DiffCLIP (SLIP-style) state dict onto the kit's ``CLIP``.
-
-    Returns (kit state dict, CLIP constructor kwargs, layout name). Raises ``ValueError`` listing
-    every source key that was not used.
-    """
-    out, used = {}, set()
-    if "visual.conv1.weight" in src:  # OpenCLIP / OpenAI
-        layout = "openclip"
-        w = src["visual.conv1.weight"]
-        width, patch = w.shape[0], w.shape[-1]
-        depth = _count(src, "visual.transformer.resblocks.{}.ln_1.weight")
-        n_pos = src["visual.positional_embedding"].shape[0]
-        out["visual.patch_embed.proj.weight"] = w
-        out["visual.cls_token"] = src["visual.class_embedding"].reshape(1, 1, -1)
-        out["visual.pos_embed"] = src["visual.positional_embedding"].unsqueeze(0)
-        for a, b in (("visual.ln_pre.", "visual.norm_pre."), ("visual.ln_post.", "visual.norm.")):
-            for kind in ("weight", "bias"):
-                out[b + kind] = src[a + kind]
-                used.add(a + kind)
-        out["image_projection"] = src["visual.proj"]
-        used.update(["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj"])
-        for i in range(depth):
-            _map_block(src, f"visual.transformer.resblocks.{i}.", f"visual.blocks.{i}.", out, used)
-        first = "visual.transformer.resblocks.0."
-        act = "quick_gelu" if quick_gelu else "gelu"
-        image = dict(img_size=patch * math.isqrt(n_pos - 1), patch_size=patch, in_chans=w.shape[1], dim=width,
-                     depth=depth, mlp_ratio=src[first + "mlp.c_fc.weight"].shape[0] / width, pre_norm=True,
-                     act=act, norm_eps=1e-5, mean=OPENAI_MEAN, std=OPENAI_STD, **_tower_attn(src, first, width, image_heads))
-        text_act = act
-    elif "visual.patch_embed.proj.weight" in src:  # DiffCLIP / SLIP: a timm ViT image tower
-        layout = "diffclip"
-        w = src["visual.patch_embed.proj.weight"]
-        width, patch = w.shape[0], w.shape[-1]
-        depth = _count(src, "visual.blocks.{}.norm1.weight")
-        for k in ("visual.patch_embed.proj.weight", "visual.patch_embed.proj.bias", "visual.cls_token",
-                  "visual.pos_embed", "visual.norm.weight", "visual.norm.bias"):
-            out[k] = src[k]
-            used.add(k)
-        out["image_projection"] = src["image_projection"]
-        used.add("image_projection")
-        for i in range(depth):
-            _map_block(src, f"visual.blocks.{i}.", f"visual.blocks.{i}.", out, used)
-        first = "visual.blocks.0."
-        image = dict(img_size=patch * math.isqrt(src["visual.pos_embed"].shape[1] - 1), patch_size=patch,
-                     in_chans=w.shape[1], dim=width, depth=depth,
-                     mlp_ratio=src[first + "mlp.fc1.weight"].shape[0] / width, pre_norm=False, act="gelu",
-                     norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD, **_tower_attn(src, first, width, image_heads))
-        text_act = "gelu" if quick_gelu is False else "quick_gelu"
-    else:
+    """An OpenCLIP / OpenAI or DiffCLIP (SLIP-style) state dict in the kit's names: returns (state dict,
+    ``CLIP`` keyword arguments, layout name). ``load_clip`` checks that every key finds its place."""
+    layout = ("openclip" if "visual.conv1.weight" in src else
+              "diffclip" if "visual.patch_embed.proj.weight" in src else None)
+    if layout is None:
         raise ValueError("not a CLIP state dict this kit knows: expected OpenCLIP/OpenAI keys (visual.conv1.weight, "
                          "visual.class_embedding, ...) or DiffCLIP/SLIP keys (visual.patch_embed.proj.weight, "
                          f"image_projection, ...); got e.g. {sorted(src)[:5]}")
-    if image["attn"] == "diff":
-        image["lambda_init"] = 0.8
-    # the text tower is the same in both layouts
-    t_width = src["ln_final.weight"].shape[0]
-    t_depth = _count(src, "transformer.resblocks.{}.ln_1.weight")
-    for a, b in (("token_embedding.weight", "text.token_embedding.weight"),
-                 ("positional_embedding", "text.positional_embedding"), ("ln_final.weight", "text.norm.weight"),
-                 ("ln_final.bias", "text.norm.bias"), ("text_projection", "text_projection"),
-                 ("logit_scale", "logit_scale")):
-        out[b] = src[a]
-        used.add(a)
-    for i in range(t_depth):
-        _map_block(src, f"transformer.resblocks.{i}.", f"text.blocks.{i}.", out, used)
-    first = "transformer.resblocks.0."
-    text = dict(vocab_size=src["token_embedding.weight"].shape[0], context_length=src["positional_embedding"].shape[0],
-                width=t_width, depth=t_depth, mlp_ratio=src[first + "mlp.c_fc.weight"].shape[0] / t_width,
-                act=text_act, norm_eps=1e-5, **_tower_attn(src, first, t_width, text_heads))
-    if text["attn"] == "diff":
-        text["lambda_init"] = 0.8
-    unused = sorted(set(src) - used - {"attn_mask", "visual.attn_mask"})
-    if unused:
-        raise ValueError(f"{len(unused)} keys of the {layout} checkpoint have no place in the kit's CLIP: "
-                         f"{unused[:20]}{' ...' if len(unused) > 20 else ''}")
-    return out, {"embed_dim": src["text_projection"].shape[1], "image": image, "text": text}, layout
+    sd = {}
+    for k, v in src.items():
+        if not k.endswith("attn_mask"):  # OpenAI's causal mask buffer: the kit builds its own
+            for pattern, new in _RENAMES:
+                k = re.sub(pattern, new, k)
+            sd[k] = v
+    for k in [k for k in sd if ".attn.q_proj." in k]:  # separate q, k, v projections -> one qkv
+        sd[k.replace(".q_proj.", ".qkv.")] = torch.cat([sd.pop(k.replace(".q_proj.", f".{p}_proj.")) for p in "qkv"])
+    if layout == "openclip":  # timm's class and position embeddings carry leading batch axes
+        sd["visual.cls_token"] = sd["visual.cls_token"].view(1, 1, -1)
+        sd["visual.pos_embed"] = sd["visual.pos_embed"][None]
+    depth = lambda tower: sum(k.startswith(tower + ".blocks.") and k.endswith(".norm1.weight") for k in sd)
+    w = sd["visual.patch_embed.proj.weight"]  # (dim, in_chans, patch, patch)
+    image = dict(img_size=w.shape[-1] * math.isqrt(sd["visual.pos_embed"].shape[1] - 1), patch_size=w.shape[-1],
+                 in_chans=w.shape[1], dim=w.shape[0], depth=depth("visual"), pre_norm=layout == "openclip",
+                 mlp_ratio=sd["visual.blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+                 **_tower_attn(sd, "visual.blocks.0.", image_heads))
+    width = sd["text.norm.weight"].shape[0]
+    text = dict(vocab_size=sd["text.token_embedding.weight"].shape[0], width=width, depth=depth("text"),
+                context_length=sd["text.positional_embedding"].shape[0], norm_eps=1e-5,
+                mlp_ratio=sd["text.blocks.0.mlp.fc1.weight"].shape[0] / width,
+                **_tower_attn(sd, "text.blocks.0.", text_heads))
+    if layout == "openclip":
+        image.update(act="quick_gelu" if quick_gelu else "gelu", norm_eps=1e-5, mean=OPENAI_MEAN, std=OPENAI_STD)
+        text["act"] = image["act"]
+    else:  # DiffCLIP: a timm image tower, CLIP's QuickGELU text tower
+        image.update(act="gelu", norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        text["act"] = "gelu" if quick_gelu is False else "quick_gelu"
+    return sd, {"embed_dim": sd["text_projection"].shape[1], "image": image, "text": text}, layout
 
 
 def _torch_load(path, trust_pickle: bool) -> dict:
@@ -626,16 +527,13 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
               text_heads: Optional[int] = None) -> CLIP:
     """A kit ``CLIP`` from a checkpoint: a state dict, a local file, or a Hugging Face hub id.
 
-    Recognized layouts: OpenCLIP / OpenAI CLIP state dicts (``visual.conv1``, ``attn.in_proj_weight``,
-    ...; OpenAI mean/std; pass ``quick_gelu=True`` for OpenAI's original weights), and DiffCLIP
-    (Hammoud & Ghanem 2025; e.g. ``hammh0a/DiffCLIP_ViTB16_CC12M``, file ``checkpoint_best.pt``): a
-    SLIP-style dict whose ``state_dict`` keys may carry ``module.``, a timm ViT image tower with
-    separate q/k/v projections, ``diff_norm`` and lambda vectors (lambda_init 0.8 in every layer),
-    a differential text tower with QuickGELU, ImageNet mean/std; the same layout with standard
-    attention is the matched CLIP baseline. Loading is strict: unused keys, missing keys and shape
-    mismatches raise and are listed. Head counts come from the lambda vectors' length for
-    differential attention, and default to 64-wide heads (OpenCLIP's convention) for standard
-    attention; ``image_heads`` / ``text_heads`` override them.
+    Layouts: OpenCLIP / OpenAI (``visual.conv1``, ``attn.in_proj_weight``, OpenAI mean/std;
+    ``quick_gelu=True`` for OpenAI's weights), and DiffCLIP (Hammoud & Ghanem 2025, e.g.
+    ``hammh0a/DiffCLIP_ViTB16_CC12M``, ``checkpoint_best.pt``): SLIP-style, keys maybe under
+    ``module.``, a timm ViT image tower with q/k/v projections, ``diff_norm`` and lambda vectors
+    (lambda_init 0.8), a differential QuickGELU text tower, ImageNet mean/std; with standard
+    attention, the matched CLIP baseline. Strict: unused, missing and mis-shaped keys raise, listed.
+    Heads: from the lambda vectors' length (DA), else 64 wide (OpenCLIP's convention), unless given.
     """
     if isinstance(source, dict):
         src = source
@@ -653,15 +551,15 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
         if isinstance(src.get(key), dict):
             src = src[key]
     src = {k[len("module."):] if k.startswith("module.") else k: v for k, v in src.items()}
-    sd, config, _ = clip_state_dict_to_kit(src, quick_gelu, image_heads, text_heads)
+    sd, config, layout = clip_state_dict_to_kit(src, quick_gelu, image_heads, text_heads)
     model = CLIP(**config)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in set(own) & set(sd) if sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint does not match the CLIP it describes: missing {missing[:20]}, "
-                         f"unexpected {unexpected[:20]}, shape mismatches {shapes[:20]}")
+        raise ValueError(f"the {layout} checkpoint does not match the CLIP it describes (keys in the kit's names): "
+                         f"missing {missing[:20]}, without a place {unexpected[:20]}, shape mismatches {shapes[:20]}")
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -672,31 +570,15 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
 
 @dataclass
 class AttackResult:
-    """Adversarial inputs and, per example, whether the attack succeeded on them.
-
-    ``success``: untargeted, the prediction differs from the label; targeted, it equals the
-    target. ``norm``: the size of x_adv - x in the attack's norm (inf where CW-L2 failed).
-    """
+    """Adversarial inputs; per example, success (prediction != label; == target if targeted) and the
+    size of x_adv - x in the attack's norm (inf where CW-L2 failed)."""
     x_adv: torch.Tensor
     success: torch.Tensor
     norm: Optional[torch.Tensor] = None
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
 def _margin(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
-    """Per example: how far the attack is from success (< 0 means success).
-
-    Untargeted: z_y - max_{j != y} z_j. Targeted (y = target): max_{j != y} z_j - z_y.
-    """
+    """Per example, how far from success (< 0: success): z_y - max_{j != y} z_j, or its negative if targeted."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     return other - z_y if targeted else z_y - other
@@ -740,19 +622,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
         targeted: bool = False, amp: Optional[bool] = None, early_stop: bool = False) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018) in the Linf (``norm="inf"``) or L2 ball of radius eps.
 
-    Step: Linf ``x + alpha * sign(g)``, L2 ``x + alpha * g / ||g||_2``; after every step the
-    iterate is projected onto the eps-ball and [0, 1]. ``alpha`` defaults to 2.5 eps / steps.
-    Per example, the strongest iterate over all steps and restarts is kept (lowest margin
-    z_y - max_{j != y} z_j; for ``targeted``, y is the target), so success is never lost by a
-    later, weaker step. Restarts after the first attack only the examples not yet fooled.
-    ``loss="logit"`` descends the true class's logit alone: on a ``ZeroShotClassifier`` that is
-    the paper's CLIP attack, lowering the cosine between the image and its prompt.
-    Gradients are taken with respect to the input alone; the model runs in eval mode, and its
-    mode is restored. ``amp`` (default: on for CUDA) runs the steps under bf16 autocast; the
-    final success check is always in float32. ``early_stop`` stops attacking an example once
-    it is fooled: the success flags are the same, x_adv is then the first fooled iterate rather
-    than the strongest, and fooled examples cost no more passes. Costs steps + 1 forward and
-    steps backward passes per restart (one more forward with ``amp``).
+    Step: Linf ``x + alpha sign(g)``, L2 ``x + alpha g / ||g||_2`` (alpha = 2.5 eps / steps by
+    default), then projection onto the eps-ball and [0, 1]. Per example the strongest iterate over
+    all steps and restarts is kept (lowest margin z_y - max_{j != y} z_j; y is the target if
+    ``targeted``); restarts attack only the examples not yet fooled. ``loss="logit"`` descends the
+    true class's logit: on a ``ZeroShotClassifier`` that is the paper's CLIP attack (lower the
+    cosine to the prompt). ``amp`` (default on CUDA) takes the steps under bf16 autocast and
+    decides success in float32. ``early_stop`` stops attacking fooled examples: the same success
+    flags for fewer passes, x_adv then the first fooled iterate. The model runs in eval mode.
     """
     check_images(x)
     if norm not in ("inf", "2"):
@@ -818,13 +695,11 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
           steps: int = 100, lr: float = 0.01, kappa: float = 0.0, targeted: bool = False) -> AttackResult:
     """Carlini & Wagner (2017) L2 attack, with a per-example binary search over the constant c.
 
-    Minimizes ||x' - x||_2^2 + c * max(m(x'), -kappa) over x' = (tanh(w) + 1) / 2 (so x' stays
-    in [0, 1]) with Adam, where m is the margin z_y - max_{j != y} z_j (for ``targeted``, the
-    reverse, with y the target). After each of ``search_steps`` runs of ``steps`` iterations,
-    c shrinks (bisection) where an adversarial example was found and grows (x10 until an upper
-    bound is known) where none was. Returns the smallest-L2 adversarial example seen per
-    example, and its L2 distortion in ``norm`` (inf where the attack failed), so medians and
-    percentiles of the minimal L2 norm can be read off directly.
+    Minimizes ||x' - x||_2^2 + c max(m(x'), -kappa) over x' = (tanh(w) + 1) / 2 with Adam, m the
+    margin z_y - max_{j != y} z_j (reversed if ``targeted``). After each of ``search_steps`` runs
+    of ``steps`` iterations, c is bisected where an adversarial example was found and grows x10
+    (until bounded) where none was. Returns the smallest-L2 adversarial example seen and its L2
+    distortion in ``norm`` (inf where the attack failed), so quantiles read off directly.
     """
     check_images(x)
     B = len(x)
@@ -859,9 +734,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                version: str = "standard", batch_size: int = 250, seed: int = 0) -> AttackResult:
     """AutoAttack (Croce & Hein 2020), the reference implementation (PyPI: ``pyautoattack``).
 
-    ``version="standard"``: APGD-CE, APGD-T, FAB-T and Square, 100 iterations each, as on
-    RobustBench. (torchattacks' ``AutoAttack`` is not this: it runs fewer iterations and other
-    target counts.) ``norm``: "inf" or "2".
+    ``version="standard"``: APGD-CE, APGD-T, FAB-T and Square as on RobustBench (torchattacks'
+    ``AutoAttack`` is not this: fewer iterations, other target counts). ``norm``: "inf" or "2".
     """
     check_images(x)
     try:
@@ -908,11 +782,8 @@ def robust_accuracy(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: torch
 
 
 def attack_success_rate(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: torch.Tensor) -> float:
-    """ASR: among the points classified correctly on clean input, the fraction some attack misclassifies.
-
-    Denominator: the initially correct points (not all points). With several attacks, the
-    per-example worst case.
-    """
+    """ASR: of the points classified correctly on clean input (the denominator), the fraction some
+    attack misclassifies (the per-example worst case over the attacks given)."""
     correct = clean_pred == y
     if not correct.any():
         return float("nan")
@@ -921,10 +792,7 @@ def attack_success_rate(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: t
 
 def input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf") -> torch.Tensor:
     """||grad_x L|| per example in the dual norm of the threat model: L1 for Linf ("inf"), L2 for L2 ("2").
-
-    L is the cross-entropy on the true label, summed over the batch, so an example's gradient
-    does not depend on the batch it sits in.
-    """
+    L is the batch-summed cross-entropy on the true label, so no gradient depends on its batch."""
     check_images(x)
     dual = {"inf": "1", "2": "2"}.get(norm)
     if dual is None:
@@ -940,9 +808,9 @@ class Alignment:
     """Branch-gradient alignment of one attention layer, per example (paper symbols).
 
     g1 = grad_x <A1(x), G>, g2 = grad_x <A2(x), G>, G = dL/dA held fixed; cos = cos(theta) =
-    cos(g1, g2); rho = ||g2|| / ||g1||; lam = lambda; kappa = sqrt(1 + lam^2 rho^2 - 2 lam rho cos)
-    = ||g1 - lam g2|| / ||g1||, the amplification of Lemma 1. ``control`` marks a standard layer,
-    where (A1, A2) are the head pairs (2h, 2h+1), each with its own G, and lam = 1.
+    cos(g1, g2); rho = ||g2|| / ||g1||; kappa = sqrt(1 + lam^2 rho^2 - 2 lam rho cos) =
+    ||g1 - lam g2|| / ||g1||, Lemma 1's amplification. ``control``: a standard layer, (A1, A2) its
+    head pairs (2h, 2h+1), each with its own G, and lam = 1.
     """
     layer: str
     cos: torch.Tensor
@@ -962,13 +830,11 @@ class Alignment:
 def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> list:
     """Per attention layer and per example: how the input gradients of DA's two maps align.
 
-    For a DiffAttention layer with maps A1, A2 and A = A1 - lambda A2, let G = dL/dA (L: the
-    batch-summed cross-entropy on the true label unless ``loss_fn(logits, y)`` is given). With
-    G held fixed, g1 = grad_x <A1(x), G> and g2 = grad_x <A2(x), G>; the maps' share of grad_x L
-    is g1 - lambda g2, so Lemma 1 holds exactly with cos(theta) = cos(g1, g2), rho = ||g2||/||g1||.
-    Standard layers give the control: head pairs (2h, 2h+1), g_i = grad_x <A_i, G_i>, lambda = 1.
-    Returns one ``Alignment`` per layer, in forward order. Costs one forward and, per layer, two
-    backward passes.
+    For a DiffAttention layer, A = A1 - lambda A2 and G = dL/dA (L: batch-summed cross-entropy on
+    the true label, or ``loss_fn(logits, y)``). With G held fixed, g1 = grad_x <A1(x), G>, g2 =
+    grad_x <A2(x), G>, and the maps' share of grad_x L is g1 - lambda g2: Lemma 1 holds exactly
+    with cos(theta) = cos(g1, g2), rho = ||g2|| / ||g1||. Standard layers give the control (head
+    pairs, lambda = 1). One ``Alignment`` per layer in forward order; one forward, two backwards a layer.
     """
     check_images(x)
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
@@ -997,16 +863,15 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 10, step_size: float = 0.003,
                     modules: Optional[Sequence[nn.Module]] = None) -> dict:
-    """Local Lipschitz estimates around x, lower bounds of the true constants (Yang et al. 2020).
+    """Local Lipschitz estimates around x (Yang et al. 2020): attained ratios, so lower bounds.
 
-    ``"logits"``: max over the Linf eps-ball of ||f(x) - f(x')||_1 / ||x - x'||_inf, found by
-    signed-gradient ascent on the ratio itself (``steps`` steps of ``step_size`` from
-    x + 0.001 N(0, 1), projected onto the eps-ball and [0, 1]); the largest ratio seen per
-    example. ``"layers"``: for each module in ``modules`` (default: ``model.blocks``), the same
-    ascent on ||h(x') - h(x)||_2 / ||x' - x||_2, h the module's output. Any ratio found is
-    attained, so each is a lower bound of the true local constant.
+    ``"logits"``: max over the Linf eps-ball of ||f(x) - f(x')||_1 / ||x - x'||_inf by signed-gradient
+    ascent on the ratio (``steps`` of ``step_size`` from x + 0.001 N(0, 1), projected onto the ball
+    and [0, 1]), the largest seen per example. ``"layers"``: the same ascent on ||h(x') - h(x)||_2 /
+    ||x' - x||_2 for the output h of each module in ``modules`` (default ``model.blocks``).
     """
     check_images(x)
+
     def ascend(ratio_fn):
         with torch.no_grad():
             xp = _project(x + 0.001 * torch.randn_like(x), x, eps, "inf")
@@ -1031,49 +896,37 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 
         modules = list(model.blocks) if modules is None else list(modules)
         res["layers"] = []
         for mod in modules:
-            hook = mod.register_forward_hook(_stop_with_output)  # the layers after ``mod`` never run
-            try:
-                with torch.no_grad():
-                    hx = _output_of(model, x)
-
-                def ratio(xp):
-                    return (_output_of(model, xp) - hx).flatten(1).norm(dim=1) / (xp - x).flatten(1).norm(dim=1).clamp_min(1e-12)
-                res["layers"].append(ascend(ratio))
-            finally:
-                hook.remove()
+            with torch.no_grad():
+                hx = _output_of(model, mod, x)
+            res["layers"].append(ascend(lambda xp: (_output_of(model, mod, xp) - hx).flatten(1).norm(dim=1)
+                                        / (xp - x).flatten(1).norm(dim=1).clamp_min(1e-12)))
     return res
 
 
-class _StopForward(Exception):
-    """Raised by a forward hook to end a forward pass at a module, carrying its output."""
-
-    def __init__(self, output):
-        super().__init__()
-        self.output = output
+class _Stop(Exception):
+    """Ends a forward pass at a module, carrying the module's output."""
 
 
-def _stop_with_output(_module, _inputs, output):
-    raise _StopForward(output)
-
-
-def _output_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of the module hooked with ``_stop_with_output``, without running the rest of ``model``."""
+def _output_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``module`` in ``model(x)``; the layers after it never run."""
+    def stop(_module, _inputs, output):
+        raise _Stop(output)
+    hook = module.register_forward_hook(stop)
     try:
         model(x)
-    except _StopForward as stop:
-        return stop.output
+    except _Stop as s:
+        return s.args[0]
+    finally:
+        hook.remove()
     raise RuntimeError("local_lipschitz: the module was not called in the model's forward pass")
 
 
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
                   large_eps: float = 0.5, steps: int = 10, norm: str = "inf") -> dict:
-    """Evaluation sanity checks in the spirit of Carlini et al. (2019), "On Evaluating Adversarial Robustness".
-
-    - ASR rises with eps (non-decreasing over ``eps_list``) and nears 100% at ``large_eps``;
-    - doubling the PGD steps changes ASR little (<= 5 points at the largest eps of the list);
-    - FGSM is no stronger than PGD at every eps;
-    - examples whose input gradient is exactly zero (masked gradients) are flagged.
-    Returns the numbers and a boolean per check; ``ok`` is their conjunction.
+    """Sanity checks of an evaluation (Carlini et al. 2019, "On Evaluating Adversarial Robustness"):
+    ASR rises with eps and nears 100 % at ``large_eps``; doubling PGD's steps moves it <= 5 points;
+    FGSM is no stronger than PGD; no input gradient is exactly zero (masking). Numbers, a boolean
+    per check, and ``ok``, their conjunction.
     """
     clean = predict(model, x)
     asr = lambda res: attack_success_rate(y, clean, predict(model, res.x_adv))
@@ -1090,5 +943,6 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: 
         "no_zero_gradients": not zero_grad.any().item(),
     }
     return {"eps": list(eps_list), "pgd_asr": pgd_asr, "fgsm_asr": fgsm_asr, "pgd_asr_doubled_steps": doubled,
-            "large_eps": large_eps, "asr_large_eps": large, "zero_gradient_examples": zero_grad.nonzero().flatten().tolist(),
+            "large_eps": large_eps, "asr_large_eps": large,
+            "zero_gradient_examples": zero_grad.nonzero().flatten().tolist(),
             "checks": checks, "ok": all(checks.values())}

@@ -973,6 +973,12 @@ def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor,
     return row
 
 
+def imagenet_templates() -> list:
+    """The 80 prompt templates OpenAI used for ImageNet zero-shot classification (from open_clip)."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
 def evaluate_clip(model, data, s, record) -> dict:
     """The zero-shot classifier of a CLIP over ``data``: class prompts (this kit's templates for the
     small CLIPs trained here, OpenAI's 80 for pretrained ones) or, for COCO, the images' captions."""
@@ -982,7 +988,7 @@ def evaluate_clip(model, data, s, record) -> dict:
                               for t in da.tokenize(data.captions).split(256)])
         zs = da.ZeroShotClassifier(model, caps.T)
     elif "source" in record:
-        zs = da.ZeroShotClassifier(model, da.zero_shot_weights(model, data.classes, da.imagenet_templates()))
+        zs = da.ZeroShotClassifier(model, da.zero_shot_weights(model, data.classes, imagenet_templates()))
     else:
         zs = classifier(model, class_names("", data))
     return clip_attack_row(zs, data.x, data.y, s["eps"], s["steps"], f"attacks ({data.name})")
