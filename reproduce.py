@@ -1,11 +1,15 @@
 """reproduce.py: data, training and the tables of the diffattn kit.
 
-    python reproduce.py --table speed               # Attention vs DiffAttention, ViT vs DiffViT timings
-    python reproduce.py --table clean --preset quick   # train ViT and DiffViT, clean test accuracy
+    python reproduce.py --table all               # every table of the paper, then the summary
+    python reproduce.py --table main --preset quick
+    python reproduce.py --table speed             # timings (not one of the paper's tables)
 
-Every trained model is cached under ``--out`` by a hash of its whole config and written
-atomically after each epoch: a rerun loads it, an interrupted run resumes from its last
-finished epoch. Every table is written as ``.md`` and ``.json`` with its provenance.
+Read top to bottom: provenance and atomic files -> data -> training -> presets (``Preset``, and
+``Run``, the command line resolved once) -> the tables as data (``Table``, ``TABLES``, one loop
+``run_table``) -> the summary -> speed -> time estimate -> ``main``. Every trained model is
+cached in <out>/runs by a hash of its config and written atomically after each epoch (a rerun
+resumes); every evaluated cell likewise; tables go to <out>/results/<preset>/ as .md, .json and
+.png, each with its provenance.
 """
 from __future__ import annotations
 
@@ -471,27 +475,27 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def checkpoint_path(out, model_cfg: dict, cfg: TrainConfig) -> Path:
-    """<out>/checkpoints/[clip-]<attn>-<hash of the model and training configs>.pt"""
+def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig) -> Path:
+    """<cache>/checkpoints/[clip-]<attn>-<hash of the model and training configs>.pt"""
     key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
     kind = "clip-" if model_cfg.get("kind") == "clip" else ""
-    return Path(out) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
+    return Path(cache) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
 
 
 WORK = {"epochs": 0, "cells": 0}  # what this process computed (not read from the caches)
 
 
-def train_model(model_cfg: dict, cfg: TrainConfig, data_root, out, device, compile: bool = False,
+def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, compile: bool = False,
                 progress: bool = True, stop_after_epoch: Optional[int] = None):
     """Train (or load, or resume) a model; returns (model in eval mode, record dict).
 
-    The checkpoint ``<out>/checkpoints/<attn>-<hash>.pt`` is rewritten atomically after every
+    The checkpoint ``checkpoint_path(cache, ...)`` is rewritten atomically after every
     epoch; ``record["done"]`` marks a finished run. ``stop_after_epoch`` ends early (as an
     interruption would), for tests of the resume path.
     """
     device = torch.device(device)
     full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
-    key, path = config_hash(full_cfg), checkpoint_path(out, model_cfg, cfg)
+    key, path = config_hash(full_cfg), checkpoint_path(cache, model_cfg, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, cfg.dataset).to(device)
     decays = {n: p.ndim >= 2 and "embed" not in n and "token" not in n for n, p in model.named_parameters()}
@@ -674,6 +678,7 @@ def write_table(out: Path, name: str, markdown: str, payload: dict) -> None:
 
 NAMES = {"std": "ViT", "diff": "DiffViT"}
 EPS_LINF = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+LIPSCHITZ_ASCENT = {"steps": 10, "step_size": 0.003}  # Yang et al.'s (2020) estimator, as in local_lipschitz
 
 
 @dataclass(frozen=True)
@@ -698,8 +703,10 @@ class Table:
       key, the images and the seed they name the cached cell, so changing any of them recomputes
       exactly the cells concerned;
     - ``evaluate(model, data, settings, record)``: one cell, a JSON-able dict;
-    - ``render(rows, preset, dataset, entries)``: (markdown lines below the provenance line, extra
-      JSON, figure draw or None).
+    - ``render(rows, preset, dataset, entries, settings)``: (markdown lines below the provenance line,
+      extra JSON, figure draw or None).
+
+    ``run_table`` adds the run's ``seed`` to the settings (PGD's random starts, AutoAttack's seed).
     """
     name: str
     title: str
@@ -788,7 +795,7 @@ def run_table(table: Table, run: Run) -> None:
     env = environment(run.device)
     dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
     n_images = {name: len(d.y) for name, d in datas.items()}
-    lines, extra, draw = table.render(rows, run.preset, dataset, entries)
+    lines, extra, draw = table.render(rows, run.preset, dataset, entries, settings)
     seen = "; ".join(f"{name}, {len(d.y)} test images ({d.chosen})" for name, d in datas.items()) if datas else \
         f"{dataset}, the full test set"
     md = [f"# {table.name}: {table.title} ({run.preset.name} preset)", "",
@@ -909,6 +916,11 @@ def alignment_by_layer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk
     return rows
 
 
+def lipschitz(model, x: torch.Tensor, s: dict) -> dict:
+    """``local_lipschitz`` on the first ``s["images"]`` images with the table's settings."""
+    return da.local_lipschitz(model, x[:s["images"]], eps=s["eps"], steps=s["steps"], step_size=s["step_size"])
+
+
 def evaluate_main(model, data, s, record) -> dict:
     return asr_row(model, data.x, data.y, s["eps"], s["steps"])
 
@@ -916,7 +928,7 @@ def evaluate_main(model, data, s, record) -> dict:
 def evaluate_alignment(model, data, s, record) -> dict:
     layers = alignment_by_layer(model, data.x, data.y, chunk=250)
     grad_l1, grad_sem = _mean_sem(da.input_gradient_norm(model, data.x, data.y, "inf"))
-    lip = da.local_lipschitz(model, data.x[:s["lipschitz"]["images"]], eps=s["lipschitz"]["eps"])
+    lip = lipschitz(model, data.x, s["lipschitz"])
     for layer, values in zip(layers, lip["layers"]):
         layer["lipschitz_layer_l2"], layer["lipschitz_layer_l2_sem"] = _mean_sem(values)
     lip_logits, lip_sem = _mean_sem(lip["logits"])
@@ -935,7 +947,7 @@ def evaluate_autoattack(model, data, s, record) -> dict:
 
 def evaluate_depth(model, data, s, record) -> dict:
     row = asr_row(model, data.x, data.y, s["eps"], s["steps"])
-    lip = da.local_lipschitz(model, data.x[:s["lipschitz"]["images"]], eps=s["lipschitz"]["eps"])
+    lip = lipschitz(model, data.x, s["lipschitz"])
     row["lipschitz_logits"] = lip["logits"].mean().item()
     row["lipschitz_layers"] = [v.mean().item() for v in lip["layers"]]
     return row
@@ -959,17 +971,17 @@ def evaluate_lambda(model, data, s, record) -> dict:
             "learned_lambda": [b.attn.lam().item() for b in model.blocks]}
 
 
-def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, eps_list, steps: int,
-                    desc: str) -> dict:
+def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, s: dict, desc: str) -> dict:
     """Zero-shot (or retrieval) accuracy, ASR of PGD on the zero-shot cross-entropy and of the
     cosine attack at every eps, and per-layer branch-gradient alignment of the image tower."""
     clean = da.predict(zs, x, batch_size=128)
     row = {"clean_acc": da.clean_accuracy(y, clean), "n_correct": int((clean == y).sum()), "asr_pgd": {},
            "asr_cosine": {}}
-    for eps in tqdm(eps_list, desc=desc, leave=False):
+    for eps in tqdm(s["eps"], desc=desc, leave=False):
         for key, loss in (("asr_pgd", "ce"), ("asr_cosine", "logit")):
-            row[key][_eps_name(eps)] = da.attack_success_rate(y, clean, pgd_predictions(zs, x, y, eps, steps, loss))
-    row["alignment"] = alignment_by_layer(zs, x[:500], y[:500], chunk=100)
+            row[key][_eps_name(eps)] = da.attack_success_rate(y, clean, pgd_predictions(zs, x, y, eps, s["steps"], loss))
+    k = s["alignment_images"]
+    row["alignment"] = alignment_by_layer(zs, x[:k], y[:k], chunk=100)
     return row
 
 
@@ -987,11 +999,11 @@ def evaluate_clip(model, data, s, record) -> dict:
             caps = torch.cat([model.encode_text(t.to(data.x.device), normalize=True)
                               for t in da.tokenize(data.captions).split(256)])
         zs = da.ZeroShotClassifier(model, caps.T)
-    elif "source" in record:
+    elif s["templates"] == "openai-imagenet-80":
         zs = da.ZeroShotClassifier(model, da.zero_shot_weights(model, data.classes, imagenet_templates()))
     else:
-        zs = classifier(model, class_names("", data))
-    return clip_attack_row(zs, data.x, data.y, s["eps"], s["steps"], f"attacks ({data.name})")
+        zs = classifier(model, class_names("", data))  # the CLIP_TEMPLATES it was trained on
+    return clip_attack_row(zs, data.x, data.y, s, f"attacks ({data.name})")
 
 
 # --- how the rows read
@@ -1000,7 +1012,7 @@ def _eps_names(rows, key="asr") -> list:
     return list(rows[0][key])
 
 
-def render_clean(rows, preset, dataset, entries):
+def render_clean(rows, preset, dataset, entries, s):
     m, tc = preset.model, preset.train
     lines = [f"Models: {_model_line(m, tc)}. Accuracy on the full test set after the last epoch.", "",
              "| model | clean test accuracy (%) | training time (s) |", "|---|---:|---:|"]
@@ -1012,10 +1024,11 @@ def evaluate_clean(model, data, s, record) -> dict:
     return {"test_acc": record["test_acc"], "history": record["history"], "train_seconds": record.get("train_seconds")}
 
 
-def render_main(rows, preset, dataset, entries):
+def render_main(rows, preset, dataset, entries, s):
     eps = _eps_names(rows)
     lines = [f"Models: {_model_line(preset.model, preset.train)}. ASR = fraction of the initially "
-             "correct test images that PGD-10 (Linf, random start, step 2.5 eps / 10) misclassifies.", "",
+             f"correct test images that PGD-{s['steps']} (Linf, random start, step 2.5 eps / {s['steps']}) "
+             "misclassifies.", "",
              "| model | clean acc (%) | " + " | ".join(f"ASR eps={e} (%)" for e in eps) + " |",
              "|---|---:|" + "---:|" * len(eps)]
     lines += [f"| {r['model']} | {100 * r['clean_acc']:.2f} | " + " | ".join(f"{100 * r['asr'][e]:.1f}" for e in eps)
@@ -1026,19 +1039,20 @@ def render_main(rows, preset, dataset, entries):
         for r in rows:
             ax.plot([float(e.split("/")[0]) for e in eps], [100 * r["asr"][e] for e in eps], "o-",
                     label=f"{r['model']} (clean {100 * r['clean_acc']:.1f}%)")
-        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-10 on {dataset} ({preset.name})")
+        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-{s['steps']} on {dataset} ({preset.name})")
         ax.legend()
         return fig
     return lines, {}, draw
 
 
-def render_alignment(rows, preset, dataset, entries):
+def render_alignment(rows, preset, dataset, entries, s):
     lines = [f"Models: {_model_line(preset.model, preset.train)}.",
              "cos = cos(g1, g2), g_i = grad_x <A_i, G>, G = dL/dA (DiffViT: the two maps of each differential head; "
              "ViT control: head pairs (2h, 2h+1), each with its own G, lambda = 1). kappa = sqrt(1 + l^2 rho^2 - "
              "2 l rho cos). grad L1: mean L1 norm of the cross-entropy input gradient (dual of Linf). Lipschitz: Yang "
-             f"et al. (2020) estimator on the first {rows[0]['lipschitz_images']} images, Linf ball 8/255, 10 signed "
-             "steps of 0.003; lower bounds. +- : standard error over images.", "",
+             f"et al. (2020) estimator on the first {rows[0]['lipschitz_images']} images, Linf ball "
+             f"{_eps_name(s['lipschitz']['eps'])}, {s['lipschitz']['steps']} signed steps of {s['lipschitz']['step_size']}; "
+             "lower bounds. +- : standard error over images.", "",
              "| model | layer | lambda | cos<0 (%) | mean cos | median rho | mean kappa | grad L1 | Lip. logits | Lip. layer (L2) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {i} | {a['lambda']:.3f} | {100 * a['frac_cos_negative']:.1f} | {a['mean_cos']:+.3f} | "
@@ -1062,9 +1076,10 @@ def render_alignment(rows, preset, dataset, entries):
     return lines, {}, draw
 
 
-def render_autoattack(rows, preset, dataset, entries):
+def render_autoattack(rows, preset, dataset, entries, s):
     lines = [f"Models: {_model_line(preset.model, preset.train)}. Reference implementation (pyautoattack, "
-             "version standard: APGD-CE, APGD-T, FAB-T, Square) at Linf 8/255. Robust accuracy over all images; ASR "
+             f"version {s['version']}: APGD-CE, APGD-T, FAB-T, Square) at Linf {_eps_name(s['eps'])}. Robust accuracy "
+             "over all images; ASR "
              "over the initially correct ones.", "",
              "| model | clean acc (%) | robust acc (%) | ASR (%) |", "|---|---:|---:|---:|"]
     lines += [f"| {r['model']} | {100 * r['clean_acc']:.1f} | {100 * r['robust_acc']:.1f} | {100 * r['asr']:.1f} |"
@@ -1072,36 +1087,39 @@ def render_autoattack(rows, preset, dataset, entries):
     return lines, {}, None
 
 
-def render_depth(rows, preset, dataset, entries):
+def render_depth(rows, preset, dataset, entries, s):
     depths = preset.depths
     pick = lambda d, m: next(r for r in rows if r["depth"] == d and r["model"] == m)
-    gap = {e: [100 * (pick(d, "DiffViT")["asr"][e] - pick(d, "ViT")["asr"][e]) for d in depths] for e in ("1/255", "4/255")}
-    lines = [f"Models: {_model_line(preset.depth_model, preset.depth_train)}. ASR: PGD-10 over the "
-             f"initially correct images. Lipschitz: Yang et al. estimator at eps 4/255 on the first "
-             f"{preset.lipschitz_images} images (lower bounds).", "",
-             "| depth | model | clean acc (%) | ASR 1/255 (%) | ASR 4/255 (%) | Lip. logits | Lip. last layer (L2) |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['depth']} | {r['model']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']['1/255']:.1f} | "
-              f"{100 * r['asr']['4/255']:.1f} | {r['lipschitz_logits']:.1f} | {r['lipschitz_layers'][-1]:.2f} |" for r in rows]
+    eps = [_eps_name(e) for e in s["eps"]]
+    gap = {e: [100 * (pick(d, "DiffViT")["asr"][e] - pick(d, "ViT")["asr"][e]) for d in depths] for e in eps}
+    lines = [f"Models: {_model_line(preset.depth_model, preset.depth_train)}. ASR: PGD-{s['steps']} over the "
+             f"initially correct images. Lipschitz: Yang et al. estimator at eps {_eps_name(s['lipschitz']['eps'])} "
+             f"on the first {s['lipschitz']['images']} images (lower bounds).", "",
+             "| depth | model | clean acc (%) | " + " | ".join(f"ASR {e} (%)" for e in eps)
+             + " | Lip. logits | Lip. last layer (L2) |", "|---:|---|---:|" + "---:|" * (len(eps) + 2)]
+    lines += [f"| {r['depth']} | {r['model']} | {100 * r['clean_acc']:.1f} | "
+              + " | ".join(f"{100 * r['asr'][e]:.1f}" for e in eps)
+              + f" | {r['lipschitz_logits']:.1f} | {r['lipschitz_layers'][-1]:.2f} |" for r in rows]
     lines += ["", "DiffViT minus ViT ASR (points), by depth " + ", ".join(map(str, depths)) + ":"]
     lines += [f"- eps {e}: " + ", ".join(f"{g:+.1f}" for g in gap[e]) for e in gap]
 
     def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        for ax, e in zip(axes, ("1/255", "4/255")):
+        fig, axes = plt.subplots(1, len(eps), figsize=(4 * len(eps), 3.2), squeeze=False)
+        for ax, e in zip(axes[0], eps):
             for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
                 ax.plot(depths, [100 * pick(d, model)["asr"][e] for d in depths], style, label=model)
             ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="ASR (%)",
-                   title=f"PGD-10, eps {e} ({dataset})")
+                   title=f"PGD-{s['steps']}, eps {e} ({dataset})")
+            ax.minorticks_off()  # the depths are the ticks (a log axis adds labels such as 3x10^0)
             ax.legend()
         return fig
     return lines, {"diff_minus_vit_asr_points": gap}, draw
 
 
-def render_cw(rows, preset, dataset, entries):
+def render_cw(rows, preset, dataset, entries, s):
     p = preset
-    lines = [f"The depth table's models ({_model_line(p.depth_model, p.depth_train)}); CW-L2 ({p.cw_steps} Adam "
-             f"steps, {p.cw_search} binary-search steps over c) on the correctly classified images; L2 in [0, 1] "
+    lines = [f"The depth table's models ({_model_line(p.depth_model, p.depth_train)}); CW-L2 ({s['steps']} Adam "
+             f"steps, {s['search']} binary-search steps over c) on the correctly classified images; L2 in [0, 1] "
              "pixel units; quantiles (nearest rank above) over every attacked image, a failed attack counting as "
              "inf.", "",
              "| depth | model | attacked | success (%) | L2 p25 | L2 median | L2 p75 | L2 p90 |",
@@ -1117,36 +1135,38 @@ def render_cw(rows, preset, dataset, entries):
                     style, label=f"{model} (median)")
         ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="minimal L2 (CW)",
                title=f"CW-L2 on {dataset}")
+        ax.minorticks_off()
         ax.legend()
         return fig
     return lines, {}, draw
 
 
-def render_lambda(rows, preset, dataset, entries):
+def render_lambda(rows, preset, dataset, entries, s):
     p = preset
+    e = _eps_name(s["eps"][0])
     for r, clean, asr in zip(rows, PAPER_LAMBDA["clean_acc"], PAPER_LAMBDA["asr"]):
         r["paper_clean_acc"], r["paper_asr"] = clean / 100, asr / 100
-    lines = [f"DiffViT, depth {p.lambda_depth}: {_model_line(p.depth_model, p.depth_train)}. ASR: PGD-10 at "
-             "Linf 8/255 over the initially correct images. The paper's columns are its CIFAR-10 numbers as quoted in "
+    lines = [f"DiffViT, depth {p.lambda_depth}: {_model_line(p.depth_model, p.depth_train)}. ASR: PGD-{s['steps']} "
+             f"at Linf {e} over the initially correct images. The paper's columns are its CIFAR-10 numbers as quoted in "
              "secondary notes (its attack settings for this table are not stated there)"
              + (", not comparable with this dataset" if dataset != "cifar10" else "") + ".", "",
              "| lambda_init | clean acc (%) | ASR (%) | learned lambda (per layer) | paper clean acc (%) | paper ASR (%) |",
              "|---:|---:|---:|---|---:|---:|"]
-    lines += [f"| {r['lambda_init']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']['8/255']:.1f} | "
+    lines += [f"| {r['lambda_init']} | {100 * r['clean_acc']:.1f} | {100 * r['asr'][e]:.1f} | "
               f"{', '.join(f'{v:.3f}' for v in r['learned_lambda'])} | {100 * r['paper_clean_acc']:.2f} | "
               f"{100 * r['paper_asr']:.2f} |" for r in rows]
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(LAMBDA_INITS, [100 * r["asr"]["8/255"] for r in rows], "s-", label=f"this run ({dataset})")
+        ax.plot(LAMBDA_INITS, [100 * r["asr"][e] for r in rows], "s-", label=f"this run ({dataset})")
         ax.plot(LAMBDA_INITS, PAPER_LAMBDA["asr"], "k--", label="paper (CIFAR-10)")
-        ax.set(xlabel="lambda_init", ylabel="ASR (%)", title="DiffViT, PGD-10 at 8/255")
+        ax.set(xlabel="lambda_init", ylabel="ASR (%)", title=f"DiffViT, PGD-{s['steps']} at {e}")
         ax.legend()
         return fig
     return lines, {}, draw
 
 
-def render_clip(rows, preset, dataset, entries):
+def render_clip(rows, preset, dataset, entries, s):
     p = preset
     if p.clip is not None:
         im, tx = p.clip["image"], p.clip["text"]
@@ -1185,7 +1205,7 @@ def render_clip(rows, preset, dataset, entries):
             ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=g)
             ax.legend(fontsize=8)
         return fig
-    return lines, {"templates": CLIP_TEMPLATES if p.clip is not None else "openai-imagenet-80"}, draw
+    return lines, {}, draw
 
 
 # --- the claims, judged with a noise model
@@ -1317,7 +1337,7 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
               f"{outcomes.count('lower')}: " + ", ".join(f"{k} {100 * d:.1f} vs {100 * s:.1f}" for k, d, s, _ in pairs))
     env = environment(run.device)
     md = [f"# summary: the paper's claims against this run ({run.preset.name} preset)", "",
-          f"Read from results/{run.preset.name}/{run.result_name('*')}.json; device {env['device']}; commit "
+          f"Read from the {run.result_name('*')}.json beside this file; device {env['device']}; commit "
           f"{env['git_commit']}. "
           + (f"These are small models on {run.dataset} on a CPU, not the paper's CIFAR/ImageNet setting. "
              if run.preset.name == "quick" else "")
@@ -1346,17 +1366,17 @@ TABLES = {t.name: t for t in [
           images=lambda p: p.eval_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF)}),
     Table("alignment", "branch-gradient alignment, gradient norms and local Lipschitz estimates", pair_entries,
           evaluate_alignment, render_alignment, images=lambda p: min(500, p.eval_images),
-          settings=lambda p: {"lipschitz": {"eps": 8 / 255, "images": p.lipschitz_images}}),
+          settings=lambda p: {"lipschitz": {"eps": 8 / 255, "images": p.lipschitz_images, **LIPSCHITZ_ASCENT}}),
     Table("clip", "CLIP vs DiffCLIP", clip_entries, evaluate_clip, render_clip, images=lambda p: p.clip_images,
-          settings=lambda p: {"templates": CLIP_TEMPLATES, "eps": list(EPS_LINF), "steps": 10,
-                              "attacks": ["pgd-ce", "pgd-logit"]}),
+          settings=lambda p: {"templates": CLIP_TEMPLATES if p.clip else "openai-imagenet-80", "eps": list(EPS_LINF),
+                              "steps": 10, "attacks": ["pgd-ce", "pgd-logit"], "alignment_images": 500}),
     Table("autoattack", "standard AutoAttack, Linf 8/255", pair_entries, evaluate_autoattack, render_autoattack,
           images=lambda p: p.autoattack_images,
           settings=lambda p: {"attack": "autoattack", "version": "standard", "eps": 8 / 255}),
     Table("depth", "ASR against depth, ViT vs DiffViT", depth_entries, evaluate_depth, render_depth,
           images=lambda p: p.depth_images,
           settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [1 / 255, 4 / 255],
-                              "lipschitz": {"eps": 4 / 255, "images": p.lipschitz_images}}),
+                              "lipschitz": {"eps": 4 / 255, "images": p.lipschitz_images, **LIPSCHITZ_ASCENT}}),
     Table("cw", "minimal L2 perturbation found by CW-L2, against depth", depth_entries, evaluate_cw, render_cw,
           images=lambda p: p.cw_images,
           settings=lambda p: {"attack": "cw_l2", "steps": p.cw_steps, "search": p.cw_search,
@@ -1653,11 +1673,11 @@ def main(argv=None) -> int:
     preset = PRESETS[resolve_preset(args.preset, device)]
     run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(), Path(args.out).expanduser(),
               device, args.seed, args.compile, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle)
-    tables = list(TABLES) if args.table == "all" else [t for t in [args.table] if t in TABLES]
+    tables = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
     try:
         check_preset_fits(run)
         if args.table == "all" or args.estimate:
-            estimate_training_hours(run, tables)
+            estimate_training_hours(run, ["clean"] if args.table == "speed" else tables)  # speed: the main pair
             if args.estimate:
                 return 0
         if args.table == "speed":
@@ -1679,7 +1699,9 @@ def main(argv=None) -> int:
             print(f"table {name} skipped: {e}", file=sys.stderr)
         seconds[name] = time.perf_counter() - t
     if args.table in ("all", "summary"):
+        t = time.perf_counter()
         table_summary(run, skipped)  # last: it reads the others
+        seconds["summary"] = time.perf_counter() - t
     if args.table == "all":
         report_run(run, seconds, time.perf_counter() - started, skipped)
     return 2 if skipped else 0

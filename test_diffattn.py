@@ -851,6 +851,10 @@ def test_load_clip_is_strict_and_says_which_keys(tmp_path):
     del broken["module.visual.blocks.1.attn.lambda_k2"]
     with pytest.raises(ValueError, match="missing.*blocks.1.attn.lambda_k2"):
         da.load_clip({"state_dict": broken})
+    partial = dict(ckpt["state_dict"])
+    del partial["module.visual.blocks.0.attn.k_proj.bias"]  # q and v biases without k's: listed, not a KeyError
+    with pytest.raises(ValueError, match=r"missing \['visual.blocks.0.attn.qkv.bias'\].*attn.q_proj.bias"):
+        da.load_clip({"state_dict": partial})
     # DiffCLIP's pickles hold argparse objects: weights_only refuses them unless the user opts in
     path = tmp_path / "checkpoint_best.pt"
     torch.save({**ckpt, "args": argparse.Namespace(lr=1e-3)}, path)

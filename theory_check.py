@@ -40,11 +40,18 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")  # r
 
 def provenance(device) -> dict:
     """Device, versions, and the commit of the two files that decide these numbers ("-dirty": edited since)."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True)
-    commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-    dirty = git("diff", "--quiet", "HEAD", "--", "diffattn.py", "theory_check.py").returncode == 1
-    return {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "git_commit": commit + ("-dirty" if dirty else "")}
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+            return None
+    head = git("rev-parse", "--short", "HEAD")
+    diff = git("diff", "--quiet", "HEAD", "--", "diffattn.py", "theory_check.py")
+    commit = (head.stdout.strip() if head else "") or "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    dirty = "-dirty" if diff and diff.returncode == 1 else ""
+    return {"device": f"{name}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "python": platform.python_version(), "git_commit": commit + dirty}
 
 
 def random_layer(dim: int, heads: int, lambda_init: float, gen: torch.Generator, device) -> da.DiffAttention:
@@ -299,9 +306,11 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
               "depth": depth, "seed": seed, "samples": samples, "depth_trials": depth_trials,
               "environment": provenance(device), "report": report}
     if json_path:  # atomically: a reader never sees half a file
-        tmp = Path(f"{json_path}.tmp")
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
-        os.replace(tmp, json_path)
+        os.replace(tmp, path)
     return result
 
 
