@@ -853,7 +853,7 @@ def test_load_clip_is_strict_and_says_which_keys(tmp_path):
         da.load_clip({"state_dict": broken})
     partial = dict(ckpt["state_dict"])
     del partial["module.visual.blocks.0.attn.k_proj.bias"]  # q and v biases without k's: listed, not a KeyError
-    with pytest.raises(ValueError, match=r"missing \['visual.blocks.0.attn.qkv.bias'\].*attn.q_proj.bias"):
+    with pytest.raises(ValueError, match=r"without a place \['visual.blocks.0.attn.q_proj.bias'"):
         da.load_clip({"state_dict": partial})
     # DiffCLIP's pickles hold argparse objects: weights_only refuses them unless the user opts in
     path = tmp_path / "checkpoint_best.pt"
