@@ -132,8 +132,10 @@ class DiffAttention(_Recordable):
         d = self.head_dim
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (nn.Parameter(torch.randn(d) * 0.1)
-                                                                          for _ in range(4))
+        self.lambda_q1 = nn.Parameter(torch.randn(d) * 0.1)
+        self.lambda_k1 = nn.Parameter(torch.randn(d) * 0.1)
+        self.lambda_q2 = nn.Parameter(torch.randn(d) * 0.1)
+        self.lambda_k2 = nn.Parameter(torch.randn(d) * 0.1)
         self.sub_norm = nn.RMSNorm(2 * d, eps=1e-5)
 
     def lam(self) -> torch.Tensor:
