@@ -28,10 +28,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule", "Block", "ViT",
-           "check_images", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
+           "check_images", "check_labels", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
            "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip", "AttackResult", "pgd", "fgsm", "cw_l2",
            "autoattack", "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate",
            "input_gradient_norm", "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks"]
+
+
+def _expect(ok: bool, name: str, value, expected: str) -> None:
+    """Raise ``ValueError`` naming the argument, its value and what it should be."""
+    if not ok:
+        raise ValueError(f"{name}={value!r}; expected {expected}")
+
+
+def _int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _real(v, low: float = -math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,6 +68,7 @@ class AttnMaps:
 
 def lambda_init_schedule(layer_index: int) -> float:
     """The Differential Transformer's depth schedule: lambda_init = 0.8 - 0.6 exp(-0.3 l), l 0-based."""
+    _expect(_int(layer_index, 0), "layer_index", layer_index, "an integer >= 0")
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
@@ -76,6 +91,7 @@ class Attention(_Recordable):
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
+        _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
         if dim % heads:
             raise ValueError(f"Attention: dim={dim} must be divisible by heads={heads}")
         self.heads, self.head_dim, self.causal = heads, dim // heads, causal
@@ -118,6 +134,7 @@ class DiffAttention(_Recordable):
     def __init__(self, dim: int, heads: int, lambda_init: Union[float, str] = 0.8,
                  layer_index: int = 0, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
+        _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
         if heads % 2:
             raise ValueError(f"DiffAttention: heads={heads} is odd; heads counts standard heads H and the "
                              f"layer has H/2 differential heads, so pass an even number (e.g. {heads + 1})")
@@ -125,8 +142,8 @@ class DiffAttention(_Recordable):
             raise ValueError(f"DiffAttention: dim={dim} must be divisible by heads={heads}")
         if lambda_init == "schedule":
             lambda_init = lambda_init_schedule(layer_index)
-        elif isinstance(lambda_init, str):
-            raise ValueError(f"DiffAttention: lambda_init={lambda_init!r}; expected a number or 'schedule'")
+        _expect(_real(lambda_init, 0) and lambda_init < 1, "lambda_init", lambda_init,
+                "a number in [0, 1) (the output is scaled by 1 - lambda_init), or 'schedule'")
         self.lambda_init = float(lambda_init)
         self.heads, self.head_dim, self.causal = heads, dim // heads, causal  # H standard heads of size d
         d = self.head_dim
@@ -221,13 +238,15 @@ def check_images(x: torch.Tensor) -> None:
                          f"not mean/std-normalized images")
 
 
-def _check_shape(x: torch.Tensor, in_chans: int, img_size: int) -> None:
+def _check_shape(x: torch.Tensor, in_chans: int, img_size: int, dtype: torch.dtype) -> None:
     """Shape and dtype only: metadata, so no host sync and no graph break."""
     if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != (in_chans, img_size, img_size):
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"expected images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape}")
     if not x.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"images are {x.dtype} but the model is {dtype}: pass x.to({dtype}) (or convert the model)")
 
 
 class QuickGELU(nn.Module):
@@ -256,6 +275,7 @@ class Block(nn.Module):
                  lambda_init: Union[float, str] = 0.8, layer_index: int = 0, qkv_bias: bool = True,
                  proj_bias: bool = True, causal: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
+        _expect(_real(mlp_ratio) and mlp_ratio > 0, "mlp_ratio", mlp_ratio, "a number > 0")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if attn not in ("std", "diff"):
             raise ValueError(f"attn={attn!r}; expected 'std' or 'diff'")
@@ -279,10 +299,12 @@ class PatchEmbed(nn.Module):
 
 
 def _channels(v, in_chans: int, name: str) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32).flatten()
-    if t.numel() not in (1, in_chans):
-        raise ValueError(f"{name} has {t.numel()} values; expected 1 or in_chans={in_chans}")
-    return t.expand(in_chans).reshape(1, in_chans, 1, 1).clone()
+    values = torch.as_tensor(v, dtype=torch.float64, device="cpu").flatten().tolist()
+    if len(values) not in (1, in_chans):
+        raise ValueError(f"{name} has {len(values)} values; expected 1 or in_chans={in_chans}")
+    _expect(all(math.isfinite(u) and (u > 0 or name != "std") for u in values), name, v,
+            "finite values" + (" > 0" if name == "std" else ""))
+    return torch.tensor(values, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1).clone()
 
 
 class ViT(nn.Module):
@@ -303,6 +325,10 @@ class ViT(nn.Module):
                  std: Union[float, Sequence[float]] = 0.5, qkv_bias: bool = True, proj_bias: bool = True,
                  pre_norm: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
+        _expect(all(_int(v, 1) for v in (img_size, patch_size, in_chans, dim, heads)) and _int(depth, 0)
+                and _int(num_classes, 0), "(img_size, patch_size, in_chans, dim, heads, depth, num_classes)",
+                (img_size, patch_size, in_chans, dim, heads, depth, num_classes),
+                "positive integers (depth and num_classes may be 0)")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         self.img_size, self.in_chans, self.attn_type = img_size, in_chans, attn
@@ -330,7 +356,7 @@ class ViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> final-norm tokens (B, N, dim), class token first."""
-        _check_shape(x, self.in_chans, self.img_size)
+        _check_shape(x, self.in_chans, self.img_size, self.pos_embed.dtype)
         x = self.patch_embed((x - self.mean) / self.std)
         x = self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
         for blk in self.blocks:
@@ -352,6 +378,20 @@ def _eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was)
+
+
+def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless y holds one int64 label per image of x, each in [0, the model's
+    number of outputs) (found by one forward pass of one image; one host sync)."""
+    if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (len(x),):
+        what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y: expected int64 labels of shape ({len(x)},), one per image; got {what} (pass y.long())")
+    if len(y):
+        with torch.no_grad(), _eval_mode(model):
+            n = model(x[:1]).shape[1]
+        low, high = y.aminmax()
+        if low < 0 or high >= n:
+            raise ValueError(f"y: labels must lie in [0, {n}) (the model has {n} outputs); got [{low}, {high}]")
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,6 +468,9 @@ def tokenize(texts, context_length: int = 77) -> torch.Tensor:
 def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequence[str], tokenizer=tokenize,
                       batch_size: int = 256) -> torch.Tensor:
     """Per class, the mean of the normalized text embeddings of its prompts, normalized: (embed_dim, C)."""
+    _expect(len(classnames) > 0, "classnames", classnames, "one or more class names")
+    _expect(len(templates) > 0 and all("{}" in t for t in templates), "templates", templates,
+            "one or more prompt templates, each with a {} for the class name")
     weights = []
     with _eval_mode(model):
         for name in classnames:
@@ -516,14 +559,19 @@ def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_h
 
 
 def _torch_load(path, trust_pickle: bool) -> dict:
+    """torch.load with weights_only=True, telling a damaged file from one whose pickle needs trust."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends
+    except Exception as e:  # torch raises many kinds for a damaged file
+        needs_trust = [line for line in str(e).splitlines() if "Unsupported global" in line]
+        if not needs_trust:
+            raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]}); it "
+                             f"may be truncated, or not a checkpoint: download or copy it again") from e
         if not trust_pickle:
-            raise ValueError(f"{path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}); "
-                             f"DiffCLIP's checkpoints pickle argparse objects. If you trust the file, pass "
-                             f"trust_pickle=True to run its pickle.") from e
-        return torch.load(path, map_location="cpu", weights_only=False)
+            raise ValueError(f"{path} pickles Python objects besides tensors, which torch.load(weights_only=True) "
+                             f"refuses ({needs_trust[0].strip()[:120]}); DiffCLIP's checkpoints pickle argparse "
+                             f"objects. If you trust the file, pass trust_pickle=True to run its pickle.") from e
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = False,
@@ -595,10 +643,8 @@ def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: boo
         return -ce if targeted else ce
     if loss == "margin":
         return -_margin(logits, y, targeted)
-    if loss == "logit":  # on a ZeroShotClassifier: lower (raise, if targeted) the cosine to prompt y
-        z_y = logits.gather(1, y[:, None]).squeeze(1)
-        return z_y if targeted else -z_y
-    raise ValueError(f"loss={loss!r}; expected 'ce', 'margin' or 'logit'")
+    z_y = logits.gather(1, y[:, None]).squeeze(1)  # "logit": lower (raise, if targeted) the cosine to prompt y
+    return z_y if targeted else -z_y
 
 
 def _per_example_norm(d: torch.Tensor, norm: str) -> torch.Tensor:
@@ -636,10 +682,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     flags for fewer passes, x_adv then the first fooled iterate. The model runs in eval mode.
     """
     check_images(x)
-    if norm not in ("inf", "2"):
-        raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
-    if eps < 0:
-        raise ValueError(f"eps={eps} must be >= 0")
+    check_labels(model, x, y)
+    _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
+    _expect(_real(eps, 0), "eps", eps, "a finite number >= 0")
+    _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
+    _expect(_int(restarts, 1), "restarts", restarts, "an integer >= 1")
+    _expect(alpha is None or (_real(alpha) and alpha > 0), "alpha", alpha, "None or a number > 0")
+    _expect(loss in ("ce", "margin", "logit"), "loss", loss, "'ce', 'margin' or 'logit'")
     amp = x.is_cuda if amp is None else amp
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
     if eps == 0 or steps == 0:
@@ -702,6 +751,12 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
     distortion in ``norm`` (inf where the attack failed), so quantiles read off directly.
     """
     check_images(x)
+    check_labels(model, x, y)
+    for name, v in (("c_init", c_init), ("lr", lr)):
+        _expect(_real(v) and v > 0, name, v, "a number > 0")
+    for name, v in (("search_steps", search_steps), ("steps", steps)):
+        _expect(_int(v, 1), name, v, "an integer >= 1")
+    _expect(_real(kappa, 0), "kappa", kappa, "a number >= 0")
     B = len(x)
     lo, hi = x.new_zeros(B), x.new_full((B,), float("inf"))
     c = x.new_full((B,), c_init)
@@ -738,12 +793,15 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     ``AutoAttack`` is not this: fewer iterations, other target counts). ``norm``: "inf" or "2".
     """
     check_images(x)
+    check_labels(model, x, y)
+    _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
+    _expect(_real(eps) and eps > 0, "eps", eps, "a number > 0")
+    _expect(version in ("standard", "plus", "rand"), "version", version, "'standard', 'plus' or 'rand'")
+    _expect(_int(batch_size, 1), "batch_size", batch_size, "an integer >= 1")
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:
         raise ImportError("autoattack() needs the reference AutoAttack: pip install pyautoattack") from e
-    if norm not in ("inf", "2"):
-        raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
     with _eval_mode(model):
         adversary = AutoAttack(model, norm="Linf" if norm == "inf" else "L2", eps=eps, version=version,
                                device=x.device, seed=seed)
@@ -760,12 +818,20 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted labels in eval mode (the mode is restored)."""
     check_images(x)
+    _expect(_int(batch_size, 1), "batch_size", batch_size, "an integer >= 1")
     with _eval_mode(model):
         return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
 
 
+def _same_shape(y: torch.Tensor, *preds: torch.Tensor) -> None:
+    for p in preds:
+        _expect(torch.is_tensor(p) and p.shape == y.shape, "predictions", tuple(getattr(p, "shape", ())),
+                f"one per label, shape {tuple(y.shape)}")
+
+
 def clean_accuracy(y: torch.Tensor, clean_pred: torch.Tensor) -> float:
     """Fraction of all points classified correctly without attack."""
+    _same_shape(y, clean_pred)
     return (clean_pred == y).float().mean().item()
 
 
@@ -773,17 +839,20 @@ def _fooled(y: torch.Tensor, adv_preds) -> torch.Tensor:
     """Per example: misclassified under at least one of the attacks (the per-example worst case)."""
     if not adv_preds:
         raise ValueError("pass at least one tensor of adversarial predictions")
+    _same_shape(y, *adv_preds)
     return torch.stack([p != y for p in adv_preds]).any(0)
 
 
 def robust_accuracy(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: torch.Tensor) -> float:
     """Fraction of ALL points correct on clean input and under every attack given (worst case per example)."""
+    _same_shape(y, clean_pred)
     return ((clean_pred == y) & ~_fooled(y, adv_preds)).float().mean().item()
 
 
 def attack_success_rate(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: torch.Tensor) -> float:
     """ASR: of the points classified correctly on clean input (the denominator), the fraction some
     attack misclassifies (the per-example worst case over the attacks given)."""
+    _same_shape(y, clean_pred)
     correct = clean_pred == y
     if not correct.any():
         return float("nan")
@@ -794,9 +863,9 @@ def input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm
     """||grad_x L|| per example in the dual norm of the threat model: L1 for Linf ("inf"), L2 for L2 ("2").
     L is the batch-summed cross-entropy on the true label, so no gradient depends on its batch."""
     check_images(x)
-    dual = {"inf": "1", "2": "2"}.get(norm)
-    if dual is None:
-        raise ValueError(f"norm={norm!r}; expected 'inf' or '2'")
+    check_labels(model, x, y)
+    _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
+    dual = {"inf": "1", "2": "2"}[norm]
     with _eval_mode(model):
         x = x.detach().requires_grad_(True)
         g, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
@@ -837,6 +906,7 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     pairs, lambda = 1). One ``Alignment`` per layer in forward order; one forward, two backwards a layer.
     """
     check_images(x)
+    check_labels(model, x, y)
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
     out = []
     with _eval_mode(model):
@@ -847,6 +917,9 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
         for i, (m, G) in enumerate(zip(maps, Gs)):
             if m.A1 is not None:
                 A1, A2, G1, G2, lam = m.A1, m.A2, G, G, m.lam.item()
+            elif m.A.shape[1] % 2:  # the control pairs heads (2h, 2h+1): undefined for an odd count
+                raise ValueError(f"{m.layer} has {m.A.shape[1]} heads: the head-pair control needs an even "
+                                 f"number of standard heads, so it is undefined for this layer")
             else:
                 A1, A2, G1, G2, lam = m.A[:, 0::2], m.A[:, 1::2], G[:, 0::2], G[:, 1::2], 1.0
             g1, = torch.autograd.grad((A1 * G1).sum(), x, retain_graph=True)
@@ -871,6 +944,11 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 
     ||x' - x||_2 for the output h of each module in ``modules`` (default ``model.blocks``).
     """
     check_images(x)
+    _expect(_real(eps) and eps > 0, "eps", eps, "a number > 0 (the radius of the Linf ball)")
+    _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
+    _expect(_real(step_size) and step_size > 0, "step_size", step_size, "a number > 0")
+    _expect(modules is not None or hasattr(model, "blocks"), "modules", modules,
+            "the modules to measure (the model has no .blocks)")
 
     def ascend(ratio_fn):
         with torch.no_grad():
@@ -928,6 +1006,10 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: 
     FGSM is no stronger than PGD; no input gradient is exactly zero (masking). Numbers, a boolean
     per check, and ``ok``, their conjunction.
     """
+    _expect(len(eps_list) > 0 and all(_real(e, 0) for e in eps_list), "eps_list", eps_list,
+            "one or more numbers >= 0")
+    _expect(_real(large_eps) and large_eps > 0, "large_eps", large_eps, "a number > 0")
+    _expect(_int(steps, 1), "steps", steps, "an integer >= 1")
     clean = predict(model, x)
     asr = lambda res: attack_success_rate(y, clean, predict(model, res.x_adv))
     r = {"eps": list(eps_list), "pgd_asr": [asr(pgd(model, x, y, e, norm, steps=steps)) for e in eps_list],

@@ -59,14 +59,15 @@ def git_commit() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """Where a number came from: device, library versions, commit."""
+    """Where a number came from: device, CPU threads, library versions, commit."""
     import torchvision
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
     else:
         dev = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {"device": dev, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "git_commit": git_commit()}
+    return {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "git_commit": git_commit()}
 
 
 def _atomic(path: Path, write) -> None:
@@ -93,6 +94,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+def read_cached(path: Path, read):
+    """``read(path)`` of a cache file, or None when it is absent or damaged: a damaged file (truncated,
+    not what it should hold) is moved aside to ``<name>.corrupt`` with a warning, and recomputed."""
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as e:  # a truncated zip or JSON, a foreign pickle, missing keys: any of them means damaged
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        print(f"warning: {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved it to {aside} and "
+              f"computing it again", file=sys.stderr)
+        return None
+
+
+def remove_leftovers(*folders: Path) -> None:
+    """Delete the temporary files a killed run left behind (``_atomic``'s ``.<name>.*.tmp``)."""
+    for folder in folders:
+        for tmp in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else []:
+            tmp.unlink(missing_ok=True)
 
 
 def config_hash(cfg: dict) -> str:
@@ -257,8 +280,8 @@ def _load_tiny_imagenet(root: Path, train: bool, download: bool):
             raise _missing("tiny-imagenet", root, f"download failed: {type(e).__name__}") from e
     split = "train" if train else "val"
     cache = base / f"{split}.uint8.pt"  # decoding 100k JPEGs takes minutes: do it once
-    if cache.is_file():
-        blob = torch.load(cache, weights_only=True)
+    blob = read_cached(cache, lambda p: torch.load(p, weights_only=True))
+    if blob is not None:
         return blob["x"], blob["y"], blob["classes"]
     from PIL import Image
     wnids = (base / "wnids.txt").read_text().split()
@@ -496,21 +519,29 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     device = torch.device(device)
     full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
     key, path = config_hash(full_cfg), checkpoint_path(cache, model_cfg, cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, cfg.dataset).to(device)
-    decays = {n: p.ndim >= 2 and "embed" not in n and "token" not in n for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decays[n] == d],
-                              "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)], lr=cfg.lr)
-    record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
-    if path.is_file():
-        state = torch.load(path, map_location=device, weights_only=True)
+
+    def build():
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg, cfg.dataset).to(device)
+        decays = {n: p.ndim >= 2 and "embed" not in n and "token" not in n for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decays[n] == d],
+                                  "weight_decay": cfg.weight_decay if d else 0.0} for d in (True, False)], lr=cfg.lr)
+        return model, opt
+
+    def resume(p):
+        state = torch.load(p, map_location=device, weights_only=True)
         if state["record"]["config"] != json.loads(json.dumps(full_cfg)):
-            raise ValueError(f"checkpoint {path} holds another config; delete it to retrain")
+            raise ValueError("it holds another model's config")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        record = state["record"]
-        if record["done"]:
-            return model.eval(), record
+        return state["record"]
+    model, opt = build()
+    record = read_cached(path, resume)
+    if record is None:  # nothing to resume: fresh (also after a damaged file half-loaded into them)
+        model, opt = build()
+        record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
+    if record["done"]:
+        return model.eval(), record
     train = load_dataset(cfg.dataset, data_root, train=True).subset(cfg.train_subset, cfg.seed)
     test = load_dataset(cfg.dataset, data_root, train=False)
     step_fn = torch.compile(model) if compile else model
@@ -646,8 +677,9 @@ def cached(cache: Path, name: str, cfg: dict, compute):
     """Evaluate a cell once: ``compute()``'s JSON-able result is kept in <cache>/cells/<name>-<hash>.json,
     keyed by everything in ``cfg`` (the model's checkpoint key, images, attack settings, seed)."""
     path = Path(cache) / "cells" / f"{name}-{config_hash(cfg)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["result"]
+    result = read_cached(path, lambda p: json.loads(p.read_text())["result"])
+    if result is not None:
+        return result
     result = compute()
     WORK["cells"] += 1
     atomic_write_text(path, json.dumps({"config": cfg, "result": result}, indent=1, default=float) + "\n")
@@ -764,17 +796,48 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# Cells are keyed by the library's source too: a fixed attack or metric recomputes the cells that used it.
-# (Checkpoints are keyed by their config only; delete runs/checkpoints after changing how models train.)
+# Cells are keyed by the library's source too: a fixed attack, metric or model recomputes the cells that used it.
 LIBRARY_SOURCE = hashlib.sha256(Path(da.__file__).read_bytes()).hexdigest()[:16]
+
+
+def weights_key(model: nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes, values): a retrained model is another model."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def code_key(fn: Callable) -> str:
+    """sha256 of the source of ``fn`` and of every function of this file it reaches by name (a cell's
+    evaluation code): editing any of them recomputes the cells that ran it, and no others."""
+    sources, todo = {}, [fn]
+    while todo:
+        f = todo.pop()
+        if f in sources:
+            continue
+        sources[f] = inspect.getsource(f)
+        codes = [f.__code__]
+        for code in codes:  # nested functions and lambdas too
+            codes += [c for c in code.co_consts if inspect.iscode(c)]
+            todo += [g for name in code.co_names if inspect.isfunction(g := globals().get(name))
+                     and g.__module__ == __name__]
+    return hashlib.sha256("".join(sorted(sources.values())).encode()).hexdigest()[:16]
 
 
 def run_table(table: Table, run: Run) -> None:
     """The one loop: for each entry, get the model, evaluate its cell (or read it from the cache),
-    then write ``<out>/results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance."""
+    then write ``<out>/results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance.
+
+    A cell is keyed by the model's config and weights, the images, the settings and seed, the
+    source of diffattn.py and of the evaluation code in this file, the torch version and the device type.
+    """
     rows, loaded, datas = [], {}, {}
     entries = table.entries(run)
     n, settings = table.images(run.preset), {**table.settings(run.preset), "seed": run.seed}
+    code = {"library": LIBRARY_SOURCE, "evaluation": code_key(table.evaluate), "torch": torch.__version__,
+            "device": run.device.type}
     for entry in entries:
         model, record = obtain_model(entry, run, loaded)
         data_name = entry.data or entry.train.dataset
@@ -785,8 +848,8 @@ def run_table(table: Table, run: Run) -> None:
         if data_name not in datas:
             datas[data_name] = eval_data(run, data_name, n)
         data = datas[data_name]
-        cell = {"table": table.name, "model_key": record["key"], "data": data_name, "n_images": len(data.y),
-                "library": LIBRARY_SOURCE, **settings}
+        cell = {"table": table.name, "model_key": record["key"], "weights": weights_key(model), "data": data_name,
+                "n_images": len(data.y), **code, **settings}
 
         def compute():
             torch.manual_seed(run.seed)
@@ -1600,7 +1663,8 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
     lines = []
     for model_cfg, cfg in planned_models(run, tables):
         ckpt = checkpoint_path(run.cache, model_cfg, cfg)
-        done_epochs = torch.load(ckpt, map_location="cpu", weights_only=True)["record"]["epoch"] if ckpt.is_file() else 0
+        record = read_cached(ckpt, lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"])
+        done_epochs = record["epoch"] if record else 0
         if done_epochs >= cfg.epochs:
             continue
         n_train = min(cfg.train_subset or TRAIN_SIZES[cfg.dataset], TRAIN_SIZES[cfg.dataset])
@@ -1660,6 +1724,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=os.environ.get("DIFFATTN_DATA", "~/data"))
     p.add_argument("--out", default=str(HERE), help="caches go to <out>/runs, tables to <out>/results/<preset>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--diffclip-checkpoint", default="hammh0a/DiffCLIP_ViTB16_CC12M", help="clip table, paper preset")
@@ -1669,13 +1734,23 @@ def main(argv=None) -> int:
                    help="let torch.load run the pickles of CLIP checkpoints that need it (DiffCLIP's do)")
     p.add_argument("--estimate", action="store_true", help="print the training time still to do, then stop")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    preset = PRESETS[resolve_preset(args.preset, device)]
-    run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(), Path(args.out).expanduser(),
-              device, args.seed, args.compile, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle)
+    try:
+        device = check_device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise SetupMissing(f"--threads {args.threads}: pass a number of CPU threads >= 1")
+            torch.set_num_threads(args.threads)
+        preset = PRESETS[resolve_preset(args.preset, device)]
+        run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(),
+                  Path(args.out).expanduser(), device, args.seed, args.compile, args.clip_checkpoint,
+                  args.diffclip_checkpoint, args.trust_pickle)
+        check_preset_fits(run)
+        check_folders(run)
+    except SetupMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tables = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
     try:
-        check_preset_fits(run)
         if args.table == "all" or args.estimate:
             estimate_training_hours(run, ["clean"] if args.table == "speed" else tables)  # speed: the main pair
             if args.estimate:
@@ -1705,6 +1780,37 @@ def main(argv=None) -> int:
     if args.table == "all":
         report_run(run, seconds, time.perf_counter() - started, skipped)
     return 2 if skipped else 0
+
+
+def check_device(name: str) -> torch.device:
+    """The --device, refused now, with what to do, rather than deep inside the first model."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SetupMissing(f"--device {name!r} is not a device torch knows ({e}); pass cpu or cuda") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SetupMissing(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                           "pass --device cpu, or check the driver with nvidia-smi")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SetupMissing(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_folders(run: Run) -> None:
+    """--out writable and --data-root usable, before any training; then the temporary files a killed
+    run left behind are removed."""
+    for folder in (run.cache, run.results):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise SetupMissing(f"--out {run.out}: cannot write to {folder} ({type(e).__name__}: {e}); pass --out a "
+                               "folder you can write to") from e
+    if run.data_root.exists() and not run.data_root.is_dir():
+        raise SetupMissing(f"--data-root {run.data_root} is a file; pass the folder that holds (or will hold) "
+                           "the datasets")
+    remove_leftovers(run.cache, run.results)
 
 
 def resolve_preset(name: str, device: torch.device) -> str:
