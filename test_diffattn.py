@@ -284,6 +284,83 @@ def test_every_attack_and_metric_refuses_images_outside_the_unit_range(entry, ba
         ENTRY_POINTS[entry](da.ViT(**TINY, attn="diff"), bad, torch.zeros(2, dtype=torch.long))
 
 
+def _bad_calls():
+    """(what, call, message) for every public function and its bad arguments; m a DiffViT, x, y good."""
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 6])
+    m = da.ViT(**TINY, attn="diff")
+    v = lambda **kw: da.ViT(**{**TINY, **kw})
+    return [
+        ("labels float", lambda: da.pgd(m, x, y.float(), 4 / 255), r"y: expected int64 labels.*float32"),
+        ("labels int32", lambda: da.pgd(m, x, y.int(), 4 / 255), r"int64 labels.*pass y.long\(\)"),
+        ("labels too few", lambda: da.pgd(m, x, y[:1], 4 / 255), r"shape \(2,\), one per image"),
+        ("labels 2-d", lambda: da.pgd(m, x, y[:, None], 4 / 255), r"shape \(2,\), one per image"),
+        ("label too large", lambda: da.pgd(m, x, torch.tensor([1, 7]), 4 / 255), r"\[0, 7\).*got \[1, 7\]"),
+        ("label negative", lambda: da.cw_l2(m, x, torch.tensor([-1, 0])), r"\[0, 7\).*got \[-1, 0\]"),
+        ("labels (gradient norm)", lambda: da.input_gradient_norm(m, x, y[:1]), "one per image"),
+        ("labels (alignment)", lambda: da.branch_gradient_alignment(m, x, torch.tensor([0, 9])), r"\[0, 7\)"),
+        ("labels (autoattack)", lambda: da.autoattack(m, x, y.float(), 4 / 255), "int64 labels"),
+        ("labels (sanity)", lambda: da.sanity_checks(m, x, y[:1], [4 / 255]), "one per image"),
+        ("pgd eps < 0", lambda: da.pgd(m, x, y, -0.1), r"eps=-0.1; expected a finite number >= 0"),
+        ("pgd eps nan", lambda: da.pgd(m, x, y, float("nan")), r"eps=nan; expected a finite number"),
+        ("pgd steps", lambda: da.pgd(m, x, y, 0.1, steps=-1), r"steps=-1; expected an integer >= 0"),
+        ("pgd steps float", lambda: da.pgd(m, x, y, 0.1, steps=2.5), r"steps=2.5; expected an integer"),
+        ("pgd restarts", lambda: da.pgd(m, x, y, 0.1, restarts=0), r"restarts=0; expected an integer >= 1"),
+        ("pgd alpha", lambda: da.pgd(m, x, y, 0.1, alpha=0), r"alpha=0; expected None or a number > 0"),
+        ("pgd norm", lambda: da.pgd(m, x, y, 0.1, norm="l2"), r"norm='l2'; expected 'inf' or '2'"),
+        ("pgd loss", lambda: da.pgd(m, x, y, 0.1, loss="hinge"), r"loss='hinge'; expected 'ce', 'margin'"),
+        ("fgsm eps", lambda: da.fgsm(m, x, y, -1.0), r"eps=-1.0"),
+        ("cw c", lambda: da.cw_l2(m, x, y, c_init=0), r"c_init=0; expected a number > 0"),
+        ("cw lr", lambda: da.cw_l2(m, x, y, lr=-1e-2), r"lr=-0.01; expected a number > 0"),
+        ("cw steps", lambda: da.cw_l2(m, x, y, steps=0), r"steps=0; expected an integer >= 1"),
+        ("cw search", lambda: da.cw_l2(m, x, y, search_steps=0), r"search_steps=0"),
+        ("cw kappa", lambda: da.cw_l2(m, x, y, kappa=-1), r"kappa=-1; expected a number >= 0"),
+        ("autoattack eps", lambda: da.autoattack(m, x, y, 0.0), r"eps=0.0; expected a number > 0"),
+        ("autoattack version", lambda: da.autoattack(m, x, y, 0.1, version="fast"), r"version='fast'"),
+        ("autoattack batch", lambda: da.autoattack(m, x, y, 0.1, batch_size=0), r"batch_size=0"),
+        ("predict batch", lambda: da.predict(m, x, batch_size=0), r"batch_size=0; expected an integer >= 1"),
+        ("gradient norm", lambda: da.input_gradient_norm(m, x, y, norm="1"), r"norm='1'"),
+        ("lipschitz eps 0", lambda: da.local_lipschitz(m, x, 0.0), r"eps=0.0; expected a number > 0"),
+        ("lipschitz eps < 0", lambda: da.local_lipschitz(m, x, -0.1), r"eps=-0.1"),
+        ("lipschitz steps", lambda: da.local_lipschitz(m, x, 0.1, steps=-1), r"steps=-1"),
+        ("lipschitz step", lambda: da.local_lipschitz(m, x, 0.1, step_size=0), r"step_size=0"),
+        ("lipschitz modules", lambda: da.local_lipschitz(LinearImageModel(torch.zeros(2, 768), torch.zeros(2)), x, 0.1),
+         r"modules=None; expected the modules to measure \(the model has no .blocks\)"),
+        ("sanity eps", lambda: da.sanity_checks(m, x, y, []), r"eps_list=\[\]; expected one or more numbers"),
+        ("sanity large", lambda: da.sanity_checks(m, x, y, [0.1], large_eps=0), r"large_eps=0"),
+        ("sanity steps", lambda: da.sanity_checks(m, x, y, [0.1], steps=0), r"steps=0"),
+        ("asr shapes", lambda: da.attack_success_rate(y, y[:1], y), r"predictions=\(1,\); expected one per label"),
+        ("robust acc shapes", lambda: da.robust_accuracy(y, y, y[:1]), r"expected one per label, shape \(2,\)"),
+        ("clean acc shapes", lambda: da.clean_accuracy(y, y[None]), r"expected one per label"),
+        ("control, odd heads", lambda: da.branch_gradient_alignment(v(heads=1, dim=32), x, y),
+         r"1 heads: the head-pair control needs an even number of standard heads, so it is undefined"),
+        ("float64 images", lambda: m(x.double()), r"images are torch.float64 but the model is torch.float32: pass x.to"),
+        ("float16 images", lambda: da.predict(m, x.half()), r"images are torch.float16"),
+        ("lambda_init 1", lambda: da.DiffAttention(32, 4, lambda_init=1.0), r"lambda_init=1.0; expected a number in \[0, 1\)"),
+        ("lambda_init < 0", lambda: da.DiffAttention(32, 4, lambda_init=-0.2), r"lambda_init=-0.2"),
+        ("lambda_init str", lambda: da.DiffAttention(32, 4, lambda_init="fixed"), r"lambda_init='fixed'.*'schedule'"),
+        ("heads 0", lambda: da.Attention(32, 0), r"\(dim, heads\)=\(32, 0\); expected positive integers"),
+        ("heads float", lambda: da.DiffAttention(32, 4.0), r"\(dim, heads\)=\(32, 4.0\)"),
+        ("schedule index", lambda: da.lambda_init_schedule(-1), r"layer_index=-1; expected an integer >= 0"),
+        ("std 0", lambda: v(std=0.0), r"std=0.0; expected finite values > 0"),
+        ("std negative", lambda: v(std=(0.2, -0.2, 0.2)), r"std=\(0.2, -0.2, 0.2\); expected finite values > 0"),
+        ("mean nan", lambda: v(mean=float("nan")), r"mean=nan; expected finite values"),
+        ("mean channels", lambda: v(mean=(0.5, 0.5)), r"mean has 2 values; expected 1 or in_chans=3"),
+        ("vit depth", lambda: v(depth=-1), r"expected positive integers \(depth and num_classes may be 0\)"),
+        ("vit patch", lambda: v(patch_size=0), r"expected positive integers"),
+        ("mlp ratio", lambda: v(mlp_ratio=0), r"mlp_ratio=0; expected a number > 0"),
+        ("attn kind", lambda: v(attn="linear"), r"attn='linear'; expected 'std' or 'diff'"),
+        ("zero-shot classes", lambda: da.zero_shot_weights(None, [], ["a {}."]), r"classnames=\[\]"),
+        ("zero-shot templates", lambda: da.zero_shot_weights(None, ["cat"], ["a photo"]),
+         r"templates=\['a photo'\]; expected one or more prompt templates, each with a \{\}"),
+    ]
+
+
+@pytest.mark.parametrize("what,call,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_every_public_function_refuses_bad_arguments_by_name(what, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 def test_inputs_within_tolerance_of_the_unit_range_are_accepted():
     x = torch.rand(2, 3, 16, 16).clamp(0, 1)
     x[0, 0, 0, 0], x[1, 0, 0, 0] = -5e-5, 1 + 5e-5
@@ -1188,6 +1265,168 @@ def test_training_estimate_counts_unfinished_models_only(tmp_path, capsys):
     for model_cfg, cfg in R.planned_models(run, ["main"]):
         R.train_model(model_cfg, cfg, run.data_root, run.cache, "cpu", progress=False)
     assert R.estimate_training_hours(run, ["main"]) == 0.0
+
+
+def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_only(tmp_path, monkeypatch):
+    import json
+    write_fake_cifar10(tmp_path / "data")
+    run = tiny_run(tmp_path)
+    for name in ("main", "alignment"):
+        R.run_table(R.TABLES[name], run)
+    cells = lambda: R.WORK["cells"]
+    before = cells()
+    # retrained: the same config, other weights in the checkpoint (what deleting and retraining gives)
+    ckpt = next((tmp_path / "runs" / "checkpoints").glob("diff-*.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, ckpt)
+    R.run_table(R.TABLES["main"], run)
+    assert cells() == before + 1  # the DiffViT cell, not the ViT one
+    R.run_table(R.TABLES["alignment"], run)
+    assert cells() == before + 2  # and its alignment cell
+    clean_acc = json.loads((tmp_path / "results" / "tiny" / "main.json").read_text())["rows"][1]["clean_acc"]
+    model, _ = R.obtain_model(R.pair_entries(run)[1], run, {})
+    data = R.eval_data(run, "cifar10", TINY_PRESET.eval_images)
+    assert clean_acc == da.clean_accuracy(data.y, da.predict(model, data.x))  # the retrained model's own number
+    # changed evaluation code: a helper that only the main table runs
+    original = R.asr_row
+    monkeypatch.setattr(R, "asr_row", lambda *a, **k: original(*a, **k))
+    before = cells()
+    R.run_table(R.TABLES["main"], run)
+    R.run_table(R.TABLES["alignment"], run)
+    assert cells() == before + 2  # both main cells; no alignment cell
+
+
+def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, capsys):
+    write_fake_cifar10(tmp_path / "data")
+    run = tiny_run(tmp_path)
+    R.run_table(R.TABLES["main"], run)
+    reference = (tmp_path / "results" / "tiny" / "main.json").read_text()
+    ckpt = next((tmp_path / "runs" / "checkpoints").glob("std-*.pt"))
+    cell = next((tmp_path / "runs" / "cells").glob("main-*.json"))
+    for path in (ckpt, cell):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+    R.run_table(R.TABLES["main"], run)
+    err = capsys.readouterr().err
+    assert f"{ckpt} is unreadable" in err and f"moved it to {ckpt}.corrupt" in err and f"{cell} is unreadable" in err
+    assert (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0] == \
+        reference.split('"environment"')[0]  # retrained to the same weights, the same numbers
+    assert ckpt.with_name(ckpt.name + ".corrupt").is_file() and ckpt.is_file()
+
+
+def test_load_clip_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
+    import argparse
+    path = tmp_path / "checkpoint_best.pt"
+    torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match="pickles Python objects besides tensors.*trust_pickle=True"):
+        da.load_clip(str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable torch checkpoint.*truncated.*download or copy it again") as e:
+        da.load_clip(str(path), trust_pickle=True)
+    assert "trust_pickle" not in str(e.value)
+
+
+def test_setup_errors_come_before_any_work_and_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(R, "train_model", lambda *a, **k: pytest.fail("work started"))
+    cases = [(["--device", "cuda"], "no CUDA device is visible here"), (["--device", "gpu"], "pass cpu or cuda"),
+             (["--threads", "0"], "--threads 0: pass a number of CPU threads >= 1"),
+             (["--data-root", str(tmp_path / "file")], "is a file; pass the folder")]
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    if os.access(tmp_path / "ro", os.W_OK):  # root ignores permissions: a path under a file cannot be made
+        cases.append((["--out", str(tmp_path / "file" / "out")], "cannot write to"))
+    else:
+        cases.append((["--out", str(tmp_path / "ro")], "cannot write to"))
+    if torch.cuda.is_available():
+        cases = cases[1:]
+    for argv, message in cases:
+        assert R.main(["--table", "main", "--preset", "quick", "--out", str(tmp_path / "o"), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_threads_are_set_and_recorded(tmp_path, monkeypatch):
+    import json
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
+    threads = torch.get_num_threads()
+    try:
+        assert R.main(["--table", "clean", "--preset", "tiny", "--data-root", str(tmp_path / "data"), "--out",
+                       str(tmp_path), "--device", "cpu", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    env = json.loads((tmp_path / "results" / "tiny" / "clean.json").read_text())["environment"]
+    assert env["threads"] == 1 and "1 threads" in env["device"]
+
+
+def test_leftover_temporary_files_are_removed_on_the_next_run(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path / "data")
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
+    leftovers = [tmp_path / "runs" / "checkpoints" / ".std-abc.pt.x1y2.tmp", tmp_path / "runs" / "cells" / ".main-1.json.q.tmp",
+                 tmp_path / "results" / "tiny" / ".main.md.z.tmp"]
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    assert R.main(["--table", "clean", "--preset", "tiny", "--data-root", str(tmp_path / "data"), "--out",
+                   str(tmp_path), "--device", "cpu"]) == 0
+    assert not any(p.exists() for p in leftovers) and not list(tmp_path.rglob("*.tmp"))
+
+
+KILLING_DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import reproduce as R
+from test_diffattn import TINY_PRESET
+R.PRESETS["tiny"] = TINY_PRESET
+kill_at, calls = os.environ.get("KILL_AT"), {{"n": 0}}
+
+def die_on(name, n):
+    def counted(original):
+        def wrapper(*a, **k):
+            calls["n"] += 1
+            if kill_at == name and calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*a, **k)
+        return wrapper
+    return counted
+R.lr_at = die_on("train", 7)(R.lr_at)                       # mid-epoch 2 of the second model (2 steps an epoch)
+R.pgd_predictions = die_on("eval", 6)(R.pgd_predictions)    # in the second model's cell (4 eps a cell)
+atomic = R._atomic
+
+def dying_write(path, write):                               # the next checkpoint write stops half-way
+    if kill_at == "write" and str(path).endswith(".pt"):
+        def half(f):
+            f.write(b"partial checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return atomic(path, half)
+    return atomic(path, write)
+R._atomic = dying_write
+sys.exit(R.main(["--table", "main", "--preset", "tiny", "--device", "cpu", "--data-root", {data!r}, "--out", sys.argv[1]]))
+"""
+
+
+def test_sigkill_in_training_in_a_write_and_in_evaluation_then_a_rerun_gives_the_same_table(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    write_fake_cifar10(tmp_path / "data")
+    driver = KILLING_DRIVER.format(repo=str(R.HERE), data=str(tmp_path / "data"))
+    run = lambda out, kill=None: subprocess.run([sys.executable, "-c", driver, str(tmp_path / out)], capture_output=True,
+                                                text=True, env={**os.environ, "KILL_AT": kill or ""}, timeout=300)
+    assert run("whole").returncode == 0
+    for kill in ("train", "write", "eval"):
+        assert run("killed", kill).returncode == -signal.SIGKILL, kill
+        if kill == "write":  # the killed write left its temporary file (the next run removes it)
+            assert list((tmp_path / "killed" / "runs" / "checkpoints").glob(".*.tmp"))
+    done = run("killed")
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = lambda out: json.loads((tmp_path / out / "results" / "tiny" / "main.json").read_text())
+    assert table("killed")["rows"] == table("whole")["rows"] and table("killed")["models"] == table("whole")["models"]
+    assert not list((tmp_path / "killed").rglob("*.tmp"))
 
 
 def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monkeypatch):
