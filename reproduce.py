@@ -197,7 +197,7 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (MNIST's format), gzipped or not."""
     raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
     if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise DatasetMissing(f"{path} is not an unsigned-byte idx file (damaged?): replace it with the original")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
@@ -258,10 +258,14 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool):
             cls(str(root), train=train, download=True)
         except Exception as e:  # offline: URLError and friends
             raise _missing(name, root, f"download failed: {type(e).__name__}") from e
-    blobs = [pickle.loads((base / f).read_bytes(), encoding="bytes") for f in files]
-    x = torch.from_numpy(np.concatenate([b[b"data"] for b in blobs])).view(-1, 3, 32, 32)
-    y = torch.tensor([l for b in blobs for l in b[label_key]], dtype=torch.long)
-    classes = [c.decode() for c in pickle.loads((base / meta).read_bytes(), encoding="bytes")[names_key]]
+    try:
+        blobs = [pickle.loads((base / f).read_bytes(), encoding="bytes") for f in files]
+        x = torch.from_numpy(np.concatenate([b[b"data"] for b in blobs])).view(-1, 3, 32, 32)
+        y = torch.tensor([l for b in blobs for l in b[label_key]], dtype=torch.long)
+        classes = [c.decode() for c in pickle.loads((base / meta).read_bytes(), encoding="bytes")[names_key]]
+    except Exception as e:  # a truncated download: EOFError, UnpicklingError, KeyError, a bad size
+        raise _missing(name, root, f"the files in {base} are damaged ({type(e).__name__}): delete {base} and "
+                                   "run again to download them") from e
     return x, y, classes
 
 
@@ -1315,10 +1319,9 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
 
     def load(name):
         """A table of this run: same seed, and not skipped by the --table all that runs this summary."""
-        path = out / f"{run.result_name(name)}.json"
-        if not path.is_file():
+        res = read_cached(out / f"{run.result_name(name)}.json", lambda p: json.loads(p.read_text()))
+        if res is None:
             return None
-        res = json.loads(path.read_text())
         if name in skipped:
             stale[name] = "skipped by this run, an older file is on disk"
         elif res.get("seed", run.seed) != run.seed:

@@ -1173,6 +1173,19 @@ def write_fake_tiny_imagenet(root, per_class=3, seed=1):
     return wnids
 
 
+def test_damaged_dataset_files_are_setup_errors_that_say_what_to_do(tmp_path):
+    write_fake_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    with pytest.raises(R.DatasetMissing, match="damaged.*delete .*cifar-10-batches-py and run again"):
+        R.load_dataset("cifar10", tmp_path, train=False, download=False)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "MNIST" / "raw" / name).write_bytes(b"\x00\x00\x0d\x01" + bytes(8))
+    with pytest.raises(R.DatasetMissing, match="not an unsigned-byte idx file"):
+        R.load_dataset("mnist", tmp_path, train=False, download=False)
+
+
 def test_an_incompletely_extracted_tiny_imagenet_is_refused_not_cached(tmp_path):
     import shutil
     wnids = write_fake_tiny_imagenet(tmp_path)
