@@ -17,6 +17,7 @@ and the projection shapes of ``Attention(dim, H)`` (Ye et al.'s comparison; timm
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from contextlib import contextmanager
@@ -40,12 +41,12 @@ def _expect(ok: bool, name: str, value, expected: str) -> None:
         raise ValueError(f"{name}={value!r}; expected {expected}")
 
 
-def _int(v, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+def _int(v, low: int) -> bool:  # numbers.Integral: numpy integers too
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
 
 
 def _real(v, low: float = -math.inf) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= low
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= low
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def _check_shape(x: torch.Tensor, in_chans: int, img_size: int, dtype: torch.dty
         raise ValueError(f"expected images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape}")
     if not x.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
-    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"images are {x.dtype} but the model is {dtype}: pass x.to({dtype}) (or convert the model)")
 
 
@@ -380,18 +381,17 @@ def _eval_mode(model: nn.Module):
         model.train(was)
 
 
-def check_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless y holds one int64 label per image of x, each in [0, the model's
-    number of outputs) (found by one forward pass of one image; one host sync)."""
-    if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (len(x),):
+def check_labels(y: torch.Tensor, n_images: int, num_classes: Optional[int] = None) -> None:
+    """Raise ``ValueError`` unless y holds one int64 label per image; with ``num_classes`` (the width of
+    logits the caller has computed anyway), also unless each lies in [0, num_classes) (one host sync)."""
+    if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (n_images,):
         what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"y: expected int64 labels of shape ({len(x)},), one per image; got {what} (pass y.long())")
-    if len(y):
-        with torch.no_grad(), _eval_mode(model):
-            n = model(x[:1]).shape[1]
-        low, high = y.aminmax()
-        if low < 0 or high >= n:
-            raise ValueError(f"y: labels must lie in [0, {n}) (the model has {n} outputs); got [{low}, {high}]")
+        raise ValueError(f"y: expected int64 labels of shape ({n_images},), one per image; got {what} (pass y.long())")
+    if num_classes is not None and n_images:
+        low, high = torch.stack(y.aminmax()).tolist()
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"y: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs); "
+                             f"got [{low}, {high}]")
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,6 +469,7 @@ def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequenc
                       batch_size: int = 256) -> torch.Tensor:
     """Per class, the mean of the normalized text embeddings of its prompts, normalized: (embed_dim, C)."""
     _expect(len(classnames) > 0, "classnames", classnames, "one or more class names")
+    _expect(_int(batch_size, 1), "batch_size", batch_size, "an integer >= 1")
     _expect(len(templates) > 0 and all("{}" in t for t in templates), "templates", templates,
             "one or more prompt templates, each with a {} for the class name")
     weights = []
@@ -486,6 +487,9 @@ class ZeroShotClassifier(nn.Module):
 
     def __init__(self, clip: CLIP, weights: torch.Tensor):
         super().__init__()
+        d = clip.image_projection.shape[1]
+        _expect(torch.is_tensor(weights) and weights.dim() == 2 and weights.shape[0] == d, "weights.shape",
+                tuple(getattr(weights, "shape", ())), f"({d}, classes): one normalized text embedding per column")
         self.clip = clip
         self.register_buffer("weights", weights, persistent=False)
         self.blocks = clip.visual.blocks
@@ -560,18 +564,22 @@ def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_h
 
 def _torch_load(path, trust_pickle: bool) -> dict:
     """torch.load with weights_only=True, telling a damaged file from one whose pickle needs trust."""
+    damaged = lambda e: ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+                                   f"it may be truncated, or not a checkpoint: download or copy it again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged file
-        needs_trust = [line for line in str(e).splitlines() if "Unsupported global" in line]
-        if not needs_trust:
-            raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]}); it "
-                             f"may be truncated, or not a checkpoint: download or copy it again") from e
+        if "Weights only load failed" not in str(e) and not trust_pickle:
+            raise damaged(e) from e
         if not trust_pickle:
+            why = [line for line in str(e).splitlines() if "GLOBAL" in line.upper()][:1] or [type(e).__name__]
             raise ValueError(f"{path} pickles Python objects besides tensors, which torch.load(weights_only=True) "
-                             f"refuses ({needs_trust[0].strip()[:120]}); DiffCLIP's checkpoints pickle argparse "
-                             f"objects. If you trust the file, pass trust_pickle=True to run its pickle.") from e
-    return torch.load(path, map_location="cpu", weights_only=False)
+                             f"refuses ({why[0].strip()[:120]}); DiffCLIP's checkpoints pickle argparse objects. "
+                             f"If you trust the file, pass trust_pickle=True to run its pickle.") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise damaged(e) from e
 
 
 def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = False,
@@ -682,19 +690,24 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     flags for fewer passes, x_adv then the first fooled iterate. The model runs in eval mode.
     """
     check_images(x)
-    check_labels(model, x, y)
+    check_labels(y, len(x))  # and their range at the first forward
     _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
     _expect(_real(eps, 0), "eps", eps, "a finite number >= 0")
     _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
     _expect(_int(restarts, 1), "restarts", restarts, "an integer >= 1")
-    _expect(alpha is None or (_real(alpha) and alpha > 0), "alpha", alpha, "None or a number > 0")
+    _expect(alpha is None or _real(alpha, 0), "alpha", alpha, "None or a number >= 0")
     _expect(loss in ("ce", "margin", "logit"), "loss", loss, "'ce', 'margin' or 'logit'")
+    for name, v in (("random_start", random_start), ("targeted", targeted), ("early_stop", early_stop), ("amp", amp)):
+        _expect(v in (True, False) or (name == "amp" and v is None), name, v, "True or False")
     amp = x.is_cuda if amp is None else amp
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
     if eps == 0 or steps == 0:
         with _eval_mode(model), torch.no_grad():
-            return AttackResult(x.clone(), _margin(model(x).float(), y, targeted) < 0, x.new_zeros(len(x)))
-    best_x, best_margin = x.clone(), x.new_full((len(x),), float("inf"))
+            logits = model(x).float()
+        check_labels(y, len(x), logits.shape[1])
+        return AttackResult(x.clone(), _margin(logits, y, targeted) < 0, x.new_zeros(len(x)))
+    best_x = x.clone()
+    best_margin = torch.full((len(x),), float("inf"), device=x.device)  # float32, also for a bf16 model
     with _eval_mode(model):
         for r in range(restarts):
             idx = (best_margin >= 0).nonzero().squeeze(1) if r else torch.arange(len(x), device=x.device)
@@ -713,6 +726,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                 xa.requires_grad_(not last)
                 with torch.set_grad_enabled(not last), torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
                     logits = model(xa)
+                if r == step == 0:
+                    check_labels(y, len(x), logits.shape[1])
                 m = _margin(logits.detach().float(), y0[act], targeted)
                 better = m < bm[act]
                 bm[act] = torch.where(better, m, bm[act])
@@ -751,7 +766,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
     distortion in ``norm`` (inf where the attack failed), so quantiles read off directly.
     """
     check_images(x)
-    check_labels(model, x, y)
+    check_labels(y, len(x))  # and their range at the first forward
     for name, v in (("c_init", c_init), ("lr", lr)):
         _expect(_real(v) and v > 0, name, v, "a number > 0")
     for name, v in (("search_steps", search_steps), ("steps", steps)):
@@ -763,13 +778,16 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
     best_l2, best_x = x.new_full((B,), float("inf")), x.clone()
     w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
     with _eval_mode(model):
-        for _ in range(search_steps):
+        for search in range(search_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=lr)
             found = torch.zeros(B, dtype=torch.bool, device=x.device)
-            for _ in range(steps):
+            for step in range(steps):
                 xa = (torch.tanh(w) + 1) / 2
-                m = _margin(model(xa).float(), y, targeted)
+                logits = model(xa).float()
+                if search == step == 0:
+                    check_labels(y, len(x), logits.shape[1])
+                m = _margin(logits, y, targeted)
                 l2sq = (xa - x).flatten(1).pow(2).sum(1)
                 w.grad, = torch.autograd.grad((l2sq + c * (m + kappa).clamp_min(0)).sum(), w)
                 with torch.no_grad():  # judge the point the gradient was taken at
@@ -793,7 +811,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     ``AutoAttack`` is not this: fewer iterations, other target counts). ``norm``: "inf" or "2".
     """
     check_images(x)
-    check_labels(model, x, y)
+    with _eval_mode(model), torch.no_grad():  # one image's logits for the labels' range: AutoAttack costs 1000s
+        check_labels(y, len(x), model(x[:1]).shape[1])
     _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
     _expect(_real(eps) and eps > 0, "eps", eps, "a number > 0")
     _expect(version in ("standard", "plus", "rand"), "version", version, "'standard', 'plus' or 'rand'")
@@ -863,12 +882,14 @@ def input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm
     """||grad_x L|| per example in the dual norm of the threat model: L1 for Linf ("inf"), L2 for L2 ("2").
     L is the batch-summed cross-entropy on the true label, so no gradient depends on its batch."""
     check_images(x)
-    check_labels(model, x, y)
+    check_labels(y, len(x))
     _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
     dual = {"inf": "1", "2": "2"}[norm]
     with _eval_mode(model):
         x = x.detach().requires_grad_(True)
-        g, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+        logits = model(x)
+        check_labels(y, len(x), logits.shape[1])
+        g, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
     return _per_example_norm(g, dual)
 
 
@@ -906,13 +927,16 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     pairs, lambda = 1). One ``Alignment`` per layer in forward order; one forward, two backwards a layer.
     """
     check_images(x)
-    check_labels(model, x, y)
-    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="sum"))
+    if loss_fn is None:
+        check_labels(y, len(x))
     out = []
     with _eval_mode(model):
         x = x.detach().requires_grad_(True)
         with attention_maps(model, retain_grad=False) as maps:
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+        if loss_fn is None:  # the default loss takes class labels
+            check_labels(y, len(x), logits.shape[1])
+        loss = (loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="sum")))(logits, y)
         Gs = torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)
         for i, (m, G) in enumerate(zip(maps, Gs)):
             if m.A1 is not None:

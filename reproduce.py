@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import functools
 import gzip
 import hashlib
 import inspect
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -73,7 +76,7 @@ def environment(device: torch.device) -> dict:
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
@@ -96,6 +99,9 @@ def atomic_torch_save(obj, path: Path) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
 
 
+MACHINE_ERRNOS = {errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ENOSPC}
+
+
 def read_cached(path: Path, read):
     """``read(path)`` of a cache file, or None when it is absent or damaged: a damaged file (truncated,
     not what it should hold) is moved aside to ``<name>.corrupt`` with a warning, and recomputed."""
@@ -103,18 +109,34 @@ def read_cached(path: Path, read):
         return None
     try:
         return read(path)
-    except Exception as e:  # a truncated zip or JSON, a foreign pickle, missing keys: any of them means damaged
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
+    except Exception as e:  # a truncated zip or JSON, a foreign pickle, missing keys: the file is damaged
+        machine = (MemoryError, torch.cuda.OutOfMemoryError)
+        if isinstance(e, machine) or isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
+            raise  # the machine's trouble, not the file's: keep the file
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another process moved it first
+            pass
         print(f"warning: {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved it to {aside} and "
               f"computing it again", file=sys.stderr)
         return None
 
 
 def remove_leftovers(*folders: Path) -> None:
-    """Delete the temporary files a killed run left behind (``_atomic``'s ``.<name>.*.tmp``)."""
+    """Delete the temporary files that killed runs left behind: ``_atomic``'s ``.<name>.<pid>.<random>.tmp``
+    whose process is gone (a run sharing --out is still writing its own)."""
     for folder in folders:
         for tmp in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else []:
+            pid = re.search(r"\.(\d+)\.\w+\.tmp$", tmp.name)
+            if pid and int(pid[1]) != os.getpid():
+                try:
+                    os.kill(int(pid[1]), 0)
+                    continue  # alive
+                except ProcessLookupError:
+                    pass
+                except PermissionError:  # alive, another user's
+                    continue
             tmp.unlink(missing_ok=True)
 
 
@@ -195,11 +217,14 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (MNIST's format), gzipped or not."""
-    raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
-    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise DatasetMissing(f"{path} is not an unsigned-byte idx file (damaged?): replace it with the original")
-    ndim = raw[3]
+    try:
+        raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise DatasetMissing(f"{path} is damaged ({type(e).__name__}): replace it with the original") from e
+    ndim = raw[3] if len(raw) > 3 else 0
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if raw[:3] != b"\x00\x00\x08" or len(raw) != 4 + 4 * ndim + math.prod(shape):
+        raise DatasetMissing(f"{path} is not a whole unsigned-byte idx file (damaged?): replace it with the original")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -533,8 +558,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         return model, opt
 
     def resume(p):
-        state = torch.load(p, map_location=device, weights_only=True)
-        if state["record"]["config"] != json.loads(json.dumps(full_cfg)):
+        state = torch.load(p, map_location="cpu", weights_only=True)  # copied onto the device by load_state_dict
+        if json.loads(json.dumps(state["record"]["config"])) != json.loads(json.dumps(full_cfg)):
             raise ValueError("it holds another model's config")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -763,6 +788,13 @@ class EvalData:
     classes: Optional[list] = None
     captions: Optional[list] = None  # COCO: image i's caption is captions[i]
 
+    @functools.cached_property
+    def key(self) -> str:
+        """sha256 of the images, labels, class names and captions: another copy of the data is another cell."""
+        h = hashlib.sha256(self.x.cpu().numpy().tobytes() + self.y.cpu().numpy().tobytes())
+        h.update(json.dumps([self.classes, self.captions]).encode())
+        return h.hexdigest()[:16]
+
 
 def eval_data(run: Run, name: str, n: int) -> EvalData:
     """The first ``n`` test images of a fixed permutation (seeded), so n=500 is a prefix of n=1000."""
@@ -804,30 +836,41 @@ def _file_sha256(path: Path) -> str:
 LIBRARY_SOURCE = hashlib.sha256(Path(da.__file__).read_bytes()).hexdigest()[:16]
 
 
+def _version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def weights_key(model: nn.Module) -> str:
     """sha256 of a model's weights (names, dtypes, shapes, values): a retrained model is another model."""
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # buffers: mean/std are not in state_dict
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def code_key(fn: Callable) -> str:
-    """sha256 of the source of ``fn`` and of every function of this file it reaches by name (a cell's
-    evaluation code): editing any of them recomputes the cells that ran it, and no others."""
-    sources, todo = {}, [fn]
+    """sha256 of the code ``fn`` runs: its bytecode, constants, names and defaults, and those of every
+    function of this file it reaches by name (a cell's evaluation code), as loaded now, so editing any
+    of them recomputes the cells that ran it and no others. Line numbers are left out."""
+    digests, todo = {}, [fn]
     while todo:
-        f = todo.pop()
-        if f in sources:
+        f = inspect.unwrap(todo.pop())
+        if f in digests or not inspect.isfunction(f):
             continue
-        sources[f] = inspect.getsource(f)
-        codes = [f.__code__]
+        parts, codes = [repr(f.__defaults__), repr(f.__kwdefaults__)], [f.__code__]
         for code in codes:  # nested functions and lambdas too
+            parts += [code.co_code.hex(), repr(code.co_names)]
+            parts += [repr(c) for c in code.co_consts if not inspect.iscode(c)]
             codes += [c for c in code.co_consts if inspect.iscode(c)]
-            todo += [g for name in code.co_names if inspect.isfunction(g := globals().get(name))
-                     and g.__module__ == __name__]
-    return hashlib.sha256("".join(sorted(sources.values())).encode()).hexdigest()[:16]
+            todo += [g for name in code.co_names if callable(g := globals().get(name))
+                     and getattr(inspect.unwrap(g), "__module__", None) == __name__]
+        digests[f] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
 
 
 def run_table(table: Table, run: Run) -> None:
@@ -840,8 +883,8 @@ def run_table(table: Table, run: Run) -> None:
     rows, loaded, datas = [], {}, {}
     entries = table.entries(run)
     n, settings = table.images(run.preset), {**table.settings(run.preset), "seed": run.seed}
-    code = {"library": LIBRARY_SOURCE, "evaluation": code_key(table.evaluate), "torch": torch.__version__,
-            "device": run.device.type}
+    code = {"library": LIBRARY_SOURCE, "evaluation": code_key(table.evaluate), "device": run.device.type,
+            **{name: _version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
     for entry in entries:
         model, record = obtain_model(entry, run, loaded)
         data_name = entry.data or entry.train.dataset
@@ -853,7 +896,7 @@ def run_table(table: Table, run: Run) -> None:
             datas[data_name] = eval_data(run, data_name, n)
         data = datas[data_name]
         cell = {"table": table.name, "model_key": record["key"], "weights": weights_key(model), "data": data_name,
-                "n_images": len(data.y), **code, **settings}
+                "n_images": len(data.y), "images": data.key, **code, **settings}
 
         def compute():
             torch.manual_seed(run.seed)

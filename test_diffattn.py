@@ -305,7 +305,8 @@ def _bad_calls():
         ("pgd steps", lambda: da.pgd(m, x, y, 0.1, steps=-1), r"steps=-1; expected an integer >= 0"),
         ("pgd steps float", lambda: da.pgd(m, x, y, 0.1, steps=2.5), r"steps=2.5; expected an integer"),
         ("pgd restarts", lambda: da.pgd(m, x, y, 0.1, restarts=0), r"restarts=0; expected an integer >= 1"),
-        ("pgd alpha", lambda: da.pgd(m, x, y, 0.1, alpha=0), r"alpha=0; expected None or a number > 0"),
+        ("pgd alpha", lambda: da.pgd(m, x, y, 0.1, alpha=-1), r"alpha=-1; expected None or a number >= 0"),
+        ("pgd amp", lambda: da.pgd(m, x, y, 0.1, amp="no"), r"amp='no'; expected True or False"),
         ("pgd norm", lambda: da.pgd(m, x, y, 0.1, norm="l2"), r"norm='l2'; expected 'inf' or '2'"),
         ("pgd loss", lambda: da.pgd(m, x, y, 0.1, loss="hinge"), r"loss='hinge'; expected 'ce', 'margin'"),
         ("fgsm eps", lambda: da.fgsm(m, x, y, -1.0), r"eps=-1.0"),
@@ -350,6 +351,7 @@ def _bad_calls():
         ("mlp ratio", lambda: v(mlp_ratio=0), r"mlp_ratio=0; expected a number > 0"),
         ("attn kind", lambda: v(attn="linear"), r"attn='linear'; expected 'std' or 'diff'"),
         ("zero-shot classes", lambda: da.zero_shot_weights(None, [], ["a {}."]), r"classnames=\[\]"),
+        ("zero-shot batch", lambda: da.zero_shot_weights(None, ["cat"], ["a {}."], batch_size=0), r"batch_size=0"),
         ("zero-shot templates", lambda: da.zero_shot_weights(None, ["cat"], ["a photo"]),
          r"templates=\['a photo'\]; expected one or more prompt templates, each with a \{\}"),
     ]
@@ -359,6 +361,19 @@ def _bad_calls():
 def test_every_public_function_refuses_bad_arguments_by_name(what, call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_good_arguments_of_other_number_types_and_edge_values_are_accepted():
+    import numpy as np
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 6])
+    m = da.ViT(**TINY, attn="diff")
+    assert da.pgd(m, x, y, np.float32(4 / 255), steps=np.int64(2)).x_adv.shape == x.shape
+    assert torch.equal(da.fgsm(m, x, y, 0.0).x_adv, x)  # eps 0: no step (alpha = eps = 0 is allowed)
+    assert da.DiffAttention(np.int64(32), np.int64(4), lambda_init=np.float32(0.5)).lambda_init == 0.5
+    assert da.cw_l2(m, x[:0], y[:0], steps=1, search_steps=1).x_adv.shape == (0, 3, 16, 16)  # an empty batch
+    bf16 = da.ViT(**TINY, attn="diff").bfloat16()
+    res = da.pgd(bf16, x.bfloat16(), y, 8 / 255, steps=2)  # a bf16 model: margins kept in float32
+    assert res.x_adv.dtype == torch.bfloat16 and res.success.shape == (2,)
 
 
 def test_inputs_within_tolerance_of_the_unit_range_are_accepted():
@@ -1182,7 +1197,12 @@ def test_damaged_dataset_files_are_setup_errors_that_say_what_to_do(tmp_path):
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (tmp_path / "MNIST" / "raw" / name).write_bytes(b"\x00\x00\x0d\x01" + bytes(8))
-    with pytest.raises(R.DatasetMissing, match="not an unsigned-byte idx file"):
+    with pytest.raises(R.DatasetMissing, match="not a whole unsigned-byte idx file"):
+        R.load_dataset("mnist", tmp_path, train=False, download=False)
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.zeros((6, 28, 28)))
+    good = (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
+    (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(good[:-100])  # truncated
+    with pytest.raises(R.DatasetMissing, match="not a whole unsigned-byte idx file.*replace it with the original"):
         R.load_dataset("mnist", tmp_path, train=False, download=False)
 
 
@@ -1321,10 +1341,10 @@ def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, 
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
     R.run_table(R.TABLES["main"], run)
     err = capsys.readouterr().err
-    assert f"{ckpt} is unreadable" in err and f"moved it to {ckpt}.corrupt" in err and f"{cell} is unreadable" in err
+    assert f"{ckpt} is unreadable" in err and f"moved it to {ckpt}.corrupt-" in err and f"{cell} is unreadable" in err
     assert (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0] == \
         reference.split('"environment"')[0]  # retrained to the same weights, the same numbers
-    assert ckpt.with_name(ckpt.name + ".corrupt").is_file() and ckpt.is_file()
+    assert len(list(ckpt.parent.glob(ckpt.name + ".corrupt-*"))) == 1 and ckpt.is_file()
 
 
 def test_load_clip_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
@@ -1390,33 +1410,38 @@ def test_leftover_temporary_files_are_removed_on_the_next_run(tmp_path, monkeypa
 KILLING_DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import reproduce as R
+import diffattn as da, reproduce as R
 from test_diffattn import TINY_PRESET
 R.PRESETS["tiny"] = TINY_PRESET
-kill_at, calls = os.environ.get("KILL_AT"), {{"n": 0}}
+kill_at, state = os.environ.get("KILL_AT"), {{"attn": None, "diff_pgd": 0}}
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+train_model, lr_at, pgd_predictions, atomic = R.train_model, R.lr_at, R.pgd_predictions, R._atomic
 
-def die_on(name, n):
-    def counted(original):
-        def wrapper(*a, **k):
-            calls["n"] += 1
-            if kill_at == name and calls["n"] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*a, **k)
-        return wrapper
-    return counted
-R.lr_at = die_on("train", 7)(R.lr_at)                       # mid-epoch 2 of the second model (2 steps an epoch)
-R.pgd_predictions = die_on("eval", 6)(R.pgd_predictions)    # in the second model's cell (4 eps a cell)
-atomic = R._atomic
+def tracked_train(model_cfg, *a, **k):                      # which model is training
+    state["attn"] = model_cfg["attn"]
+    return train_model(model_cfg, *a, **k)
 
-def dying_write(path, write):                               # the next checkpoint write stops half-way
-    if kill_at == "write" and str(path).endswith(".pt"):
+def dying_lr(step, *a):                                     # the DiffViT's 4th step: mid-epoch 2 (2 steps an epoch)
+    if kill_at == "train" and state["attn"] == "diff" and step == 3:
+        die()
+    return lr_at(step, *a)
+
+def dying_pgd(model, *a, **k):                              # the DiffViT's cell, at its second eps
+    if isinstance(model.blocks[0].attn, da.DiffAttention):
+        state["diff_pgd"] += 1
+        if kill_at == "eval" and state["diff_pgd"] == 2:
+            die()
+    return pgd_predictions(model, *a, **k)
+
+def dying_write(path, write):                               # the DiffViT's next checkpoint stops half-written
+    if kill_at == "write" and path.name.startswith("diff-"):
         def half(f):
             f.write(b"partial checkpoint")
             f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
         return atomic(path, half)
     return atomic(path, write)
-R._atomic = dying_write
+R.train_model, R.lr_at, R.pgd_predictions, R._atomic = tracked_train, dying_lr, dying_pgd, dying_write
 sys.exit(R.main(["--table", "main", "--preset", "tiny", "--device", "cpu", "--data-root", {data!r}, "--out", sys.argv[1]]))
 """
 
@@ -1430,16 +1455,23 @@ def test_sigkill_in_training_in_a_write_and_in_evaluation_then_a_rerun_gives_the
     driver = KILLING_DRIVER.format(repo=str(R.HERE), data=str(tmp_path / "data"))
     run = lambda out, kill=None: subprocess.run([sys.executable, "-c", driver, str(tmp_path / out)], capture_output=True,
                                                 text=True, env={**os.environ, "KILL_AT": kill or ""}, timeout=300)
+    killed = tmp_path / "killed" / "runs"
+    epochs = lambda attn: [torch.load(p, weights_only=True)["record"]["epoch"]
+                           for p in (killed / "checkpoints").glob(f"{attn}-*.pt")]
     assert run("whole").returncode == 0
-    for kill in ("train", "write", "eval"):
-        assert run("killed", kill).returncode == -signal.SIGKILL, kill
-        if kill == "write":  # the killed write left its temporary file (the next run removes it)
-            assert list((tmp_path / "killed" / "runs" / "checkpoints").glob(".*.tmp"))
+    assert run("killed", "train").returncode == -signal.SIGKILL
+    cells = lambda: len(list(killed.glob("cells/main-*.json")))
+    assert epochs("std") == [2] and epochs("diff") == [1] and cells() == 1  # ViT done and evaluated; DiffViT mid-epoch 2
+    assert run("killed", "write").returncode == -signal.SIGKILL
+    assert epochs("diff") == [1] and list((killed / "checkpoints").glob(".diff-*.tmp"))  # the write was cut
+    assert run("killed", "eval").returncode == -signal.SIGKILL
+    assert epochs("diff") == [2] and cells() == 1  # trained; killed inside its cell
+    assert not list(killed.rglob("*.tmp"))  # the eval run removed the dead write's temporary file
     done = run("killed")
     assert done.returncode == 0, done.stderr[-2000:]
     table = lambda out: json.loads((tmp_path / out / "results" / "tiny" / "main.json").read_text())
     assert table("killed")["rows"] == table("whole")["rows"] and table("killed")["models"] == table("whole")["models"]
-    assert not list((tmp_path / "killed").rglob("*.tmp"))
+    assert cells() == 2 and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monkeypatch):
