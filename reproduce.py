@@ -509,22 +509,23 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: ImageData, device, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, data: ImageData, device, batch_size: int = 512, amp: Optional[bool] = None) -> float:
     """Test accuracy; for a CLIP, zero-shot accuracy with the class prompts."""
     was_training = model.training
     model.eval()
     predict = classifier(model, class_names("", data))
     correct = 0
     for x, y in batches(data, batch_size, device):
-        with _autocast(device):
+        with _autocast(device, amp):
             correct += (predict(x).argmax(1) == y).sum().item()
     model.train(was_training)
     return correct / len(data)
 
 
-def _autocast(device):
+def _autocast(device, amp: Optional[bool] = None):
+    """bf16 autocast, on CUDA by default (``amp`` forces it either way, e.g. on a CPU to test the CUDA set-up)."""
     device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp)
 
 
 def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig) -> Path:
@@ -538,12 +539,13 @@ WORK = {"epochs": 0, "cells": 0}  # what this process computed (not read from th
 
 
 def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, compile: bool = False,
-                progress: bool = True, stop_after_epoch: Optional[int] = None):
+                progress: bool = True, stop_after_epoch: Optional[int] = None, amp: Optional[bool] = None):
     """Train (or load, or resume) a model; returns (model in eval mode, record dict).
 
     The checkpoint ``checkpoint_path(cache, ...)`` is rewritten atomically after every
     epoch; ``record["done"]`` marks a finished run. ``stop_after_epoch`` ends early (as an
-    interruption would), for tests of the resume path.
+    interruption would), for tests of the resume path; ``amp`` forces bf16 autocast on or off
+    (default: on CUDA), for tests of the CUDA set-up on a CPU.
     """
     device = torch.device(device)
     full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
@@ -588,7 +590,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
-            with _autocast(device):
+            with _autocast(device, amp):
                 if prompts is None:
                     logits = step_fn(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -606,7 +608,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         record["done"] = epoch + 1 == cfg.epochs
         # the full test set after the last epoch only: on the small presets a test pass per epoch costs a
         # third of an epoch of training
-        test_acc = accuracy(model, test, device) if record["done"] else None
+        test_acc = accuracy(model, test, device, amp=amp) if record["done"] else None
         record["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                                   "test_acc": test_acc})
         record["test_acc"] = test_acc

@@ -472,6 +472,71 @@ def test_random_crop_flip_moves_pixels_as_specified():
 TINY_FMNIST = {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
 
 
+@pytest.fixture
+def fused_diff_attention():
+    """DiffAttention's fused path (the CUDA default) on the CPU, for the duration of a test."""
+    da.DiffAttention.fused = True
+    yield
+    da.DiffAttention.fused = None
+
+
+def test_the_cuda_set_up_on_a_cpu_trains_like_float32(tmp_path, fused_diff_attention):
+    """What a GPU run does (fused SDPA path, bf16 autocast in the training step and the accuracy pass)
+    against float32 on the explicit path, same data and seed: per-epoch losses within 0.01 and test
+    accuracy within 2 points (measured: 0.0003 and 0.0035, 0.3 points; 2 epochs on 512 images)."""
+    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.25,
+                        train_subset=512)
+    records = {}
+    for amp in (True, False):
+        da.DiffAttention.fused = amp
+        _, records[amp] = R.train_model({**TINY_FMNIST, "attn": "diff"}, cfg, "/nonexistent", tmp_path / str(amp),
+                                        "cpu", progress=False, amp=amp)
+    for a, b in zip(records[True]["history"], records[False]["history"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.01, (a, b)
+    assert abs(records[True]["test_acc"] - records[False]["test_acc"]) < 0.02
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 8 / 255), ("2", 0.5)])
+def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, fused_diff_attention):
+    """pgd(amp=True), the CUDA default, on a CPU: the iterates stay in the eps-ball and [0, 1], success is
+    decided in float32 (the flags are those of a float32 forward of x_adv), and they agree with a float32
+    attack on most examples (the steps differ by bf16 rounding)."""
+    torch.manual_seed(0)
+    m = da.ViT(**TINY, attn="diff")
+    x, y = torch.rand(64, 3, 16, 16), torch.randint(0, 7, (64,))
+    torch.manual_seed(1)
+    bf = da.pgd(m, x, y, eps, norm=norm, steps=5, amp=True)
+    torch.manual_seed(1)
+    da.DiffAttention.fused = False
+    fp = da.pgd(m, x, y, eps, norm=norm, steps=5, amp=False)
+    assert bf.x_adv.dtype == torch.float32 and (bf.norm <= eps * (1 + 1e-5) + 1e-6).all()
+    assert bf.x_adv.min() >= 0 and bf.x_adv.max() <= 1
+    assert torch.equal(bf.success, da.predict(m, bf.x_adv) != y)
+    assert (bf.success == fp.success).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_compile_gives_the_eager_logits_and_gradients(fused):
+    """torch.compile (inductor) of a DiffViT, on both attention paths: logits and parameter gradients
+    within 1e-5 of eager float32."""
+    torch.manual_seed(0)
+    m = da.ViT(**TINY, attn="diff")
+    randomize(m, seed=2)
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    da.DiffAttention.fused = fused
+    try:
+        outs = []
+        for model in (m, torch.compile(m)):
+            logits = model(x)
+            outs.append((logits, torch.autograd.grad(F.cross_entropy(logits, y), list(m.parameters()))))
+    finally:
+        da.DiffAttention.fused = None
+    (l0, g0), (l1, g1) = outs
+    assert (l0 - l1).abs().max() <= 1e-5 * max(1.0, l0.abs().max().item())
+    for a, b in zip(g0, g1):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
 def test_training_on_real_fashion_mnist_lowers_the_loss(tmp_path):
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=4, batch_size=32, lr=3e-3, warmup_epochs=0.25,
                         train_subset=512)
