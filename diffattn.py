@@ -16,6 +16,7 @@ and the projection shapes of ``Attention(dim, H)`` (Ye et al.'s comparison; timm
 """
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import os
@@ -556,8 +557,11 @@ def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_h
     if layout == "openclip":
         image.update(act="quick_gelu" if quick_gelu else "gelu", norm_eps=1e-5, mean=OPENAI_MEAN, std=OPENAI_STD)
         text["act"] = image["act"]
-    else:  # DiffCLIP: a timm image tower, CLIP's QuickGELU text tower
-        image.update(act="gelu", norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    else:  # DiffCLIP (SLIP's code): a timm image tower, CLIP's QuickGELU text tower
+        # DiffCLIP's DifferentialVisionTransformer builds its blocks and final norm with torch's nn.LayerNorm
+        # (eps 1e-5); the standard-attention baseline is timm's vit_base_patch16_224 (eps 1e-6)
+        eps = 1e-5 if image["attn"] == "diff" else 1e-6
+        image.update(act="gelu", norm_eps=eps, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         text["act"] = "gelu" if quick_gelu is False else "quick_gelu"
     return sd, {"embed_dim": sd["text_projection"].shape[1], "image": image, "text": text}, layout
 
@@ -566,16 +570,17 @@ def _torch_load(path, trust_pickle: bool) -> dict:
     """torch.load with weights_only=True, telling a damaged file from one whose pickle needs trust."""
     damaged = lambda e: ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]}); "
                                    f"it may be truncated, or not a checkpoint: download or copy it again")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # DiffCLIP's files pickle their argparse arguments beside the weights: safe to allow
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged file
         if "Weights only load failed" not in str(e) and not trust_pickle:
             raise damaged(e) from e
         if not trust_pickle:
             why = [line for line in str(e).splitlines() if "GLOBAL" in line.upper()][:1] or [type(e).__name__]
             raise ValueError(f"{path} pickles Python objects besides tensors, which torch.load(weights_only=True) "
-                             f"refuses ({why[0].strip()[:120]}); DiffCLIP's checkpoints pickle argparse objects. "
-                             f"If you trust the file, pass trust_pickle=True to run its pickle.") from e
+                             f"refuses ({why[0].strip()[:120]}). If you trust the file, pass trust_pickle=True to "
+                             f"run its pickle.") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -594,6 +599,8 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
     (lambda_init 0.8), a differential QuickGELU text tower, ImageNet mean/std; with standard
     attention, the matched CLIP baseline. Strict: unused, missing and mis-shaped keys raise, listed.
     Heads: from the lambda vectors' length (DA), else 64 wide (OpenCLIP's convention), unless given.
+    Files load with weights_only=True (DiffCLIP's pickled argparse arguments allowed); anything else
+    in a pickle needs ``trust_pickle=True``.
     """
     if isinstance(source, dict):
         src = source

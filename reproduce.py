@@ -1779,7 +1779,8 @@ def main(argv=None) -> int:
     p.add_argument("--clip-checkpoint", default=None,
                    help="clip table, paper preset: the standard-attention CLIP baseline in DiffCLIP's layout")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="let torch.load run the pickles of CLIP checkpoints that need it (DiffCLIP's do)")
+                   help="let torch.load run the pickles of CLIP checkpoints that hold more than tensors and "
+                        "argparse arguments")
     p.add_argument("--estimate", action="store_true", help="print the training time still to do, then stop")
     args = p.parse_args(argv)
     try:

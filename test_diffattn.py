@@ -969,7 +969,10 @@ def diffclip_layout_from_timm(timm_vit, text: da.TextTransformer, embed_dim: int
 def _timm_diff_vit(attn: str = "diff"):
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     torch.manual_seed(0)
-    extra = {"attn_layer": "diff", "num_heads": 2} if attn == "diff" else {"num_heads": 4}
+    from functools import partial
+    # DiffCLIP's DifferentialVisionTransformer: torch's LayerNorm (eps 1e-5); its baseline: timm's default (1e-6)
+    extra = ({"attn_layer": "diff", "num_heads": 2, "norm_layer": partial(torch.nn.LayerNorm, eps=1e-5)}
+             if attn == "diff" else {"num_heads": 4})
     t = timm_vit.VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=64, depth=2,
                                    qkv_bias=True, **extra)
     if attn == "diff":
@@ -997,6 +1000,93 @@ def test_diffclip_layout_loads_and_matches_timm_vision_features(attn):
                               atol=1e-5)
 
 
+def diffclip_text_forward(sd: dict, tokens: torch.Tensor, heads: int, diff: bool) -> torch.Tensor:
+    """DiffCLIP's (diff=True) or SLIP's CLIP text tower, written out from their code's description, on raw
+    checkpoint tensors: token + position embedding; per block x += attn(LN1 x), x += MLP(LN2 x) with
+    QuickGELU; causal attention; DA: A1 - lambda A2 per pair of heads, RMSNorm(2d, eps 1e-5) x (1 - 0.8);
+    LayerNorms eps 1e-5; final LayerNorm; the end-of-text token (argmax id); text_projection."""
+    p = lambda k: sd["module." + k]
+    ln = lambda x, pre: F.layer_norm(x, x.shape[-1:], p(pre + ".weight"), p(pre + ".bias"), 1e-5)
+    x = p("token_embedding.weight")[tokens] + p("positional_embedding")[: tokens.shape[1]]
+    B, L, C = x.shape
+    d = C // heads
+    mask = torch.full((L, L), -math.inf, dtype=x.dtype).triu(1)
+    i = 0
+    while f"module.transformer.resblocks.{i}.ln_1.weight" in sd:
+        b = f"transformer.resblocks.{i}."
+        h = ln(x, b + "ln_1")
+        if diff:
+            q, k, v = (h @ p(b + f"attn.{n}_proj.weight").T + p(b + f"attn.{n}_proj.bias") for n in "qkv")
+        else:
+            q, k, v = (h @ p(b + "attn.in_proj_weight").T + p(b + "attn.in_proj_bias")).chunk(3, -1)
+        q, k = (t.view(B, L, heads, d).transpose(1, 2) for t in (q, k))
+        A = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + mask, -1)  # (B, heads, L, L)
+        if diff:
+            lam = (torch.exp((p(b + "attn.lambda_q1") * p(b + "attn.lambda_k1")).sum())
+                   - torch.exp((p(b + "attn.lambda_q2") * p(b + "attn.lambda_k2")).sum()) + 0.8)
+            o = (A[:, 0::2] - lam * A[:, 1::2]) @ v.view(B, L, heads // 2, 2 * d).transpose(1, 2)
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * p(b + "attn.diff_norm.weight") * (1 - 0.8)
+        else:
+            o = A @ v.view(B, L, heads, d).transpose(1, 2)
+        x = x + o.transpose(1, 2).reshape(B, L, C) @ p(b + "attn.out_proj.weight").T + p(b + "attn.out_proj.bias")
+        h = ln(x, b + "ln_2") @ p(b + "mlp.c_fc.weight").T + p(b + "mlp.c_fc.bias")
+        x = x + (h * torch.sigmoid(1.702 * h)) @ p(b + "mlp.c_proj.weight").T + p(b + "mlp.c_proj.bias")
+        i += 1
+    return ln(x, "ln_final")[torch.arange(B), tokens.argmax(-1)] @ p("text_projection")
+
+
+@pytest.mark.parametrize("attn", ["diff", "std"])
+def test_diffclip_and_its_baseline_load_exactly_as_released(tmp_path, attn):
+    """A random-weight checkpoint saved as DiffCLIP's (SLIP's) training saves it ({"state_dict": module.*,
+    "args": argparse.Namespace, ...}) in DiffCLIP's layout (attn="diff": q/k/v_proj, diff_norm, lambda
+    vectors in both towers) or its standard baseline's (SLIP's CLIP: timm's fused qkv, nn.MultiheadAttention's
+    in_proj): image and text embeddings against independent forwards (timm with DiffCLIP's norms; the text
+    tower written out), in float64, relative error <= 1e-6."""
+    import argparse
+    torch.manual_seed(5)
+    t = _timm_diff_vit(attn).double()
+    g = torch.Generator().manual_seed(6)
+    r = lambda *shape, s=0.2: (torch.randn(*shape, generator=g, dtype=torch.float64) * s)
+    sd = {}
+    for k, v in t.state_dict().items():
+        if attn == "diff" and ".attn.qkv." in k:
+            for name, part in zip("qkv", v.chunk(3)):
+                sd["module.visual." + k.replace(".attn.qkv.", f".attn.{name}_proj.")] = part
+        elif attn == "diff":
+            sd["module.visual." + k.replace(".attn.proj.", ".attn.out_proj.").replace(".sub_norm.", ".diff_norm.")] = v
+        else:
+            sd["module.visual." + k] = v
+    W, heads, vocab, ctx = 32, 4, 49408, 16
+    for i in range(2):
+        b = f"module.transformer.resblocks.{i}."
+        sd.update({b + "ln_1.weight": 1 + r(W), b + "ln_1.bias": r(W), b + "ln_2.weight": 1 + r(W), b + "ln_2.bias": r(W),
+                   b + "mlp.c_fc.weight": r(4 * W, W), b + "mlp.c_fc.bias": r(4 * W), b + "mlp.c_proj.weight": r(W, 4 * W),
+                   b + "mlp.c_proj.bias": r(W), b + "attn.out_proj.weight": r(W, W), b + "attn.out_proj.bias": r(W)})
+        if attn == "diff":
+            sd.update({b + f"attn.{n}_proj.{kind}": r(W, W) if kind == "weight" else r(W) for n in "qkv"
+                       for kind in ("weight", "bias")})
+            sd.update({b + f"attn.lambda_{n}": r(W // heads, s=0.1) for n in ("q1", "k1", "q2", "k2")})
+            sd[b + "attn.diff_norm.weight"] = 1 + r(2 * W // heads)
+        else:
+            sd.update({b + "attn.in_proj_weight": r(3 * W, W), b + "attn.in_proj_bias": r(3 * W)})
+    sd.update({"module.token_embedding.weight": r(vocab, W), "module.positional_embedding": r(ctx, W, s=0.01),
+               "module.ln_final.weight": 1 + r(W), "module.ln_final.bias": r(W), "module.image_projection": r(64, 24),
+               "module.text_projection": r(W, 24), "module.logit_scale": torch.tensor(4.6, dtype=torch.float64)})
+    path = tmp_path / "checkpoint_best.pt"
+    torch.save({"epoch": 3, "state_dict": sd, "best_acc1": 0.1, "args": argparse.Namespace(model="DiffCLIP_VITB16")},
+               path)
+    kit = da.load_clip(str(path), **({} if attn == "diff" else {"image_heads": 4, "text_heads": heads})).double()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    tokens = da.tokenize(["a bag", "a sandal", "an ankle boot"], context_length=ctx)
+    mean = torch.tensor(da.IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(da.IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    with torch.no_grad():
+        assert rel(kit.encode_image(x), t((x - mean) / std) @ sd["module.image_projection"]) <= 1e-6
+        assert rel(kit.encode_text(tokens), diffclip_text_forward(sd, tokens, heads, attn == "diff")) <= 1e-6
+    assert kit.config["image"]["norm_eps"] == (1e-5 if attn == "diff" else 1e-6)
+
+
 def test_load_clip_is_strict_and_says_which_keys(tmp_path):
     import argparse
     t = _timm_diff_vit()
@@ -1012,10 +1102,13 @@ def test_load_clip_is_strict_and_says_which_keys(tmp_path):
     del partial["module.visual.blocks.0.attn.k_proj.bias"]  # q and v biases without k's: listed, not a KeyError
     with pytest.raises(ValueError, match=r"without a place \['visual.blocks.0.attn.q_proj.bias'"):
         da.load_clip({"state_dict": partial})
-    # DiffCLIP's pickles hold argparse objects: weights_only refuses them unless the user opts in
+    # DiffCLIP's pickles hold argparse objects: allowed under weights_only; any other object needs trust
     path = tmp_path / "checkpoint_best.pt"
     torch.save({**ckpt, "args": argparse.Namespace(lr=1e-3)}, path)
-    with pytest.raises(ValueError, match="trust_pickle=True"):
+    assert isinstance(da.load_clip(str(path)), da.CLIP)
+    import pathlib
+    torch.save({**ckpt, "output_dir": pathlib.PurePosixPath("/runs")}, path)
+    with pytest.raises(ValueError, match="PurePosixPath.*trust_pickle=True"):
         da.load_clip(str(path))
     assert isinstance(da.load_clip(str(path), trust_pickle=True), da.CLIP)
     with pytest.raises(FileNotFoundError, match="neither a file nor a hub id"):
@@ -1414,8 +1507,9 @@ def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, 
 
 def test_load_clip_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
     import argparse
+    import pathlib
     path = tmp_path / "checkpoint_best.pt"
-    torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "args": argparse.Namespace(lr=1e-3)}, path)
+    torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "where": pathlib.PurePosixPath("/x")}, path)
     with pytest.raises(ValueError, match="pickles Python objects besides tensors.*trust_pickle=True"):
         da.load_clip(str(path))
     path.write_bytes(path.read_bytes()[:100])
