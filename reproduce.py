@@ -567,9 +567,11 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         opt.load_state_dict(state["optimizer"])
         return state["record"]
     model, opt = build()
+    existed = path.is_file()
     record = read_cached(path, resume)
-    if record is None:  # nothing to resume: fresh (also after a damaged file half-loaded into them)
-        model, opt = build()
+    if record is None:  # nothing to resume: train from scratch
+        if existed:  # a damaged checkpoint (now moved aside) may have half-loaded into them
+            model, opt = build()
         record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
     if record["done"]:
         return model.eval(), record

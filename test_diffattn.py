@@ -357,7 +357,10 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("what,call,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+BAD_CALLS = _bad_calls()
+
+
+@pytest.mark.parametrize("what,call,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_every_public_function_refuses_bad_arguments_by_name(what, call, message):
     with pytest.raises(ValueError, match=message):
         call()
