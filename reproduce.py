@@ -528,6 +528,12 @@ def _autocast(device, amp: Optional[bool] = None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp)
 
 
+@torch.no_grad()
+def learned_lambdas(model: nn.Module) -> list:
+    """lambda of every differential attention layer, in module order (empty for standard attention)."""
+    return [m.lam().item() for m in model.modules() if isinstance(m, da.DiffAttention)]
+
+
 def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig) -> Path:
     """<cache>/checkpoints/[clip-]<attn>-<hash of the model and training configs>.pt"""
     key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
@@ -543,7 +549,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     """Train (or load, or resume) a model; returns (model in eval mode, record dict).
 
     The checkpoint ``checkpoint_path(cache, ...)`` is rewritten atomically after every
-    epoch; ``record["done"]`` marks a finished run. ``stop_after_epoch`` ends early (as an
+    epoch; ``record["done"]`` marks a finished run; ``record["history"]`` holds each epoch's
+    losses and the learned lambda of every differential layer. ``stop_after_epoch`` ends early (as an
     interruption would), for tests of the resume path; ``amp`` forces bf16 autocast on or off
     (default: on CUDA), for tests of the CUDA set-up on a CPU.
     """
@@ -612,7 +619,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         # third of an epoch of training
         test_acc = accuracy(model, test, device, amp=amp) if record["done"] else None
         record["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                                  "test_acc": test_acc})
+                                  "test_acc": test_acc, "lambda": learned_lambdas(model)})
         record["test_acc"] = test_acc
         record["train_seconds"] = record.get("train_seconds", 0.0) + time.perf_counter() - started
         WORK["epochs"] += 1
@@ -634,8 +641,10 @@ class Preset:
     """Every size a run uses. Model sizes are the kit's choice (the paper gives none); see README."""
     name: str
     dataset: str
-    model: dict         # the ViT/DiffViT pair of the clean, main, alignment and autoattack tables
-    train: dict         # its TrainConfig fields
+    models: tuple       # the ViT/DiffViT pairs of the clean, main, alignment and autoattack tables, by depth
+    train: dict         # their TrainConfig fields
+    seeds: int          # training seeds of those pairs and of the clip table's models
+    sweep_seeds: int    # training seeds of the depth, cw and lambda tables' models
     depths: tuple       # the depth sweep (depth and cw tables) ...
     depth_model: dict   # ... of these models (without depth)
     depth_train: dict
@@ -653,28 +662,32 @@ class Preset:
 
 
 PRESETS = {p.name: p for p in [
-    # CPU, offline, Fashion-MNIST: --table all in under 15 minutes on 2 cores
+    # CPU, offline, Fashion-MNIST: --table all in under 15 minutes on 2 cores. As close to the paper's
+    # setting as that allows: 1-layer main models, patch 4 (7x7 patches + class token = 50 tokens; the
+    # paper's 32x32 CIFAR images at patch 4 give 65), lambda_init 0.8; given up: width (64, not 384),
+    # epochs (6, and 2 for the sweeps), seeds of the sweeps (1). README: presets.
     Preset("quick", "fashion-mnist",
-           model={"patch_size": 7, "dim": 128, "depth": 1, "heads": 4, "mlp_ratio": 2.0},
-           train={"epochs": 6, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5},
-           # narrower models, 2 epochs on 10k images, so 8 fit in minutes; the paper's depth 12 would cost
-           # 1.5 of the 15 minutes (the paper preset has it)
-           depths=(1, 2, 4, 8), depth_model={"patch_size": 7, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
+           models=({"patch_size": 4, "dim": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0},),
+           train={"epochs": 6, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5}, seeds=3, sweep_seeds=1,
+           # the sweeps: 2 epochs on 10k images, so that 8 models fit in minutes; depth 12 is left to the paper preset
+           depths=(1, 2, 4, 8), depth_model={"patch_size": 4, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
            depth_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
-           lambda_depth=2, eval_images=1000, clip_images=1000, depth_images=300, lipschitz_images=64,
+           lambda_depth=1, eval_images=1000, clip_images=1000, depth_images=300, lipschitz_images=64,
            autoattack_images=64, cw_images=50, cw_steps=50, cw_search=4,
            # small CLIP / DiffCLIP trained from scratch on captions built from the class names
            clip={"kind": "clip", "embed_dim": 64,
-                 "image": {"patch_size": 7, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
+                 "image": {"patch_size": 4, "dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
                  "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
            clip_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000}),
-    # one GPU: a ViT-S-like model on 32x32 inputs; pretrained CLIP / DiffCLIP checkpoints
+    # one GPU: the paper's 1-layer setting and a ViT-S-like 6-layer pair on 32x32 inputs (65 tokens);
+    # pretrained CLIP / DiffCLIP checkpoints
     Preset("paper", "cifar10",
-           model={"patch_size": 4, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0},
-           train={"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
+           models=({"patch_size": 4, "dim": 384, "depth": 1, "heads": 6, "mlp_ratio": 4.0},
+                   {"patch_size": 4, "dim": 384, "depth": 6, "heads": 6, "mlp_ratio": 4.0}),
+           train={"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5}, seeds=3, sweep_seeds=1,
            depths=(1, 2, 4, 8, 12), depth_model={"patch_size": 4, "dim": 384, "heads": 6, "mlp_ratio": 4.0},
            depth_train={"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
-           lambda_depth=6, eval_images=10000, clip_images=1000, depth_images=2000, lipschitz_images=500,
+           lambda_depth=1, eval_images=10000, clip_images=1000, depth_images=2000, lipschitz_images=500,
            autoattack_images=1000, cw_images=1000, cw_steps=100, cw_search=6),
 ]}
 
@@ -687,7 +700,7 @@ class Run:
     data_root: Path
     out: Path                    # caches in <out>/runs, tables in <out>/results/<preset>
     device: torch.device
-    seed: int = 0
+    seeds: Optional[int] = None  # --seeds: training seeds of every table; None: the preset's
     compile: bool = False
     clip_checkpoint: Optional[str] = None
     diffclip_checkpoint: Optional[str] = None
@@ -700,6 +713,10 @@ class Run:
     @property
     def results(self) -> Path:
         return self.out / "results" / self.preset.name
+
+    def seed_list(self, sweep: bool = False) -> list:
+        """Training seeds 0..K-1: K from --seeds, else the preset's (``sweep``: depth, cw and lambda tables)."""
+        return list(range(self.seeds or (self.preset.sweep_seeds if sweep else self.preset.seeds)))
 
     def result_name(self, table: str) -> str:
         """``main``, or ``main-cifar100`` when the run's dataset is not the preset's."""
@@ -771,7 +788,8 @@ class Table:
     - ``render(rows, preset, dataset, entries, settings)``: (markdown lines below the provenance line,
       extra JSON, figure draw or None).
 
-    ``run_table`` adds the run's ``seed`` to the settings (PGD's random starts, AutoAttack's seed).
+    ``run_table`` adds the model's training ``seed`` to the settings: it seeds the evaluation's
+    randomness (PGD's random starts, AutoAttack's seed), so each seed is a whole independent repeat.
     """
     name: str
     title: str
@@ -800,15 +818,18 @@ class EvalData:
         return h.hexdigest()[:16]
 
 
+EVAL_SEED = 0  # the test images' permutation: every training seed is evaluated on the same images
+
+
 def eval_data(run: Run, name: str, n: int) -> EvalData:
-    """The first ``n`` test images of a fixed permutation (seeded), so n=500 is a prefix of n=1000."""
-    device, picked = run.device, f"a fixed permutation, seed {run.seed}"
+    """The first ``n`` test images of a fixed permutation, so n=500 is a prefix of n=1000."""
+    device, picked = run.device, f"a fixed permutation, seed {EVAL_SEED}"
     if name == "coco":
         x, captions = load_coco_captions(run.data_root, n)
         return EvalData(name, x.to(device).float() / 255, torch.arange(len(x), device=device),
                         "the first by image id, each with its first caption", captions=captions)
-    d = (load_imagenet_val(run.data_root, n, run.seed) if name == "imagenet" else
-         load_dataset(name, run.data_root, train=False).subset(n, run.seed))
+    d = (load_imagenet_val(run.data_root, n, EVAL_SEED) if name == "imagenet" else
+         load_dataset(name, run.data_root, train=False).subset(n, EVAL_SEED))
     return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), picked, classes=d.classes)
 
 
@@ -886,13 +907,14 @@ def run_table(table: Table, run: Run) -> None:
     """
     rows, loaded, datas = [], {}, {}
     entries = table.entries(run)
-    n, settings = table.images(run.preset), {**table.settings(run.preset), "seed": run.seed}
+    n = table.images(run.preset)
     code = {"library": LIBRARY_SOURCE, "evaluation": code_key(table.evaluate), "device": run.device.type,
             **{name: _version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
     for entry in entries:
         model, record = obtain_model(entry, run, loaded)
         data_name = entry.data or entry.train.dataset
         row = {**entry.labels, "model_key": record["key"]}
+        settings = {**table.settings(run.preset), "seed": entry.labels.get("seed", 0)}
         if n is None:
             rows.append({**row, **table.evaluate(model, None, settings, record)})
             continue
@@ -903,17 +925,19 @@ def run_table(table: Table, run: Run) -> None:
                 "n_images": len(data.y), "images": data.key, **code, **settings}
 
         def compute():
-            torch.manual_seed(run.seed)
+            torch.manual_seed(settings["seed"])
             return table.evaluate(model, data, settings, record)
         rows.append({**row, **cached(run.cache, table.name, cell, compute)})
     env = environment(run.device)
     dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
     n_images = {name: len(d.y) for name, d in datas.items()}
+    settings = table.settings(run.preset)
+    seeds = sorted({e.labels["seed"] for e in entries if "seed" in e.labels})
     lines, extra, draw = table.render(rows, run.preset, dataset, entries, settings)
     seen = "; ".join(f"{name}, {len(d.y)} test images ({d.chosen})" for name, d in datas.items()) if datas else \
         f"{dataset}, the full test set"
     md = [f"# {table.name}: {table.title} ({run.preset.name} preset)", "",
-          f"Data: {seen}. Seed {run.seed}; device {env['device']}; torch {env['torch']}; "
+          f"Data: {seen}. {_seeds_line(seeds)}; device {env['device']}; torch {env['torch']}; "
           f"commit {env['git_commit']}. Settings and every number: the .json beside this file.", ""] + lines
     models = [{"labels": e.labels, **({"source": e.source} if e.source else
                                       {"model_config": e.model, "train_config": dataclasses.asdict(e.train)})}
@@ -922,9 +946,16 @@ def run_table(table: Table, run: Run) -> None:
     if draw is not None:  # first: a failing figure must not leave an old picture beside new numbers
         _figure(run.results / f"{name}.png", draw)
     write_table(run.results, name, "\n".join(md) + "\n",
-                {"table": table.name, "preset": run.preset.name, "dataset": dataset, "seed": run.seed,
+                {"table": table.name, "preset": run.preset.name, "dataset": dataset, "seeds": seeds,
                  "n_images": next(iter(n_images.values())) if len(n_images) == 1 else n_images,
                  "settings": settings, "models": models, "rows": rows, "environment": env, **extra})
+
+
+def _seeds_line(seeds: list) -> str:
+    if not seeds:
+        return "Pretrained models (no training seed)"
+    return (f"Training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (each model's attacks "
+            "seeded by its training seed)")
 
 
 # --- which models each table uses
@@ -937,17 +968,18 @@ def _model_line(m: dict, tc: dict) -> str:
 
 
 def pair_entries(run: Run) -> list:
-    """The preset's ViT and DiffViT (tables clean, main, alignment, autoattack)."""
-    cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **run.preset.train)
-    return [Entry({"model": NAMES[a]}, {**run.preset.model, "attn": a}, cfg) for a in ("std", "diff")]
+    """The preset's ViT and DiffViT pairs, by depth and seed (tables clean, main, alignment, autoattack)."""
+    return [Entry({"model": NAMES[a], "depth": m["depth"], "seed": seed}, {**m, "attn": a},
+                  TrainConfig(dataset=run.dataset, seed=seed, **run.preset.train))
+            for m in run.preset.models for seed in run.seed_list() for a in ("std", "diff")]
 
 
 def depth_entries(run: Run) -> list:
     """ViT and DiffViT at every depth of the sweep (tables depth, cw)."""
     p = run.preset
-    cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **p.depth_train)
-    return [Entry({"depth": d, "model": NAMES[a]}, {**p.depth_model, "depth": d, "attn": a}, cfg)
-            for d in p.depths for a in ("std", "diff")]
+    return [Entry({"depth": d, "model": NAMES[a], "seed": seed}, {**p.depth_model, "depth": d, "attn": a},
+                  TrainConfig(dataset=run.dataset, seed=seed, **p.depth_train))
+            for seed in run.seed_list(sweep=True) for d in p.depths for a in ("std", "diff")]
 
 
 LAMBDA_INITS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -959,20 +991,20 @@ def lambda_entries(run: Run) -> list:
     """DiffViT at each lambda_init, with the depth sweep's recipe; at the default lambda_init the model
     config is the depth sweep's own (no ``lambda_init`` key), so that model is trained once for both."""
     p = run.preset
-    cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **p.depth_train)
     base = {**p.depth_model, "depth": p.lambda_depth, "attn": "diff"}
     default = inspect.signature(da.ViT).parameters["lambda_init"].default
-    return [Entry({"lambda_init": lam}, base if lam == default else {**base, "lambda_init": lam}, cfg)
-            for lam in LAMBDA_INITS]
+    return [Entry({"lambda_init": lam, "seed": seed}, base if lam == default else {**base, "lambda_init": lam},
+                  TrainConfig(dataset=run.dataset, seed=seed, **p.depth_train))
+            for seed in run.seed_list(sweep=True) for lam in LAMBDA_INITS]
 
 
 def clip_entries(run: Run) -> list:
     """quick: a small CLIP and DiffCLIP trained here; paper: the pretrained checkpoints on ImageNet and COCO."""
     p = run.preset
     if p.clip is not None:
-        cfg = TrainConfig(dataset=run.dataset, seed=run.seed, **p.clip_train)
-        return [Entry({"model": m, "data": f"{cfg.dataset} (zero-shot)"}, {**p.clip, "attn": a}, cfg)
-                for a, m in (("std", "CLIP"), ("diff", "DiffCLIP"))]
+        return [Entry({"model": m, "data": f"{run.dataset} (zero-shot)", "seed": seed}, {**p.clip, "attn": a},
+                      TrainConfig(dataset=run.dataset, seed=seed, **p.clip_train))
+                for seed in run.seed_list() for a, m in (("std", "CLIP"), ("diff", "DiffCLIP"))]
     if not run.clip_checkpoint:
         raise SetupMissing("the paper preset's clip table needs --clip-checkpoint: the standard-attention CLIP "
                            "trained with DiffCLIP's recipe (a file or a Hugging Face id, DiffCLIP's layout), as the "
@@ -1036,7 +1068,7 @@ def lipschitz(model, x: torch.Tensor, s: dict) -> dict:
 
 
 def evaluate_main(model, data, s, record) -> dict:
-    return asr_row(model, data.x, data.y, s["eps"], s["steps"])
+    return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]), "learned_lambda": learned_lambdas(model)}
 
 
 def evaluate_alignment(model, data, s, record) -> dict:
@@ -1064,7 +1096,7 @@ def evaluate_depth(model, data, s, record) -> dict:
     lip = lipschitz(model, data.x, s["lipschitz"])
     row["lipschitz_logits"] = lip["logits"].mean().item()
     row["lipschitz_layers"] = [v.mean().item() for v in lip["layers"]]
-    return row
+    return {**row, "learned_lambda": learned_lambdas(model)}
 
 
 def evaluate_cw(model, data, s, record) -> dict:
@@ -1082,7 +1114,7 @@ def evaluate_cw(model, data, s, record) -> dict:
 
 def evaluate_lambda(model, data, s, record) -> dict:
     return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]),
-            "learned_lambda": [b.attn.lam().item() for b in model.blocks]}
+            "learned_lambda": learned_lambdas(model)}
 
 
 def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor, s: dict, desc: str) -> dict:
@@ -1120,109 +1152,180 @@ def evaluate_clip(model, data, s, record) -> dict:
     return clip_attack_row(zs, data.x, data.y, s, f"attacks ({data.name})")
 
 
-# --- how the rows read
+# --- how the rows read: a line per training seed, then the mean +- standard deviation over seeds
+
+def groups(rows, *keys) -> dict:
+    """Rows grouped by ``keys`` (model, depth, ...) in first-seen order: {key values: [a row per seed]}."""
+    out = {}
+    for r in rows:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return out
+
+
+def mean_std(values) -> tuple:
+    """Mean and sample standard deviation over seeds (nan for one seed; an inf, e.g. a CW quantile over
+    failed attacks, gives an inf mean and a nan deviation)."""
+    v = np.asarray(values, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def seed_table(rows, keys, columns) -> list:
+    """Markdown lines: a row per seed, then (with several seeds) a **mean ± std** row per group of
+    ``keys``. ``columns``: (header, the number of a row or None, digits)."""
+    lines = ["| " + " | ".join([*keys, "seed", *(c[0] for c in columns)]) + " |",
+             "|" + "---|" * len(keys) + "---:|" * (1 + len(columns))]
+    for key, rs in groups(rows, *keys).items():
+        for r in rs:
+            cells = ["-" if (v := get(r)) is None else f"{v:.{d}f}" for _, get, d in columns]
+            lines.append("| " + " | ".join([*map(str, key), str(r.get("seed", "-")), *cells]) + " |")
+        if len(rs) > 1:
+            cells = ["-" if None in (v := [get(r) for r in rs]) else "{:.{d}f} ± {:.{d}f}".format(*mean_std(v), d=d)
+                     for _, get, d in columns]
+            lines.append("| " + " | ".join([*(f"**{k}**" for k in key), "**mean ± std**", *cells]) + " |")
+    return lines
+
+
+def plot_seeds(ax, xs, samples, style, label) -> None:
+    """The mean over seeds of each x's values, with +- one standard deviation (no bar for one seed)."""
+    stats = [mean_std(v) for v in samples]
+    ax.errorbar(xs, [m for m, _ in stats], yerr=[0.0 if math.isnan(sd) else sd for _, sd in stats], fmt=style,
+                capsize=3, label=label)
+
+
+def mean_lambda(row) -> Optional[float]:
+    """A DiffViT's learned lambda, averaged over its layers; None for standard attention."""
+    return statistics.fmean(row["learned_lambda"]) if row.get("learned_lambda") else None
+
 
 def _eps_names(rows, key="asr") -> list:
     return list(rows[0][key])
 
 
+def _models_line(preset) -> str:
+    return "; ".join(_model_line(m, preset.train) for m in preset.models)
+
+
 def render_clean(rows, preset, dataset, entries, s):
-    m, tc = preset.model, preset.train
-    lines = [f"Models: {_model_line(m, tc)}. Accuracy on the full test set after the last epoch.", "",
-             "| model | clean test accuracy (%) | training time (s) |", "|---|---:|---:|"]
-    lines += [f"| {r['model']} | {100 * r['test_acc']:.2f} | {r['train_seconds'] or float('nan'):.0f} |" for r in rows]
-    return lines, {}, None
-
-
-def evaluate_clean(model, data, s, record) -> dict:
-    return {"test_acc": record["test_acc"], "history": record["history"], "train_seconds": record.get("train_seconds")}
-
-
-def render_main(rows, preset, dataset, entries, s):
-    eps = _eps_names(rows)
-    lines = [f"Models: {_model_line(preset.model, preset.train)}. ASR = fraction of the initially "
-             f"correct test images that PGD-{s['steps']} (Linf, random start, step 2.5 eps / {s['steps']}) "
-             "misclassifies.", "",
-             "| model | clean acc (%) | " + " | ".join(f"ASR eps={e} (%)" for e in eps) + " |",
-             "|---|---:|" + "---:|" * len(eps)]
-    lines += [f"| {r['model']} | {100 * r['clean_acc']:.2f} | " + " | ".join(f"{100 * r['asr'][e]:.1f}" for e in eps)
-              + " |" for r in rows]
+    lines = [f"Models: {_models_line(preset)}. Accuracy on the full test set after the last epoch; learned lambda "
+             "(mean over layers) after the last epoch, and after every epoch in the figure and the .json.", ""]
+    lines += seed_table(rows, ("model", "depth"), [("clean test accuracy (%)", lambda r: 100 * r["test_acc"], 2),
+                                                   ("training time (s)", lambda r: r["train_seconds"], 0),
+                                                   ("learned lambda", mean_lambda, 3)])
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         for r in rows:
-            ax.plot([float(e.split("/")[0]) for e in eps], [100 * r["asr"][e] for e in eps], "o-",
-                    label=f"{r['model']} (clean {100 * r['clean_acc']:.1f}%)")
-        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=f"PGD-{s['steps']} on {dataset} ({preset.name})")
-        ax.legend()
+            if r.get("learned_lambda"):
+                ax.plot([h["epoch"] for h in r["history"]], [statistics.fmean(h["lambda"]) for h in r["history"]],
+                        "s-", label=f"DiffViT depth {r['depth']}, seed {r['seed']}")
+        ax.set(xlabel="epoch", ylabel="learned lambda (mean over layers)", title=f"DiffViT on {dataset}")
+        ax.legend(fontsize=8)
+        return fig
+    return lines, {}, draw
+
+
+def evaluate_clean(model, data, s, record) -> dict:
+    return {"test_acc": record["test_acc"], "history": record["history"], "train_seconds": record.get("train_seconds"),
+            "learned_lambda": learned_lambdas(model)}
+
+
+def render_main(rows, preset, dataset, entries, s):
+    eps = _eps_names(rows)
+    lines = [f"Models: {_models_line(preset)}. ASR = fraction of the initially correct test images that "
+             f"PGD-{s['steps']} (Linf, random start, step 2.5 eps / {s['steps']}) misclassifies. Learned lambda: "
+             "mean over layers (per layer in the .json).", ""]
+    lines += seed_table(rows, ("model", "depth"), [("clean acc (%)", lambda r: 100 * r["clean_acc"], 2)]
+                        + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
+                        + [("learned lambda", mean_lambda, 3)])
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for (model, depth), rs in groups(rows, "model", "depth").items():
+            clean = statistics.fmean(r["clean_acc"] for r in rs)
+            plot_seeds(ax, [float(e.split("/")[0]) for e in eps], [[100 * r["asr"][e] for r in rs] for e in eps],
+                       "o-" if model == "ViT" else "s-", f"{model} depth {depth} (clean {100 * clean:.1f}%)")
+        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%), mean +- std over seeds",
+               title=f"PGD-{s['steps']} on {dataset} ({preset.name})")
+        ax.legend(fontsize=8)
         return fig
     return lines, {}, draw
 
 
 def render_alignment(rows, preset, dataset, entries, s):
-    lines = [f"Models: {_model_line(preset.model, preset.train)}.",
+    layers = [{**a, "model": r["model"], "depth": r["depth"], "seed": r["seed"], "layer": i, "grad": r["mean_grad_l1"],
+               "lip": r["lipschitz_logits"]} for r in rows for i, a in enumerate(r["layers"])]
+    lines = [f"Models: {_models_line(preset)}.",
              "cos = cos(g1, g2), g_i = grad_x <A_i, G>, G = dL/dA (DiffViT: the two maps of each differential head; "
              "ViT control: head pairs (2h, 2h+1), each with its own G, lambda = 1). kappa = sqrt(1 + l^2 rho^2 - "
              "2 l rho cos). grad L1: mean L1 norm of the cross-entropy input gradient (dual of Linf). Lipschitz: Yang "
              f"et al. (2020) estimator on the first {rows[0]['lipschitz_images']} images, Linf ball "
              f"{_eps_name(s['lipschitz']['eps'])}, {s['lipschitz']['steps']} signed steps of {s['lipschitz']['step_size']}; "
-             "lower bounds. +- : standard error over images.", "",
-             "| model | layer | lambda | cos<0 (%) | mean cos | median rho | mean kappa | grad L1 | Lip. logits | Lip. layer (L2) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {i} | {a['lambda']:.3f} | {100 * a['frac_cos_negative']:.1f} | {a['mean_cos']:+.3f} | "
-              f"{a['median_rho']:.3f} | {a['mean_kappa']:.3f} | {r['mean_grad_l1']:.2f} +- {r['mean_grad_l1_sem']:.2f} | "
-              f"{r['lipschitz_logits']:.1f} +- {r['lipschitz_logits_sem']:.1f} | "
-              f"{a['lipschitz_layer_l2']:.2f} +- {a['lipschitz_layer_l2_sem']:.2f} |"
-              for r in rows for i, a in enumerate(r["layers"])]
+             "lower bounds. Standard errors over images: the .json.", ""]
+    lines += seed_table(layers, ("model", "depth", "layer"), [
+        ("lambda", lambda a: a["lambda"], 3), ("cos<0 (%)", lambda a: 100 * a["frac_cos_negative"], 1),
+        ("mean cos", lambda a: a["mean_cos"], 3), ("median rho", lambda a: a["median_rho"], 3),
+        ("mean kappa", lambda a: a["mean_kappa"], 3), ("grad L1", lambda a: a["grad"], 2),
+        ("Lip. logits", lambda a: a["lip"], 1), ("Lip. layer (L2)", lambda a: a["lipschitz_layer_l2"], 2)])
 
     def draw(plt):
-        depth = len(rows[0]["layers"])
-        fig, axes = plt.subplots(1, depth, figsize=(4 * depth, 3.2), squeeze=False)
-        for layer, ax in enumerate(axes[0]):
-            for r in rows:
-                a = r["layers"][layer]
-                label = f"{r['model']}{' (head-pair control)' if a['control'] else ''}: cos<0 {100 * a['frac_cos_negative']:.0f}%"
-                ax.hist(a["cos_values"], bins=40, range=(-1, 1), alpha=0.5, label=label)
+        panels = groups(layers, "depth", "layer")
+        cols = min(4, len(panels))
+        fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(panels) / cols)),
+                                 squeeze=False)
+        for ax, ((depth, layer), rs) in zip(axes.flat, panels.items()):
+            for (model,), ms in groups(rs, "model").items():
+                fracs = ", ".join(f"{100 * a['frac_cos_negative']:.0f}" for a in ms)
+                ax.hist([v for a in ms for v in a["cos_values"]], bins=40, range=(-1, 1), alpha=0.5,
+                        label=f"{model}{' (head-pair control)' if ms[0]['control'] else ''}: cos<0 {fracs}%")
             ax.axvline(0, color="k", lw=0.8)
-            ax.set(xlabel="cos(g1, g2)", ylabel="examples", title=f"layer {layer} ({dataset})")
-            ax.legend(fontsize=8)
+            ax.set(xlabel="cos(g1, g2)", ylabel="examples, all seeds", title=f"depth {depth}, layer {layer} ({dataset})")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
         return fig
     return lines, {}, draw
 
 
 def render_autoattack(rows, preset, dataset, entries, s):
-    lines = [f"Models: {_model_line(preset.model, preset.train)}. Reference implementation (pyautoattack, "
-             f"version {s['version']}: APGD-CE, APGD-T, FAB-T, Square) at Linf {_eps_name(s['eps'])}. Robust accuracy "
-             "over all images; ASR "
-             "over the initially correct ones.", "",
-             "| model | clean acc (%) | robust acc (%) | ASR (%) |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {100 * r['clean_acc']:.1f} | {100 * r['robust_acc']:.1f} | {100 * r['asr']:.1f} |"
-              for r in rows]
+    lines = [f"Models: {_models_line(preset)}. Reference implementation (pyautoattack, version {s['version']}: "
+             f"APGD-CE, APGD-T, FAB-T, Square) at Linf {_eps_name(s['eps'])}. Robust accuracy over all images; ASR "
+             "over the initially correct ones.", ""]
+    lines += seed_table(rows, ("model", "depth"), [("clean acc (%)", lambda r: 100 * r["clean_acc"], 1),
+                                                   ("robust acc (%)", lambda r: 100 * r["robust_acc"], 1),
+                                                   ("ASR (%)", lambda r: 100 * r["asr"], 1)])
     return lines, {}, None
 
 
+def gaps(rows, eps: str, key: Callable) -> dict:
+    """{key: [DiffViT minus ViT ASR at eps, in points, of each seed]}, the two models matched by seed."""
+    return {k: [100 * (d["asr"][eps] - v["asr"][eps]) for d, v in pairs] for k, pairs in seed_pairs(rows, key).items()}
+
+
 def render_depth(rows, preset, dataset, entries, s):
-    depths = preset.depths
-    pick = lambda d, m: next(r for r in rows if r["depth"] == d and r["model"] == m)
     eps = [_eps_name(e) for e in s["eps"]]
-    gap = {e: [100 * (pick(d, "DiffViT")["asr"][e] - pick(d, "ViT")["asr"][e]) for d in depths] for e in eps}
     lines = [f"Models: {_model_line(preset.depth_model, preset.depth_train)}. ASR: PGD-{s['steps']} over the "
              f"initially correct images. Lipschitz: Yang et al. estimator at eps {_eps_name(s['lipschitz']['eps'])} "
-             f"on the first {s['lipschitz']['images']} images (lower bounds).", "",
-             "| depth | model | clean acc (%) | " + " | ".join(f"ASR {e} (%)" for e in eps)
-             + " | Lip. logits | Lip. last layer (L2) |", "|---:|---|---:|" + "---:|" * (len(eps) + 2)]
-    lines += [f"| {r['depth']} | {r['model']} | {100 * r['clean_acc']:.1f} | "
-              + " | ".join(f"{100 * r['asr'][e]:.1f}" for e in eps)
-              + f" | {r['lipschitz_logits']:.1f} | {r['lipschitz_layers'][-1]:.2f} |" for r in rows]
-    lines += ["", "DiffViT minus ViT ASR (points), by depth " + ", ".join(map(str, depths)) + ":"]
-    lines += [f"- eps {e}: " + ", ".join(f"{g:+.1f}" for g in gap[e]) for e in gap]
+             f"on the first {s['lipschitz']['images']} images (lower bounds).", ""]
+    lines += seed_table(rows, ("depth", "model"), [("clean acc (%)", lambda r: 100 * r["clean_acc"], 1)]
+                        + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
+                        + [("Lip. logits", lambda r: r["lipschitz_logits"], 1),
+                           ("Lip. last layer (L2)", lambda r: r["lipschitz_layers"][-1], 2),
+                           ("learned lambda", mean_lambda, 3)])
+    gap = {e: gaps(rows, e, lambda r: r["depth"]) for e in eps}
+    lines += ["", "DiffViT minus ViT ASR (points; per seed in brackets when several):"]
+    lines += [f"- eps {e}: " + ", ".join(f"depth {d} {statistics.fmean(g):+.1f}"
+                                         + (f" [{', '.join(f'{x:+.1f}' for x in g)}]" if len(g) > 1 else "")
+                                         for d, g in gap[e].items()) for e in eps]
 
     def draw(plt):
         fig, axes = plt.subplots(1, len(eps), figsize=(4 * len(eps), 3.2), squeeze=False)
         for ax, e in zip(axes[0], eps):
-            for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
-                ax.plot(depths, [100 * pick(d, model)["asr"][e] for d in depths], style, label=model)
-            ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="ASR (%)",
+            for (model,), rs in groups(rows, "model").items():
+                by_depth = groups(rs, "depth")
+                plot_seeds(ax, preset.depths, [[100 * r["asr"][e] for r in by_depth[(d,)]] for d in preset.depths],
+                           "o-" if model == "ViT" else "s-", model)
+            ax.set(xscale="log", xticks=preset.depths, xticklabels=preset.depths, xlabel="depth", ylabel="ASR (%)",
                    title=f"PGD-{s['steps']}, eps {e} ({dataset})")
             ax.minorticks_off()  # the depths are the ticks (a log axis adds labels such as 3x10^0)
             ax.legend()
@@ -1235,19 +1338,19 @@ def render_cw(rows, preset, dataset, entries, s):
     lines = [f"The depth table's models ({_model_line(p.depth_model, p.depth_train)}); CW-L2 ({s['steps']} Adam "
              f"steps, {s['search']} binary-search steps over c) on the correctly classified images; L2 in [0, 1] "
              "pixel units; quantiles (nearest rank above) over every attacked image, a failed attack counting as "
-             "inf.", "",
-             "| depth | model | attacked | success (%) | L2 p25 | L2 median | L2 p75 | L2 p90 |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['depth']} | {r['model']} | {r['n_correct']} | {100 * r['success_rate']:.1f} | "
-              + " | ".join(f"{v:.3f}" for v in r["l2_q25_50_75_90"]) + " |" for r in rows]
+             "inf.", ""]
+    lines += seed_table(rows, ("depth", "model"), [("attacked", lambda r: r["n_correct"], 0),
+                                                   ("success (%)", lambda r: 100 * r["success_rate"], 1)]
+                        + [(f"L2 {q}", lambda r, i=i: r["l2_q25_50_75_90"][i], 3)
+                           for i, q in enumerate(("p25", "median", "p75", "p90"))])
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        depths = p.depths
-        for model, style in (("ViT", "o-"), ("DiffViT", "s-")):
-            ax.plot(depths, [r["l2_q25_50_75_90"][1] for d in depths for r in rows if r["depth"] == d and r["model"] == model],
-                    style, label=f"{model} (median)")
-        ax.set(xscale="log", xticks=depths, xticklabels=depths, xlabel="depth", ylabel="minimal L2 (CW)",
+        for (model,), rs in groups(rows, "model").items():
+            by_depth = groups(rs, "depth")
+            plot_seeds(ax, p.depths, [[r["l2_q25_50_75_90"][1] for r in by_depth[(d,)]] for d in p.depths],
+                       "o-" if model == "ViT" else "s-", f"{model} (median)")
+        ax.set(xscale="log", xticks=p.depths, xticklabels=p.depths, xlabel="depth", ylabel="minimal L2 (CW)",
                title=f"CW-L2 on {dataset}")
         ax.minorticks_off()
         ax.legend()
@@ -1257,27 +1360,29 @@ def render_cw(rows, preset, dataset, entries, s):
 
 def render_lambda(rows, preset, dataset, entries, s):
     p = preset
-    e = _eps_name(s["eps"][0])
-    for r, clean, asr in zip(rows, PAPER_LAMBDA["clean_acc"], PAPER_LAMBDA["asr"]):
-        r["paper_clean_acc"], r["paper_asr"] = clean / 100, asr / 100
+    eps = [_eps_name(e) for e in s["eps"]]
+    e = eps[-1]  # the paper's columns sit beside 8/255
     lines = [f"DiffViT, depth {p.lambda_depth}: {_model_line(p.depth_model, p.depth_train)}. ASR: PGD-{s['steps']} "
-             f"at Linf {e} over the initially correct images. The paper's columns are its CIFAR-10 numbers as quoted in "
-             "secondary notes (its attack settings for this table are not stated there)"
-             + (", not comparable with this dataset" if dataset != "cifar10" else "") + ".", "",
-             "| lambda_init | clean acc (%) | ASR (%) | learned lambda (per layer) | paper clean acc (%) | paper ASR (%) |",
-             "|---:|---:|---:|---|---:|---:|"]
-    lines += [f"| {r['lambda_init']} | {100 * r['clean_acc']:.1f} | {100 * r['asr'][e]:.1f} | "
-              f"{', '.join(f'{v:.3f}' for v in r['learned_lambda'])} | {100 * r['paper_clean_acc']:.2f} | "
-              f"{100 * r['paper_asr']:.2f} |" for r in rows]
+             f"at Linf {' and '.join(eps)} over the initially correct images.", ""]
+    lines += seed_table(rows, ("lambda_init",), [("clean acc (%)", lambda r: 100 * r["clean_acc"], 1)]
+                        + [(f"ASR {x} (%)", lambda r, x=x: 100 * r["asr"][x], 1) for x in eps]
+                        + [("learned lambda", mean_lambda, 3)])
+    lines += ["", "The paper's CIFAR-10 numbers, as quoted in secondary notes (its attack settings for this table "
+              "are not stated there" + (", and they are not comparable with this dataset" if dataset != "cifar10"
+                                        else "") + "):", "",
+              "| lambda_init | paper clean acc (%) | paper ASR (%) |", "|---:|---:|---:|"]
+    lines += [f"| {lam} | {c:.2f} | {a:.2f} |" for lam, c, a in zip(LAMBDA_INITS, *PAPER_LAMBDA.values())]
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(LAMBDA_INITS, [100 * r["asr"][e] for r in rows], "s-", label=f"this run ({dataset})")
+        by_lam = groups(rows, "lambda_init")
+        plot_seeds(ax, LAMBDA_INITS, [[100 * r["asr"][e] for r in by_lam[(lam,)]] for lam in LAMBDA_INITS], "s-",
+                   f"this run ({dataset})")
         ax.plot(LAMBDA_INITS, PAPER_LAMBDA["asr"], "k--", label="paper (CIFAR-10)")
         ax.set(xlabel="lambda_init", ylabel="ASR (%)", title=f"DiffViT, PGD-{s['steps']} at {e}")
         ax.legend()
         return fig
-    return lines, {}, draw
+    return lines, {"paper": {"lambda_init": list(LAMBDA_INITS), **PAPER_LAMBDA}}, draw
 
 
 def render_clip(rows, preset, dataset, entries, s):
@@ -1297,40 +1402,52 @@ def render_clip(rows, preset, dataset, entries, s):
              "caption ranked first among the evaluated captions. ASR = fraction of the initially correct images that "
              "the attack makes wrong (for COCO: its caption drops out of the top-1 retrieval). PGD: 10 steps on the "
              "zero-shot cross-entropy. Cosine: 10 steps lowering the cosine between the image and its prompt or "
-             "caption (the paper's attack). Linf, eps in 1/255 units.", "",
-             "| model | data | acc (%) | " + " | ".join(f"PGD {e}" for e in eps) + " | "
-             + " | ".join(f"cosine {e}" for e in eps) + " |", "|---|---|---:|" + "---:|" * (2 * len(eps))]
-    lines += [f"| {r['model']} | {r['data']} | {100 * r['clean_acc']:.2f} | "
-              + " | ".join(f"{100 * r['asr_pgd'][e]:.1f}" for e in eps) + " | "
-              + " | ".join(f"{100 * r['asr_cosine'][e]:.1f}" for e in eps) + " |" for r in rows]
-    lines += ["", "Branch-gradient alignment per image-tower layer (first 500 images; CLIP: the head-pair control):", "",
-              "| model | data | layer | lambda | cos<0 (%) | mean cos | mean kappa |", "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['data']} | {a['layer_name']} | {a['lambda']:.3f} | {100 * a['frac_cos_negative']:.1f} | "
-              f"{a['mean_cos']:+.3f} | {a['mean_kappa']:.3f} |" for r in rows for a in r["alignment"]]
+             "caption (the paper's attack). Linf, eps in 1/255 units.", ""]
+    lines += seed_table(rows, ("model", "data"), [("acc (%)", lambda r: 100 * r["clean_acc"], 2)]
+                        + [(f"{name} {e}", lambda r, e=e, k=k: 100 * r[k][e], 1)
+                           for k, name in (("asr_pgd", "PGD"), ("asr_cosine", "cosine")) for e in eps])
+    layers = [{**a, "model": r["model"], "data": r["data"], "seed": r.get("seed", "-")} for r in rows for a in r["alignment"]]
+    lines += ["", f"Branch-gradient alignment per image-tower layer (first {s['alignment_images']} images; CLIP: the "
+              "head-pair control):", ""]
+    lines += seed_table(layers, ("model", "data", "layer_name"), [
+        ("lambda", lambda a: a["lambda"], 3), ("cos<0 (%)", lambda a: 100 * a["frac_cos_negative"], 1),
+        ("mean cos", lambda a: a["mean_cos"], 3), ("mean kappa", lambda a: a["mean_kappa"], 3)])
 
     def draw(plt):
-        groups = sorted({r["data"] for r in rows})
-        fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.2), squeeze=False)
-        for ax, g in zip(axes[0], groups):
-            for r in (r for r in rows if r["data"] == g):
+        data = sorted({r["data"] for r in rows})
+        fig, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 3.2), squeeze=False)
+        for ax, g in zip(axes[0], data):
+            for (model,), rs in groups([r for r in rows if r["data"] == g], "model").items():
                 for key, style in (("asr_pgd", "o-"), ("asr_cosine", "s--")):
-                    ax.plot([float(e.split("/")[0]) for e in eps], [100 * r[key][e] for e in eps], style,
-                            label=f"{r['model']}, {'PGD' if key == 'asr_pgd' else 'cosine'}")
+                    plot_seeds(ax, [float(e.split("/")[0]) for e in eps], [[100 * r[key][e] for r in rs] for e in eps],
+                               style, f"{model}, {'PGD' if key == 'asr_pgd' else 'cosine'}")
             ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=g)
             ax.legend(fontsize=8)
         return fig
     return lines, {}, draw
 
 
-# --- the claims, judged with a noise model
+# --- the claims, judged with a noise model that holds training seeds and test images
 
-def _two_sided(diff_value: float, std_value: float, se: float) -> str:
-    """'higher' / 'lower' when DiffViT's value differs from ViT's by more than 2 standard errors
-    (about 95 % two-sided), else 'within noise'."""
-    if not se > 0:
-        return "higher" if diff_value > std_value else "lower" if diff_value < std_value else "within noise"
-    z = (diff_value - std_value) / se
-    return "higher" if z > 2 else "lower" if z < -2 else "within noise"
+RULE = ("A DiffViT-minus-ViT difference counts (higher or lower) when its mean over the K training seeds exceeds "
+        "2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than half of the seeds; "
+        "otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise, "
+        "and test-image noise); se_i is the sampling error over test images of seed i's difference (binomial for "
+        "rates, over images for means), not divided by K since every seed is evaluated on the same test images, "
+        "and kept in SE so that a few seeds that happen to agree do not make it vanish. With K = 3, 2 SE is a lenient bar (a t statistic with 2 degrees of freedom exceeds 2 by "
+        "chance 18 % of the time); with K = 1 it is the test-image noise alone and training noise is unknown. A "
+        "claim is supported when every comparison it makes comes out higher, partly supported when some do and "
+        "none is lower, not resolved when all are within noise.")
+
+
+def judge(diffs: list, ses: list) -> dict:
+    """The rule (``RULE``) on per-seed differences ``diffs`` with their test-image standard errors ``ses``."""
+    k, (mean, spread) = len(diffs), mean_std(diffs)
+    spread = spread if k > 1 else 0.0
+    se = math.sqrt(spread ** 2 / k + statistics.fmean(x * x for x in ses))
+    agree = sum(d * mean > 0 for d in diffs)
+    outcome = ("higher" if mean > 0 else "lower") if abs(mean) > 2 * se and agree > k / 2 else "within noise"
+    return {"outcome": outcome, "mean": mean, "se": se, "diffs": list(diffs), "ses": list(ses)}
 
 
 def _se_rates(p1: float, n1: int, p2: float, n2: int) -> float:
@@ -1354,127 +1471,168 @@ def _verdict(outcomes: list) -> str:
     return "mixed" if up else "not resolved (within noise)"
 
 
-def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
-    """Claim by claim: what this preset's tables (already in results/) support and what they do not.
+RIVAL = {"DiffViT": "ViT", "DiffCLIP": "CLIP"}
 
-    Noise model: sampling error over the evaluated test images only. A difference counts when it
-    exceeds 2 standard errors (rates: binomial over the images each rate is computed on; means:
-    standard errors over images). Training noise (another seed, another model) is not in it and is
-    usually larger: a single-seed run supports a claim, it does not establish it.
-    """
-    out, skipped, stale = run.results, skipped or {}, {}
+
+def seed_pairs(rows, key: Callable = lambda r: None) -> dict:
+    """{key(row): [(DiffViT row, ViT row) of each seed]} (DiffCLIP and CLIP likewise), matched by seed."""
+    index = {(key(r), r.get("seed"), r["model"]): r for r in rows}
+    out = {}
+    for (k, seed, model), r in index.items():
+        if model in RIVAL and (k, seed, RIVAL[model]) in index:
+            out.setdefault(k, []).append((r, index[(k, seed, RIVAL[model])]))
+    return out
+
+
+def rate_gap(pairs, get: Callable, n: Callable = lambda r: r["n_correct"]) -> tuple:
+    """(per-seed differences of a rate, in points; their binomial standard errors)."""
+    return ([100 * (get(d) - get(v)) for d, v in pairs],
+            [100 * _se_rates(get(d), n(d), get(v), n(v)) for d, v in pairs])
+
+
+def _evidence(label: str, j: dict, digits: int = 1) -> str:
+    seeds = f"; seeds {', '.join(f'{x:+.{digits}f}' for x in j['diffs'])}" if len(j["diffs"]) > 1 else ""
+    return f"{label} {j['mean']:+.{digits}f} (2 SE {2 * j['se']:.{digits}f}{seeds})"
+
+
+def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
+    """Claim by claim: what this preset's tables (already in results/) support and what they do not,
+    by ``RULE``, with the learned lambda of the DiffViTs beside each verdict; and a figure of the
+    DiffViT-minus-ViT ASR gap at 4/255 against learned lambda for every DiffViT the run trained."""
+    out, skipped = run.results, skipped or {}
 
     def load(name):
-        """A table of this run: same seed, and not skipped by the --table all that runs this summary."""
+        """A table of this run (not one skipped by the --table all that runs this summary)."""
         res = read_cached(out / f"{run.result_name(name)}.json", lambda p: json.loads(p.read_text()))
-        if res is None:
-            return None
-        if name in skipped:
-            stale[name] = "skipped by this run, an older file is on disk"
-        elif res.get("seed", run.seed) != run.seed:
-            stale[name] = f"seed {res['seed']}, not {run.seed}"
-        return None if name in stale else res
+        return None if name in skipped else res
     claims = []
 
-    def claim(text, table, outcomes, evidence):
-        claims.append({"claim": text, "table": table, "verdict": _verdict(outcomes), "outcomes": outcomes,
-                       "evidence": evidence})
+    def claim(text, table, comparisons, lam=None):
+        """``comparisons``: (label, per-seed differences, their standard errors, digits)."""
+        judged = [(label, judge(diffs, ses), digits) for label, diffs, ses, digits in comparisons]
+        claims.append({"claim": text, "table": table, "verdict": _verdict([j["outcome"] for _, j, _ in judged]),
+                       "outcomes": [j["outcome"] for _, j, _ in judged], "seeds": len(comparisons[0][1]),
+                       "learned_lambda": lam, "comparisons": {label: j for label, j, _ in judged},
+                       "evidence": "; ".join(_evidence(label, j, digits) for label, j, digits in judged)})
 
-    def asr_pairs(d_row, s_row, key="asr"):
-        """(eps, diff ASR, std ASR, 2 se) over the eps of two rows; ASR is over the initially correct."""
-        return [(e, d_row[key][e], s_row[key][e],
-                 2 * _se_rates(d_row[key][e], d_row["n_correct"], s_row[key][e], s_row["n_correct"]))
-                for e in s_row[key]]
-
+    lam_of = lambda pairs: [round(mean_lambda(d), 3) for d, _ in pairs if mean_lambda(d) is not None]
     main, al, depth, clip, aa = load("main"), load("alignment"), load("depth"), load("clip"), load("autoattack")
     if main:
-        rows = {r["model"]: r for r in main["rows"]}
-        pairs = asr_pairs(rows["DiffViT"], rows["ViT"])
-        evidence = ("PGD-10 ASR, DiffViT vs ViT (+- 2 se of the difference): "
-                    + ", ".join(f"{e} {100 * d:.1f} vs {100 * s:.1f} (+-{100 * se:.1f})" for e, d, s, se in pairs))
-        if aa:
-            a = {r["model"]: r for r in aa["rows"]}
-            se = 2 * _se_rates(a["DiffViT"]["asr"], a["DiffViT"]["n_correct"], a["ViT"]["asr"], a["ViT"]["n_correct"])
-            pairs.append(("AutoAttack 8/255", a["DiffViT"]["asr"], a["ViT"]["asr"], se))
-            evidence += (f"; AutoAttack 8/255 ({aa['n_images']} images) {100 * a['DiffViT']['asr']:.1f} vs "
-                         f"{100 * a['ViT']['asr']:.1f} (+-{100 * se:.1f})")
-        claim("DiffViT has a higher attack success rate than ViT", "main", [_two_sided(d, s, se / 2) for _, d, s, se in pairs],
-              evidence)
+        aa_pairs = seed_pairs(aa["rows"], lambda r: r["depth"]) if aa else {}
+        for d, pairs in seed_pairs(main["rows"], lambda r: r["depth"]).items():
+            comps = [(f"PGD-10 {e}", *rate_gap(pairs, lambda r, e=e: r["asr"][e]), 1) for e in pairs[0][1]["asr"]]
+            if d in aa_pairs:
+                comps.append((f"AutoAttack 8/255 ({aa['n_images']} images)", *rate_gap(aa_pairs[d], lambda r: r["asr"]), 1))
+            claim(f"DiffViT has a higher attack success rate than ViT (depth {d}; ASR points)", "main", comps, lam_of(pairs))
     if al:
-        rows = {r["model"]: r for r in al["rows"]}
-        d_rows, s_rows = rows["DiffViT"]["layers"], rows["ViT"]["layers"]
-        pairs = [(d["frac_cos_negative"], s["frac_cos_negative"],
-                  _se_rates(d["frac_cos_negative"], d["n"], s["frac_cos_negative"], s["n"])) for d, s in zip(d_rows, s_rows)]
-        claim("negative gradient alignment (cos theta < 0) is more frequent in DA than in the head-pair control",
-              "alignment", [_two_sided(d, s, se) for d, s, se in pairs],
-              "per layer: " + ", ".join(f"{100 * d:.1f}% vs {100 * s:.1f}% (+-{200 * se:.1f})" for d, s, se in pairs))
-        d, s = rows["DiffViT"], rows["ViT"]
-        pairs = [("grad L1", d["mean_grad_l1"], s["mean_grad_l1"], math.hypot(d["mean_grad_l1_sem"], s["mean_grad_l1_sem"])),
-                 ("Lip. logits", d["lipschitz_logits"], s["lipschitz_logits"],
-                  math.hypot(d["lipschitz_logits_sem"], s["lipschitz_logits_sem"]))]
-        pairs += [(f"Lip. layer {i}", a["lipschitz_layer_l2"], b["lipschitz_layer_l2"],
-                   math.hypot(a["lipschitz_layer_l2_sem"], b["lipschitz_layer_l2_sem"]))
-                  for i, (a, b) in enumerate(zip(d_rows, s_rows))]
-        claim("DiffViT has larger input-gradient norms and local Lipschitz estimates", "alignment",
-              [_two_sided(a, b, se) for _, a, b, se in pairs],
-              ", ".join(f"{k} {a:.2f} vs {b:.2f} (+-{2 * se:.2f})" for k, a, b, se in pairs))
+        for d, pairs in seed_pairs(al["rows"], lambda r: r["depth"]).items():
+            layers = range(len(pairs[0][0]["layers"]))
+            frac = lambda i: lambda r: r["layers"][i]["frac_cos_negative"]
+            count = lambda i: lambda r: r["layers"][i]["n"]
+            claim(f"negative gradient alignment (cos theta < 0) is more frequent in DA than in the head-pair control "
+                  f"(depth {d}; points)", "alignment",
+                  [(f"layer {i}", *rate_gap(pairs, frac(i), count(i)), 1) for i in layers],
+                  [round(statistics.fmean(a["lambda"] for a in dr["layers"]), 3) for dr, _ in pairs])
+            mean_gap = lambda get, sem: ([get(a) - get(b) for a, b in pairs], [math.hypot(sem(a), sem(b)) for a, b in pairs])
+            comps = [("grad L1", *mean_gap(lambda r: r["mean_grad_l1"], lambda r: r["mean_grad_l1_sem"]), 2),
+                     ("Lip. logits", *mean_gap(lambda r: r["lipschitz_logits"], lambda r: r["lipschitz_logits_sem"]), 1)]
+            comps += [(f"Lip. layer {i}", *mean_gap(lambda r, i=i: r["layers"][i]["lipschitz_layer_l2"],
+                                                    lambda r, i=i: r["layers"][i]["lipschitz_layer_l2_sem"]), 2)
+                      for i in layers]
+            claim(f"DiffViT has larger input-gradient norms and local Lipschitz estimates (depth {d})", "alignment",
+                  comps, claims[-1]["learned_lambda"])
     if depth:
-        depths = sorted({r["depth"] for r in depth["rows"]})
-        pick = lambda dep, m: next(r for r in depth["rows"] if r["depth"] == dep and r["model"] == m)
-        small = {dep: asr_pairs(pick(dep, "DiffViT"), pick(dep, "ViT"))[0] for dep in depths}   # 1/255
-        large = {dep: asr_pairs(pick(dep, "DiffViT"), pick(dep, "ViT"))[1] for dep in depths}  # 4/255
-        damped = [dep for dep in depths if dep > 1 and _two_sided(small[dep][1], small[dep][2], small[dep][3] / 2) == "lower"]
-        # ... and at 4/255 not lower at all (the damping has faded), not merely not significantly lower
-        kept = [dep for dep in damped if large[dep][1] >= large[dep][2]]
-        outcomes = ["higher" if kept else "lower" if all(
-            _two_sided(small[dep][1], small[dep][2], small[dep][3] / 2) == "higher" for dep in depths if dep > 1)
-            else "within noise"]
-        claim("a depth crossover: deeper DiffViT is less attackable than ViT at 1/255 but not at 4/255", "depth",
-              outcomes,
-              "DiffViT - ViT ASR points (+- 2 se) at 1/255: "
-              + ", ".join(f"depth {dep} {100 * (small[dep][1] - small[dep][2]):+.1f} (+-{100 * small[dep][3]:.1f})"
-                          for dep in depths)
-              + "; at 4/255: " + ", ".join(f"{100 * (large[dep][1] - large[dep][2]):+.1f} (+-{100 * large[dep][3]:.1f})"
-                                           for dep in depths)
-              + (f"; crossover at depth {', '.join(map(str, kept))}" if kept else "; no depth where DiffViT is "
-                 "significantly less attackable at 1/255 and not at 4/255"))
+        by_depth = seed_pairs(depth["rows"], lambda r: r["depth"])
+        small = {d: judge(*rate_gap(p, lambda r: r["asr"]["1/255"])) for d, p in by_depth.items()}
+        large = {d: judge(*rate_gap(p, lambda r: r["asr"]["4/255"])) for d, p in by_depth.items()}
+        damped = [d for d in small if d > 1 and small[d]["outcome"] == "lower"]
+        kept = [d for d in damped if large[d]["mean"] >= 0]  # ... and at 4/255 not lower at all: the damping faded
+        deeper = [d for d in small if d > 1]
+        outcome = ("higher" if kept else "lower" if deeper and all(small[d]["outcome"] == "higher" for d in deeper)
+                   else "within noise")
+        claims.append({"claim": "a depth crossover: deeper DiffViT is less attackable than ViT at 1/255 but not at "
+                                "4/255 (ASR points)", "table": "depth", "verdict": _verdict([outcome]),
+                       "outcomes": [outcome], "seeds": len(next(iter(by_depth.values()))),
+                       "learned_lambda": {d: lam_of(p) for d, p in by_depth.items()},
+                       "comparisons": {f"depth {d} {e}": j[d] for e, j in (("1/255", small), ("4/255", large)) for d in j},
+                       "evidence": "; ".join(f"depth {d}: " + _evidence("1/255", small[d]) + ", " + _evidence("4/255", large[d])
+                                             for d in small)
+                       + (f"; crossover at depth {', '.join(map(str, kept))}" if kept else "; no depth where DiffViT is "
+                          "less attackable at 1/255 beyond noise and not at 4/255")})
     if clip:
-        groups = {}
-        for r in clip["rows"]:
-            groups.setdefault(r["data"], {})[r["model"]] = r
-        pairs = [(f"{data} {'PGD' if key == 'asr_pgd' else 'cosine'} {e}", d, s, se) for data, g in groups.items()
-                 if len(g) == 2 for key in ("asr_pgd", "asr_cosine") for e, d, s, se in asr_pairs(g["DiffCLIP"], g["CLIP"], key)]
-        outcomes = [_two_sided(d, s, se / 2) for _, d, s, se in pairs]
-        claim("DiffCLIP is more vulnerable than CLIP at every budget", "clip", outcomes,
-              f"ASR higher beyond noise in {outcomes.count('higher')}/{len(pairs)} (data x attack x eps), lower in "
-              f"{outcomes.count('lower')}: " + ", ".join(f"{k} {100 * d:.1f} vs {100 * s:.1f}" for k, d, s, _ in pairs))
+        for data, pairs in seed_pairs(clip["rows"], lambda r: r["data"]).items():
+            comps = [(f"{'PGD' if key == 'asr_pgd' else 'cosine'} {e}", *rate_gap(pairs, lambda r, k=key, e=e: r[k][e]), 1)
+                     for key in ("asr_pgd", "asr_cosine") for e in pairs[0][1][key]]
+            claim(f"DiffCLIP is more vulnerable than CLIP at every budget ({data}; ASR points)", "clip", comps,
+                  [round(statistics.fmean(a["lambda"] for a in dr["alignment"]), 3) for dr, _ in pairs])
+    points = lambda_gap_points(main, depth, load("lambda"), run.preset.lambda_depth)
+    if points:
+        _figure(out / f"{run.result_name('summary')}.png", lambda plt: draw_lambda_gap(plt, points, run.dataset))
     env = environment(run.device)
     md = [f"# summary: the paper's claims against this run ({run.preset.name} preset)", "",
-          f"Read from the {run.result_name('*')}.json beside this file; device {env['device']}; commit "
+          (f"Read from the {run.result_name('*')}.json beside this file; device {env['device']}; commit "
           f"{env['git_commit']}. "
           + (f"These are small models on {run.dataset} on a CPU, not the paper's CIFAR/ImageNet setting. "
-             if run.preset.name == "quick" else "")
-          + "A difference counts when it exceeds 2 standard errors of the sampling error over the evaluated test "
-            "images (binomial for rates, over images for means); one training seed, so training noise is not in the "
-            "error bars and a verdict here is evidence, not proof.", "",
-          "| claim | table | verdict | evidence |", "|---|---|---|---|"]
-    md += [f"| {c['claim']} | {c['table']} | {c['verdict']} | {c['evidence']} |" for c in claims]
-    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None and t not in stale]
+             if run.preset.name == "quick" else "")).rstrip(), "", f"Rule: {RULE}", "",
+          "| claim | table | verdict | seeds | evidence: DiffViT minus ViT, mean over seeds (2 SE; per seed) | "
+          "learned lambda of DA (per seed) |", "|---|---|---|---:|---|---|"]
+    md += [f"| {c['claim']} | {c['table']} | {c['verdict']} | {c['seeds']} | {c['evidence']} | "
+           f"{_lambda_cell(c['learned_lambda'])} |" for c in claims]
+    if points:
+        md += ["", f"Figure {run.result_name('summary')}.png: the DiffViT-minus-ViT ASR gap at 4/255 against the "
+               f"learned lambda (mean over layers) of every DiffViT of the main, depth and lambda tables "
+               f"({len(points)} models; each against the ViT of its depth and seed)."]
+    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None and t not in skipped]
     if missing:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
+    stale = {t: "skipped by this run, an older file is on disk" for t in skipped if (out / f"{run.result_name(t)}.json").is_file()}
     if stale:
         md += ["", "Not judged: " + "; ".join(f"{t} ({why})" for t, why in stale.items()) + "."]
     write_table(out, run.result_name("summary"), "\n".join(md) + "\n",
-                {"table": "summary", "preset": run.preset.name, "dataset": run.dataset, "noise_model": "2 standard "
-                 "errors, sampling over test images; training seed variance not included", "claims": claims,
-                 "not_judged": stale,
-                 "inputs": {t: {"seed": r.get("seed"), "commit": r.get("environment", {}).get("git_commit")}
-                            for t in ("main", "alignment", "depth", "clip", "autoattack") if (r := load(t))},
+                {"table": "summary", "preset": run.preset.name, "dataset": run.dataset, "rule": RULE, "claims": claims,
+                 "not_judged": stale, "lambda_gap": points,
+                 "inputs": {t: {"seeds": r.get("seeds"), "commit": r.get("environment", {}).get("git_commit")}
+                            for t in ("main", "alignment", "depth", "clip", "autoattack", "lambda") if (r := load(t))},
                  "environment": env})
 
 
+def _lambda_cell(lam) -> str:
+    if isinstance(lam, dict):
+        return "; ".join(f"depth {d}: {', '.join(f'{v:.2f}' for v in vs)}" for d, vs in lam.items())
+    return ", ".join(f"{v:.2f}" for v in lam) if lam else "-"
+
+
+def lambda_gap_points(main, depth, lam, lambda_depth: int) -> list:
+    """(table, learned lambda, DiffViT minus ViT ASR at 4/255 in points) of every DiffViT with a ViT of
+    the same depth and seed on the same images: the main and depth tables' pairs, and the lambda
+    table's DiffViTs against the depth table's ViT of their depth."""
+    points = []
+    for name, res in (("main", main), ("depth", depth)):
+        for pairs in seed_pairs(res["rows"], lambda r: r["depth"]).values() if res else []:
+            points += [{"table": name, "lambda": mean_lambda(d), "gap": 100 * (d["asr"]["4/255"] - v["asr"]["4/255"])}
+                       for d, v in pairs if "4/255" in d["asr"]]
+    if lam and depth:
+        vit = {r["seed"]: r for r in depth["rows"] if r["model"] == "ViT" and r["depth"] == lambda_depth}
+        points += [{"table": "lambda", "lambda": mean_lambda(r), "gap": 100 * (r["asr"]["4/255"] - vit[r["seed"]]["asr"]["4/255"]),
+                    "lambda_init": r["lambda_init"]} for r in lam["rows"] if r["seed"] in vit and "4/255" in r["asr"]]
+    return points
+
+
+def draw_lambda_gap(plt, points: list, dataset: str):
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for (table,), ps in groups(points, "table").items():
+        ax.plot([p["lambda"] for p in ps], [p["gap"] for p in ps], {"main": "o", "depth": "s", "lambda": "^"}[table],
+                label=f"{table} table ({len(ps)})")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="learned lambda (mean over layers)", ylabel="DiffViT - ViT ASR at 4/255 (points)",
+           title=f"ASR gap against learned lambda ({dataset})")
+    ax.legend(fontsize=8)
+    return fig
+
+
 TABLES = {t.name: t for t in [
-    Table("clean", "clean test accuracy, ViT vs DiffViT", pair_entries, evaluate_clean, render_clean),
+    Table("clean", "clean test accuracy and learned lambda, ViT vs DiffViT", pair_entries, evaluate_clean,
+          render_clean),
     Table("main", "clean accuracy and attack success rate (PGD-10, Linf)", pair_entries, evaluate_main, render_main,
           images=lambda p: p.eval_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF)}),
     Table("alignment", "branch-gradient alignment, gradient norms and local Lipschitz estimates", pair_entries,
@@ -1495,7 +1653,7 @@ TABLES = {t.name: t for t in [
           settings=lambda p: {"attack": "cw_l2", "steps": p.cw_steps, "search": p.cw_search,
                               "quantiles": "all attacked, failure = inf, nearest rank above"}),
     Table("lambda", "DiffViT against lambda_init", lambda_entries, evaluate_lambda, render_lambda,
-          images=lambda p: p.depth_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [8 / 255]}),
+          images=lambda p: p.depth_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [4 / 255, 8 / 255]}),
 ]}
 
 
@@ -1572,8 +1730,8 @@ def table_speed(run: Run) -> None:
     env = environment(device)
     rounds, reps, vit_rounds, vit_reps = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
     source = hashlib.sha256(Path(da.__file__).read_bytes() + SPEED_CODE.encode()).hexdigest()[:16]
-    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": run.seed,
-            "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": run.preset.model,
+    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": 0,
+            "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": run.preset.models[0],
             "dataset": run.dataset}
     res = cached(run.cache, "speed", cell, lambda: measure_speed(run, rounds, reps, vit_rounds, vit_reps))
     rows, pgd_rows = res["rows"], res["pgd"]
@@ -1595,7 +1753,7 @@ def table_speed(run: Run) -> None:
                   f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
     write_table(run.results, run.result_name("speed"), "\n".join(md) + "\n",
                 {"table": "speed", "preset": run.preset.name, "dataset": run.dataset, **res, "rounds": cell["rounds"],
-                 "seed": run.seed, "environment": env})
+                 "seed": 0, "environment": env})
 
 
 def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: int) -> dict:
@@ -1603,7 +1761,7 @@ def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: i
     cpu = device.type == "cpu"
     allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
     B, N, dim, heads = SPEED_SHAPE
-    torch.manual_seed(run.seed)
+    torch.manual_seed(0)
     rows = []
     x = torch.randn(B, N, dim, device=device, requires_grad=True)
     r = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
@@ -1630,7 +1788,7 @@ def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: i
 def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3) -> list:
     """Images/s of the kit's PGD-10 (default, and with early_stop) beside torchattacks' PGD, same models and batch."""
     device, dataset = run.device, run.dataset
-    x, y = next(batches(load_dataset(dataset, run.data_root, train=False).subset(batch, run.seed), batch, device))
+    x, y = next(batches(load_dataset(dataset, run.data_root, train=False).subset(batch, EVAL_SEED), batch, device))
     eps, steps = 8 / 255, 10
     try:
         import torchattacks
@@ -1638,7 +1796,7 @@ def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3) -> list:
         torchattacks = None
         print("torchattacks is not installed: its PGD row is skipped (pip install torchattacks)")
     rows = []
-    for entry in pair_entries(run):
+    for entry in pair_entries(run)[:2]:  # the first depth's ViT and DiffViT, seed 0
         model, _ = obtain_model(entry, run, {})
         attacks = {"diffattn.pgd": lambda: da.pgd(model, x, y, eps, steps=steps),
                    "diffattn.pgd early_stop": lambda: da.pgd(model, x, y, eps, steps=steps, early_stop=True)}
@@ -1728,7 +1886,7 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
         total += seconds
         depth = model_cfg.get("depth", model_cfg.get("image", {}).get("depth"))
         lam = f", lambda_init {model_cfg['lambda_init']}" if "lambda_init" in model_cfg else ""
-        lines.append(f"  {ckpt.stem.rsplit('-', 1)[0]} depth {depth}{lam} on {cfg.dataset}: "
+        lines.append(f"  {ckpt.stem.rsplit('-', 1)[0]} depth {depth}{lam} seed {cfg.seed} on {cfg.dataset}: "
                      f"{seconds / 60:.1f} min, {flops / 1e12:,.1f} TFLOP ({cfg.epochs - done_epochs} epochs left)")
     how = (f"projected for one GPU at an assumed {ASSUMED_GPU_TFLOPS} TFLOP/s sustained (counted matmul FLOPs; no GPU "
            f"here to time: run --estimate on the GPU for a measured figure)" if project else
@@ -1775,7 +1933,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE), help="caches go to <out>/runs, tables to <out>/results/<preset>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train seeds 0..K-1 of every model of every table (default: the preset's; a rerun with a "
+                        "larger K trains only the new seeds)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--diffclip-checkpoint", default="hammh0a/DiffCLIP_ViTB16_CC12M", help="clip table, paper preset")
     p.add_argument("--clip-checkpoint", default=None,
@@ -1787,13 +1947,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         device = check_device(args.device)
+        if args.seeds is not None and args.seeds < 1:
+            raise SetupMissing(f"--seeds {args.seeds}: pass a number of training seeds >= 1")
         if args.threads is not None:
             if args.threads < 1:
                 raise SetupMissing(f"--threads {args.threads}: pass a number of CPU threads >= 1")
             torch.set_num_threads(args.threads)
         preset = PRESETS[resolve_preset(args.preset, device)]
         run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(),
-                  Path(args.out).expanduser(), device, args.seed, args.compile, args.clip_checkpoint,
+                  Path(args.out).expanduser(), device, args.seeds, args.compile, args.clip_checkpoint,
                   args.diffclip_checkpoint, args.trust_pickle)
         check_preset_fits(run)
         check_folders(run)
@@ -1875,7 +2037,7 @@ def resolve_preset(name: str, device: torch.device) -> str:
 def check_preset_fits(run: Run) -> None:
     """The preset's patch sizes must divide the dataset's images (quick's 7 is for 28x28 ones)."""
     p, size = run.preset, DATASETS[run.dataset].img_size
-    models = [p.model, p.depth_model, (p.clip or {}).get("image", {})]
+    models = [*p.models, p.depth_model, (p.clip or {}).get("image", {})]
     bad = sorted({m["patch_size"] for m in models if m and size % m["patch_size"]})
     if bad:
         fits = sorted(n for n, info in DATASETS.items() if all(info.img_size % q == 0 for q in bad))
@@ -1900,7 +2062,7 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
         return
     env = environment(run.device)
     md = [f"# run: wall time of `python reproduce.py --table all --preset {run.preset.name}`", "",
-          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; seed {run.seed}. This run "
+          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; training seeds 0-{len(run.seed_list()) - 1} (sweeps: 0-{len(run.seed_list(sweep=True)) - 1}). This run "
           f"trained {WORK['epochs']} epochs and computed {WORK['cells']} cells (the rest, if any, came from the "
           f"caches in <out>/runs). Total {total / 60:.1f} min; peak resident memory {peak_gib:.2f} GiB"
           + (f"; peak GPU memory {gpu:.2f} GiB" if gpu is not None else "") + ".", "",
@@ -1910,7 +2072,7 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
     write_table(run.results, run.result_name("run"), "\n".join(md) + "\n",
                 {"table": "run", "preset": run.preset.name, "dataset": run.dataset, "seconds": seconds,
                  "total_seconds": total, "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"],
-                 "computed_cells": WORK["cells"], "skipped": skipped, "seed": run.seed, "environment": env})
+                 "computed_cells": WORK["cells"], "skipped": skipped, "seeds": run.seed_list(), "sweep_seeds": run.seed_list(sweep=True), "environment": env})
 
 
 if __name__ == "__main__":

@@ -1234,8 +1234,8 @@ def test_cifar_and_tiny_imagenet_readers_on_made_up_files(tmp_path):
 
 
 TINY_PRESET = R.Preset(
-    "tiny", "cifar10", model={"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
-    train={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
+    "tiny", "cifar10", models=({"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},),
+    train={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, seeds=2, sweep_seeds=1,
     depths=(1, 2), depth_model={"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
     depth_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, lambda_depth=1,
     eval_images=20, clip_images=20, depth_images=12, lipschitz_images=4, autoattack_images=6, cw_images=20,
@@ -1259,7 +1259,15 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     out = tmp_path / "results" / "tiny"
     tables = list(R.TABLES) + ["summary"]
     first = {t: json.loads((out / f"{t}.json").read_text()) for t in tables}
-    assert [r["model"] for r in first["main"]["rows"]] == ["ViT", "DiffViT"] and first["main"]["n_images"] == 20
+    assert [(r["model"], r["seed"]) for r in first["main"]["rows"]] == [("ViT", 0), ("DiffViT", 0), ("ViT", 1), ("DiffViT", 1)]
+    assert first["main"]["n_images"] == 20 and first["main"]["seeds"] == [0, 1] and first["depth"]["seeds"] == [0]
+    assert [r["seed"] for r in first["clip"]["rows"]] == [0, 0, 1, 1]
+    # the learned lambda of every DiffViT after every epoch, in its checkpoint record and the tables
+    diff = [r for r in first["clean"]["rows"] if r["model"] == "DiffViT"]
+    assert all(len(h["lambda"]) == 1 for r in diff for h in r["history"]) and len(diff[0]["history"]) == 2
+    assert diff[0]["learned_lambda"] == [diff[0]["history"][-1]["lambda"][0]] != diff[1]["learned_lambda"]
+    assert all(r["learned_lambda"] == [] for r in first["clean"]["rows"] if r["model"] == "ViT")
+    assert first["main"]["rows"][1]["learned_lambda"] == diff[0]["learned_lambda"]
     assert set(first["main"]["rows"][0]["asr"]) == {"1/255", "2/255", "4/255", "8/255"}
     assert [(r["depth"], r["model"]) for r in first["cw"]["rows"]] == [(1, "ViT"), (1, "DiffViT"), (2, "ViT"), (2, "DiffViT")]
     attacked = [sorted(r["l2"]) for r in first["cw"]["rows"] if r["l2"]]
@@ -1269,11 +1277,17 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
         if l2:
             assert r["l2_q25_50_75_90"][1] == l2[math.ceil(0.5 * (len(l2) - 1))]
     assert [r["lambda_init"] for r in first["lambda"]["rows"]] == list(R.LAMBDA_INITS)
-    assert [len(r["layers"]) for r in first["alignment"]["rows"]] == [1, 1]
+    assert [len(r["layers"]) for r in first["alignment"]["rows"]] == [1, 1, 1, 1]
     assert first["main"]["environment"]["torch"] == torch.__version__ and first["main"]["models"][1]["model_config"]["attn"] == "diff"
-    for t in ("main", "alignment", "depth", "cw", "lambda", "clip"):
+    for t in ("clean", "main", "alignment", "depth", "cw", "lambda", "clip", "summary"):
         assert (out / f"{t}.png").stat().st_size > 1000, t
-    assert "Seed 0" in (out / "main.md").read_text() and "cifar10, 20 test images" in (out / "main.md").read_text()
+    md = (out / "main.md").read_text()
+    assert "Training seeds 0, 1" in md and "cifar10, 20 test images" in md
+    mean_row = next(line for line in md.splitlines() if line.startswith("| **DiffViT**"))
+    acc = [100 * r["clean_acc"] for r in first["main"]["rows"] if r["model"] == "DiffViT"]
+    assert mean_row.split(" | ")[3] == f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}"
+    points = first["summary"]["lambda_gap"]  # 2 main DiffViTs, 2 depth ones, 6 lambda ones (seed 0)
+    assert [p["table"] for p in points] == ["main"] * 2 + ["depth"] * 2 + ["lambda"] * 6
     assert {c["table"] for c in first["summary"]["claims"]} == {"main", "alignment", "depth", "clip"}
     # a rerun trains nothing and attacks nothing: every model and cell comes from the caches
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
@@ -1312,21 +1326,23 @@ def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(t
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
     table = R.TABLES["main"]
-    calls = []
+    calls, dies = [], [True]
 
     def dies_on_the_second_model(model, data, settings, record):
         calls.append(record["key"])
-        if len(calls) == 2:
+        if dies[0] and len(calls) == 2:
             raise KeyboardInterrupt  # what a kill leaves behind: the first cell written, the second not
         return table.evaluate(model, data, settings, record)
     with pytest.raises(KeyboardInterrupt):
         R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), run)
     assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 1
     assert not (tmp_path / "results" / "tiny" / "main.md").exists()  # no half-written table
+    first, dies[0] = calls[0], False
     calls.clear()
     R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), run)
-    assert len(calls) == 1  # only the DiffViT cell ran again; the ViT cell came from the cache
-    assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == 2
+    n = len(R.pair_entries(run))  # 2 models x 2 seeds
+    assert n == 4 and len(calls) == n - 1 and first not in calls  # the first cell came from the cache
+    assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == n
 
 
 def write_fake_tiny_imagenet(root, per_class=3, seed=1):
@@ -1382,49 +1398,79 @@ def test_an_incompletely_extracted_tiny_imagenet_is_refused_not_cached(tmp_path)
 def test_main_table_on_made_up_tiny_imagenet(tmp_path, monkeypatch):
     import json
     write_fake_tiny_imagenet(tmp_path / "data", per_class=10)
-    preset = R.dataclasses.replace(TINY_PRESET, model={**TINY_PRESET.model, "patch_size": 16})
+    preset = R.dataclasses.replace(TINY_PRESET, models=({**TINY_PRESET.models[0], "patch_size": 16},), seeds=1)
     R.run_table(R.TABLES["main"], tiny_run(tmp_path, "tiny-imagenet", preset))
     res = json.loads((tmp_path / "results" / "tiny" / "main-tiny-imagenet.json").read_text())
     assert res["dataset"] == "tiny-imagenet" and res["n_images"] == 2 and len(res["rows"]) == 2
     assert res["models"][0]["train_config"]["dataset"] == "tiny-imagenet"
 
 
-def test_summary_judges_claims_with_the_noise_model(tmp_path):
+def test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread():
+    # inside the seed spread: the mean (+1.3) is within 2 SE of the spread over seeds
+    assert R.judge([5.0, -4.0, 3.0], [1.0] * 3)["outcome"] == "within noise"
+    # outside it in every seed: SE = sqrt(0.5^2 / 3 + 1^2) = 1.04, mean 5.5
+    j = R.judge([5.0, 6.0, 5.5], [1.0] * 3)
+    assert j["outcome"] == "higher" and j["se"] == pytest.approx(math.sqrt(0.25 / 3 + 1))
+    assert R.judge([-5.0, -6.0, -5.5], [1.0] * 3)["outcome"] == "lower"
+    # a large mean carried by one seed against the sign of the others is not counted
+    assert R.judge([30.0, -0.5, -0.5], [0.1] * 3)["outcome"] == "within noise"
+    # one seed: the test-image error alone
+    assert R.judge([3.0], [1.0])["outcome"] == "higher" and R.judge([1.5], [1.0])["outcome"] == "within noise"
+    assert R._verdict(["within noise"] * 3) == "not resolved (within noise)" and R._verdict(["lower"] * 2) == "contradicted"
+    assert R._verdict([]) == "not judged" and R._se_rates(0.0, 1, 1.0, 1) > 0  # pooled: never a zero error
+
+
+def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     import json
     run = tiny_run(tmp_path, "fashion-mnist", R.PRESETS["quick"])
     out = tmp_path / "results" / "quick"
     out.mkdir(parents=True)
     asr = lambda *v: {e: x for e, x in zip(["1/255", "2/255", "4/255", "8/255"], v)}
-    # n = 1000 initially correct: 2 se of a difference near p = 0.3 is about 4 points
-    (out / "main.json").write_text(json.dumps({"rows": [
-        {"model": "ViT", "n_correct": 1000, "asr": asr(.10, .20, .30, .40)},
-        {"model": "DiffViT", "n_correct": 1000, "asr": asr(.20, .30, .31, .50)}]}))
+    row = lambda model, seed, a, lam=None, **k: {"model": model, "seed": seed, "n_correct": 1000, "asr": a,
+                                                 "learned_lambda": [lam] if lam else [], **k}
+    # n = 1000 initially correct: 2 se of one seed's difference near p = 0.3 is about 4 points.
+    # 1/255: +10 in every seed (supported); 2/255: +10, -8, +1 (inside the seed spread);
+    # 4/255: +1 in every seed (below the test-image noise); 8/255: +10 in every seed
+    main = []
+    for seed, (d2, lam) in enumerate([(.30, .40), (.12, .45), (.21, .50)]):
+        main += [row("ViT", seed, asr(.10, .20, .30, .40), depth=1),
+                 row("DiffViT", seed, asr(.20, d2, .31, .50), lam, depth=1)]
+    (out / "main.json").write_text(json.dumps({"rows": main}))
     depth_rows = []
     for d, (s1, d1, s4, d4) in zip((1, 2, 4), [(.10, .12, .3, .31), (.20, .10, .3, .32), (.20, .19, .3, .2)]):
-        depth_rows += [{"depth": d, "model": "ViT", "n_correct": 1000, "asr": {"1/255": s1, "4/255": s4}},
-                       {"depth": d, "model": "DiffViT", "n_correct": 1000, "asr": {"1/255": d1, "4/255": d4}}]
+        depth_rows += [row("ViT", 0, {"1/255": s1, "4/255": s4}, depth=d),
+                       row("DiffViT", 0, {"1/255": d1, "4/255": d4}, 0.6 + d / 10, depth=d)]
     (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
-    R.table_summary(run)
-    claims = {c["table"]: c for c in json.loads((out / "summary.json").read_text())["claims"]}
-    assert claims["main"]["outcomes"] == ["higher", "higher", "within noise", "higher"]
-    assert claims["main"]["verdict"] == "partly supported"
-    assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
-    assert "alignment, clip" in (out / "summary.md").read_text()  # not judged without results
-    assert R._verdict(["within noise"] * 3) == "not resolved (within noise)" and R._verdict(["lower"] * 2) == "contradicted"
-    assert R._verdict([]) == "not judged" and R._se_rates(0.0, 1, 1.0, 1) > 0  # pooled: never a zero error
-    # damped at 1/255 but still (if not significantly) lower at 4/255: that is no crossover
-    depth_rows[2:4] = [{"depth": 2, "model": "ViT", "n_correct": 1000, "asr": {"1/255": .20, "4/255": .30}},
-                       {"depth": 2, "model": "DiffViT", "n_correct": 1000, "asr": {"1/255": .10, "4/255": .28}}]
-    (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
-    # a table of another seed is not judged as part of this run
-    (out / "main.json").write_text(json.dumps({**json.loads((out / "main.json").read_text()), "seed": 3}))
     R.table_summary(run)
     res = json.loads((out / "summary.json").read_text())
+    claims = {c["table"]: c for c in res["claims"]}
+    assert claims["main"]["outcomes"] == ["higher", "within noise", "within noise", "higher"]
+    assert claims["main"]["verdict"] == "partly supported" and claims["main"]["seeds"] == 3
+    assert claims["main"]["comparisons"]["PGD-10 2/255"]["diffs"] == pytest.approx([10, -8, 1])
+    assert claims["main"]["learned_lambda"] == [0.4, 0.45, 0.5]
+    se = math.sqrt(81 / 3 + np.mean([R._se_rates(.2, 1000, d, 1000) ** 2 for d in (.3, .12, .21)]) * 1e4)
+    assert f"2/255 +1.0 (2 SE {2 * se:.1f}; seeds +10.0, -8.0, +1.0)" in claims["main"]["evidence"]
+    assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
+    md = (out / "summary.md").read_text()
+    assert "Rule: A DiffViT-minus-ViT difference counts" in md and "| 0.40, 0.45, 0.50 |" in md
+    assert "alignment, clip" in md  # not judged without results
+    # the lambda-vs-gap figure: the 3 main DiffViTs and the 3 depth ones, gap at 4/255 against lambda
+    assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]] == \
+        [("main", .4, 1), ("main", .45, 1), ("main", .5, 1), ("depth", .7, 1), ("depth", .8, 2), ("depth", 1.0, -10)]
+    assert (out / "summary.png").stat().st_size > 1000
+    # damped at 1/255 but still (if not significantly) lower at 4/255: that is no crossover
+    depth_rows[2:4] = [row("ViT", 0, {"1/255": .20, "4/255": .30}, depth=2),
+                       row("DiffViT", 0, {"1/255": .10, "4/255": .28}, .8, depth=2)]
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
+    R.table_summary(run, skipped={"main": "a dataset is missing"})  # --table all skipped main: not judged
+    res = json.loads((out / "summary.json").read_text())
     assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
-    assert res["not_judged"] == {"main": "seed 3, not 0"}
+    assert res["not_judged"] == {"main": "skipped by this run, an older file is on disk"}
 
 
-def test_quick_preset_refuses_datasets_its_patches_do_not_divide(capsys):
+def test_a_preset_refuses_datasets_its_patches_do_not_divide(capsys, monkeypatch):
+    quick = R.PRESETS["quick"]
+    monkeypatch.setitem(R.PRESETS, "quick", R.dataclasses.replace(quick, models=({**quick.models[0], "patch_size": 7},)))
     assert R.main(["--table", "main", "--preset", "quick", "--dataset", "cifar10"]) == 2
     assert "patch size 7" in capsys.readouterr().err
 
@@ -1455,7 +1501,7 @@ def test_training_estimate_counts_unfinished_models_only(tmp_path, capsys):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path, preset=R.dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 1}))
     hours = R.estimate_training_hours(run, ["main"], steps=2)
-    assert hours > 0 and "for 2 models" in capsys.readouterr().out
+    assert hours > 0 and "for 4 models" in capsys.readouterr().out  # 2 seeds
     for model_cfg, cfg in R.planned_models(run, ["main"]):
         R.train_model(model_cfg, cfg, run.data_root, run.cache, "cpu", progress=False)
     assert R.estimate_training_hours(run, ["main"]) == 0.0
@@ -1464,7 +1510,7 @@ def test_training_estimate_counts_unfinished_models_only(tmp_path, capsys):
 def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_only(tmp_path, monkeypatch):
     import json
     write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path)
+    run = tiny_run(tmp_path, preset=R.dataclasses.replace(TINY_PRESET, seeds=1))
     for name in ("main", "alignment"):
         R.run_table(R.TABLES[name], run)
     cells = lambda: R.WORK["cells"]
@@ -1604,7 +1650,8 @@ def dying_write(path, write):                               # the DiffViT's next
         return atomic(path, half)
     return atomic(path, write)
 R.train_model, R.lr_at, R.pgd_predictions, R._atomic = tracked_train, dying_lr, dying_pgd, dying_write
-sys.exit(R.main(["--table", "main", "--preset", "tiny", "--device", "cpu", "--data-root", {data!r}, "--out", sys.argv[1]]))
+sys.exit(R.main(["--table", "main", "--preset", "tiny", "--device", "cpu", "--data-root", {data!r}, "--out", sys.argv[1],
+                 "--seeds", "1"]))
 """
 
 
@@ -1641,11 +1688,19 @@ def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monke
     write_fake_cifar10(tmp_path / "data")
     monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
     checkout = {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
-    argv = ["--preset", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu"]
+    argv = ["--preset", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu", "--seeds", "1"]
     assert R.main(["--table", "main", "--out", str(tmp_path / "a"), *argv]) == 0
     assert R.main(["--table", "main", "--out", str(tmp_path / "b"), "--dataset", "cifar10", *argv]) == 0
     for out in ("a", "b"):  # the preset's own dataset: no suffix
         res = json.loads((tmp_path / out / "results" / "tiny" / "main.json").read_text())
         assert res["preset"] == "tiny" and res["dataset"] == "cifar10" and len(res["rows"]) == 2
         assert len(list((tmp_path / out / "runs" / "checkpoints").glob("*.pt"))) == 2
+    # more seeds: only the new seed's models are trained and evaluated
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "runs").rglob("*.*")}
+    work = dict(R.WORK)
+    assert R.main(["--table", "main", "--out", str(tmp_path / "a"), *argv, "--seeds", "2"]) == 0
+    assert R.WORK == {"epochs": work["epochs"] + 2 * TINY_PRESET.train["epochs"], "cells": work["cells"] + 2}
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    res = json.loads((tmp_path / "a" / "results" / "tiny" / "main.json").read_text())
+    assert res["seeds"] == [0, 1] and len(res["rows"]) == 4
     assert checkout == {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
