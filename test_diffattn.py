@@ -1704,3 +1704,101 @@ def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monke
     res = json.loads((tmp_path / "a" / "results" / "tiny" / "main.json").read_text())
     assert res["seeds"] == [0, 1] and len(res["rows"]) == 4
     assert checkout == {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
+
+
+def write_fake_cifar100(root, n_train=40, n_test=20, seed=2):
+    """Made-up images in CIFAR-100's python-pickle layout (cifar-100-python/{train,test,meta})."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": rng.integers(0, 100, n).tolist(),
+                b"coarse_labels": rng.integers(0, 20, n).tolist()}
+        (base / name).write_bytes(pickle.dumps(blob))
+    (base / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                                              b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}))
+
+
+def write_fake_imagenet_val_and_coco(root, n=6, seed=3):
+    """ImageNet val sorted into its 1000 wnid class folders (a few JPEGs of odd sizes in some of them)
+    and COCO val2017 images with captions_val2017.json, as the paper preset's clip table reads them."""
+    import json
+    from PIL import Image
+    from open_clip import IMAGENET_CLASSNAMES
+    rng = np.random.default_rng(seed)
+    wnids = [f"n{i:08d}" for i in range(len(IMAGENET_CLASSNAMES))]
+    for i, w in enumerate(wnids):
+        (root / "imagenet" / "val" / w).mkdir(parents=True)
+        if i % 200 == 0:
+            for j in range(2):
+                Image.fromarray(rng.integers(0, 255, (250 + 10 * j, 300, 3), dtype=np.uint8)).save(
+                    root / "imagenet" / "val" / w / f"ILSVRC2012_val_{i:05d}{j}.JPEG")
+    (root / "coco" / "val2017").mkdir(parents=True)
+    (root / "coco" / "annotations").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(n):
+        name = f"{139 + i:012d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(root / "coco" / "val2017" / name)
+        images.append({"id": 139 + i, "file_name": name, "height": 240, "width": 320})
+        anns += [{"id": 1000 + 2 * i + k, "image_id": 139 + i, "caption": f"photo {i} caption {k} "} for k in range(2)]
+    (root / "coco" / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
+
+
+def write_released_clip_checkpoints(folder):
+    """Random-weight checkpoints saved as DiffCLIP's training saves them ({"state_dict": module.*,
+    "args": argparse.Namespace}): DiffCLIP's layout, and its standard baseline's (SLIP's CLIP: fused
+    in_proj in the text tower), ViT-B/16's patch and image size, narrow and one block deep."""
+    import argparse
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from functools import partial
+    paths = []
+    for attn, width in (("std", 128), ("diff", 64)):  # std: OpenCLIP's 64-wide heads, so 2 of them
+        torch.manual_seed(0)
+        extra = ({"attn_layer": "diff", "num_heads": 2, "norm_layer": partial(torch.nn.LayerNorm, eps=1e-5)}
+                 if attn == "diff" else {"num_heads": 2})
+        vit = timm_vit.VisionTransformer(img_size=224, patch_size=16, num_classes=0, embed_dim=width, depth=1,
+                                         qkv_bias=True, **extra)
+        text = da.TextTransformer(49408, 77, width, 1, 4 if attn == "diff" else 2, attn=attn)
+        sd = diffclip_layout_from_timm(vit, text, embed_dim=32)["state_dict"]
+        if attn == "std":  # SLIP's CLIP text tower: nn.MultiheadAttention's fused in_proj
+            for b in {k.rsplit("attn.", 1)[0] for k in sd if ".attn.q_proj." in k and "visual" not in k}:
+                for kind in ("weight", "bias"):
+                    sd[b + f"attn.in_proj_{kind}"] = torch.cat([sd.pop(b + f"attn.{n}_proj.{kind}") for n in "qkv"])
+        path = folder / f"{attn}-checkpoint_best.pt"
+        torch.save({"epoch": 1, "state_dict": sd, "args": argparse.Namespace(model=f"{attn}_VITB16")}, path)
+        paths.append(str(path))
+    return paths
+
+
+def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
+    """--dry-run of the paper preset: every table through the real readers (CIFAR-10/100 pickles,
+    Tiny-ImageNet folders, ImageNet val class folders, COCO captions JSON) and the released checkpoint
+    layouts, with the paper preset's depths, seeds and model classes, in minutes on a CPU."""
+    import json
+    data = tmp_path / "data"
+    write_fake_cifar10(data, n_train=20, n_test=20)
+    write_fake_cifar100(data)
+    write_fake_tiny_imagenet(data)
+    write_fake_imagenet_val_and_coco(data)
+    std, diff = write_released_clip_checkpoints(tmp_path)
+    argv = ["--preset", "paper", "--dry-run", "--device", "cpu", "--data-root", str(data), "--out", str(tmp_path)]
+    assert R.main(["--table", "all", *argv, "--clip-checkpoint", std, "--diffclip-checkpoint", diff]) == 0
+    out = tmp_path / "results" / "paper-dry-run"
+    res = {t: json.loads((out / f"{t}.json").read_text()) for t in [*R.TABLES, "summary", "run"]}
+    paper = R.PRESETS["paper"]
+    pairs = [(m["depth"], s, a) for m in paper.models for s in range(paper.seeds) for a in ("ViT", "DiffViT")]
+    assert [(r["depth"], r["seed"], r["model"]) for r in res["main"]["rows"]] == pairs
+    assert {r["depth"] for r in res["depth"]["rows"]} == set(paper.depths) and len(res["lambda"]["rows"]) == 6
+    assert [len(r["layers"]) for r in res["alignment"]["rows"]] == [m["depth"] for m in paper.models for _ in range(6)]
+    assert [(r["model"], r["data"].split()[0]) for r in res["clip"]["rows"]] == \
+        [("CLIP", "ImageNet"), ("CLIP", "COCO"), ("DiffCLIP", "ImageNet"), ("DiffCLIP", "COCO")]
+    assert res["clip"]["n_images"] == {"imagenet": 4, "coco": 4} and res["clip"]["seeds"] == []
+    assert [a["lambda"] for a in res["clip"]["rows"][2]["alignment"]] != [1.0]  # DiffCLIP's own lambda
+    assert {c["table"] for c in res["summary"]["claims"]} == {"main", "alignment", "depth", "clip"}
+    assert res["run"]["skipped"] == {} and "dry run" in (out / "summary.md").read_text()
+    assert not (tmp_path / "results" / "paper").exists()  # never beside a real run's tables
+    for dataset in ("cifar100", "tiny-imagenet"):
+        assert R.main(["--table", "main", *argv, "--dataset", dataset, "--seeds", "1"]) == 0
+        rows = json.loads((out / f"main-{dataset}.json").read_text())["rows"]
+        assert len(rows) == 2 * len(paper.models)
