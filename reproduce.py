@@ -914,9 +914,10 @@ def code_key(fn: Callable) -> str:
     return hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
 
 
-def run_table(table: Table, run: Run) -> None:
+def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
     """The one loop: for each entry, get the model, evaluate its cell (or read it from the cache),
     then write ``<out>/results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance.
+    ``only`` (torchrun): the indices of the entries whose cells to compute, and no table written.
 
     A cell is keyed by the model's config and weights, the images, the settings and seed, the
     source of diffattn.py and of the evaluation code in this file, the torch version and the device type.
@@ -926,7 +927,9 @@ def run_table(table: Table, run: Run) -> None:
     n = table.images(run.preset)
     code = {"library": LIBRARY_SOURCE, "evaluation": code_key(table.evaluate), "device": run.device.type,
             **{name: _version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
-    for entry in entries:
+    for i, entry in enumerate(entries):
+        if only is not None and i not in only:
+            continue
         model, record = obtain_model(entry, run, loaded)
         data_name = entry.data or entry.train.dataset
         row = {**entry.labels, "model_key": record["key"]}
@@ -944,6 +947,8 @@ def run_table(table: Table, run: Run) -> None:
             torch.manual_seed(settings["seed"])
             return table.evaluate(model, data, settings, record)
         rows.append({**row, **cached(run.cache, table.name, cell, compute)})
+    if only is not None:
+        return
     env = environment(run.device)
     dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
     n_images = {name: len(d.y) for name, d in datas.items()}
@@ -1679,20 +1684,22 @@ TABLES = {t.name: t for t in [
 # Speed: not one of the paper's tables; --table speed
 # ----------------------------------------------------------------------------------------
 
-def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int) -> list:
+def _time_fwd_bwd(fn, x: torch.Tensor, device, reps: int, amp: bool = False) -> list:
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        fn(x).float().square().mean().backward()
+        with _autocast(device, amp):
+            out = fn(x)
+        out.float().square().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return times
 
 
-def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str) -> dict:
+def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str, amp: bool = False) -> dict:
     """Forward+backward of two modules: medians over rounds of a and b (ms), the median of the
     per-round ratios b/a, and their quartiles (how much one round's ratio moves on this machine).
 
@@ -1702,11 +1709,11 @@ def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, 
     """
     a, b = make_a().to(device), make_b().to(device)
     for m in (a, b):  # warm-up
-        _time_fwd_bwd(m, x, device, 2)
+        _time_fwd_bwd(m, x, device, 2, amp)
     ta, tb = [], []
     for i in tqdm(range(rounds), desc=desc, leave=False):
         for m, times in ((a, ta), (b, tb))[::1 if i % 2 == 0 else -1]:
-            times.append(statistics.median(_time_fwd_bwd(m, x, device, reps)))
+            times.append(statistics.median(_time_fwd_bwd(m, x, device, reps, amp)))
     ratios = [q / p for p, q in zip(ta, tb)]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"std_ms": statistics.median(ta) * 1e3, "diff_ms": statistics.median(tb) * 1e3,
@@ -1775,21 +1782,28 @@ def table_speed(run: Run) -> None:
 
 
 def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: int) -> dict:
-    device = run.device
-    cpu = device.type == "cpu"
+    cpu = run.device.type == "cpu"
     allocator = "glibc, freed memory kept (mallopt)" if cpu and keep_freed_memory() else "default"
+    return {"rows": layer_rows(run, rounds, reps, vit_rounds, vit_reps), "pgd": pgd_throughput(run),
+            "allocator": allocator, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def layer_rows(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: int, amp: bool = False) -> list:
+    """The attention layers (the kit's pair, and timm's when installed) and ViT vs DiffViT, timed by
+    ``bench_pair`` (``amp``: under bf16 autocast)."""
+    device = run.device
     B, N, dim, heads = SPEED_SHAPE
     torch.manual_seed(0)
     rows = []
     x = torch.randn(B, N, dim, device=device, requires_grad=True)
     r = bench_pair(lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, device,
-                   rounds=rounds, reps=reps, desc="attention layers")
+                   rounds=rounds, reps=reps, desc="attention layers", amp=amp)
     rows.append({"what": f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}", **r})
     try:  # reference point: timm's own pair on the same input, when timm is installed
         from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
         r = bench_pair(lambda: TimmAttention(dim, heads, qkv_bias=True),
                        lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, device,
-                       rounds=rounds, reps=reps, desc="timm attention layers")
+                       rounds=rounds, reps=reps, desc="timm attention layers", amp=amp)
         rows.append({"what": f"timm Attention vs timm DiffAttention (reference), same shapes", **r})
     except ImportError:
         pass
@@ -1797,16 +1811,22 @@ def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: i
     vit = dict(img_size=side, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
     img = torch.rand(B, 3, side, side, device=device)
     r = bench_pair(lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"), img, device,
-                   rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT")
+                   rounds=vit_rounds, reps=vit_reps, desc="ViT vs DiffViT", amp=amp)
     rows.append({"what": f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}", **r})
-    return {"rows": rows, "pgd": pgd_throughput(run), "allocator": allocator,
-            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return rows
 
 
-def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3) -> list:
-    """Images/s of the kit's PGD-10 (default, and with early_stop) beside torchattacks' PGD, same models and batch."""
+def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3, trained: bool = True) -> list:
+    """Images/s of the kit's PGD-10 (default, and with early_stop) beside torchattacks' PGD, same models and
+    batch: the preset's first ViT/DiffViT pair on test images, or (``trained=False``) untrained on random
+    images, which times the same computation without training or data."""
     device, dataset = run.device, run.dataset
-    x, y = next(batches(load_dataset(dataset, run.data_root, train=False).subset(batch, EVAL_SEED), batch, device))
+    if trained:
+        x, y = next(batches(load_dataset(dataset, run.data_root, train=False).subset(batch, EVAL_SEED), batch, device))
+    else:
+        info, dataset = DATASETS[dataset], "random images"
+        x = torch.rand(batch, info.in_chans, info.img_size, info.img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        y = torch.randint(0, info.num_classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
     eps, steps = 8 / 255, 10
     try:
         import torchattacks
@@ -1815,7 +1835,8 @@ def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3) -> list:
         print("torchattacks is not installed: its PGD row is skipped (pip install torchattacks)")
     rows = []
     for entry in pair_entries(run)[:2]:  # the first depth's ViT and DiffViT, seed 0
-        model, _ = obtain_model(entry, run, {})
+        torch.manual_seed(0)
+        model = obtain_model(entry, run, {})[0] if trained else build_model(entry.model, entry.train.dataset).to(device).eval()
         attacks = {"diffattn.pgd": lambda: da.pgd(model, x, y, eps, steps=steps),
                    "diffattn.pgd early_stop": lambda: da.pgd(model, x, y, eps, steps=steps, early_stop=True)}
         if torchattacks is not None:
@@ -1838,7 +1859,7 @@ def pgd_throughput(run: Run, batch: int = 256, rounds: int = 3) -> list:
     return rows
 
 
-SPEED_CODE = "".join(inspect.getsource(f) for f in (measure_speed, bench_pair, _time_fwd_bwd, pgd_throughput))
+SPEED_CODE = "".join(inspect.getsource(f) for f in (measure_speed, layer_rows, bench_pair, _time_fwd_bwd, pgd_throughput))
 
 
 TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000, "mnist": 60000, "fashion-mnist": 60000}
@@ -1876,42 +1897,48 @@ def train_step_flops(model_cfg: dict, cfg: TrainConfig) -> float:
     return counter.get_total_flops() / 2 * cfg.batch_size
 
 
-def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
-    """Hours of training still to do for ``tables``: each unfinished model's step time, measured on
-    random inputs after two warm-up steps, times its steps. Evaluation time is not included.
-
-    The paper preset on a machine without a GPU is not timed (a CPU says nothing about a GPU): its
-    matmul FLOPs are counted instead and divided by ``ASSUMED_GPU_TFLOPS``, and the output says so.
-    """
-    device = run.device
-    project = device.type == "cpu" and run.preset.name == "paper"
-    total = total_flops = 0.0
-    lines = []
+def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
+    """Per model that ``tables`` train and that is unfinished (``cold``: every one, as for a fresh
+    --out): epochs left, seconds an epoch and in all, matmul FLOPs. Seconds come from the step time,
+    measured on random inputs after two warm-up steps (once per model config: seeds cost the same);
+    for the paper preset on a machine without a GPU they are projected from the FLOPs at
+    ``ASSUMED_GPU_TFLOPS`` instead (a CPU says nothing about a GPU), and ``projected`` says so."""
+    project = run.device.type == "cpu" and run.preset.name == "paper"
+    plan, step_seconds = [], {}
     for model_cfg, cfg in planned_models(run, tables):
         ckpt = checkpoint_path(run.cache, model_cfg, cfg)
-        record = read_cached(ckpt, lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"])
-        done_epochs = record["epoch"] if record else 0
-        if done_epochs >= cfg.epochs:
+        record = None if cold else read_cached(ckpt, lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"])
+        left = cfg.epochs - (record["epoch"] if record else 0)
+        if left <= 0:
             continue
         n_train = min(cfg.train_subset or TRAIN_SIZES[cfg.dataset], TRAIN_SIZES[cfg.dataset])
-        n_steps = math.ceil(n_train / cfg.batch_size) * (cfg.epochs - done_epochs)
-        flops = train_step_flops(model_cfg, cfg) * n_steps
-        total_flops += flops
-        if project:
-            seconds = flops / (ASSUMED_GPU_TFLOPS * 1e12)
-        else:
-            seconds = statistics.median(_train_step_times(model_cfg, cfg, device, steps)) * n_steps
-        total += seconds
-        depth = model_cfg.get("depth", model_cfg.get("image", {}).get("depth"))
-        lam = f", lambda_init {model_cfg['lambda_init']}" if "lambda_init" in model_cfg else ""
-        lines.append(f"  {ckpt.stem.rsplit('-', 1)[0]} depth {depth}{lam} seed {cfg.seed} on {cfg.dataset}: "
-                     f"{seconds / 60:.1f} min, {flops / 1e12:,.1f} TFLOP ({cfg.epochs - done_epochs} epochs left)")
+        steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+        flops = train_step_flops(model_cfg, cfg) * steps_per_epoch
+        same = config_hash({"model": model_cfg, "train": dataclasses.asdict(dataclasses.replace(cfg, seed=0))})
+        if not project and same not in step_seconds:
+            step_seconds[same] = statistics.median(_train_step_times(model_cfg, cfg, run.device, steps))
+        epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * steps_per_epoch
+        plan.append({"model": ckpt.stem.rsplit("-", 1)[0], "seed": cfg.seed, "dataset": cfg.dataset,
+                     "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
+                     "lambda_init": model_cfg.get("lambda_init"), "epochs_left": left, "seconds_per_epoch": epoch,
+                     "seconds": epoch * left, "tflop": flops * left / 1e12, "projected": project})
+    return plan
+
+
+def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
+    """Print and return the hours of training still to do for ``tables`` (``training_plan``);
+    evaluation time is not included."""
+    plan = training_plan(run, tables, steps)
+    total = sum(m["seconds"] for m in plan)
     how = (f"projected for one GPU at an assumed {ASSUMED_GPU_TFLOPS} TFLOP/s sustained (counted matmul FLOPs; no GPU "
-           f"here to time: run --estimate on the GPU for a measured figure)" if project else
-           f"on {device}, from measured step times")
-    print(f"estimated training still to do, {how}: {total / 3600:.2f} h ({total / 60:.0f} min) for {len(lines)} "
-          f"models, {total_flops / 1e15:.2f} PFLOP; evaluation not included")
-    print("\n".join(lines))
+           f"here to time: run --estimate on the GPU for a measured figure)" if plan and plan[0]["projected"] else
+           f"on {run.device}, from measured step times")
+    print(f"estimated training still to do, {how}: {total / 3600:.2f} h ({total / 60:.0f} min) for {len(plan)} "
+          f"models, {sum(m['tflop'] for m in plan) / 1e3:.2f} PFLOP; evaluation not included")
+    for m in plan:
+        lam = f", lambda_init {m['lambda_init']}" if m["lambda_init"] is not None else ""
+        print(f"  {m['model']} depth {m['depth']}{lam} seed {m['seed']} on {m['dataset']}: {m['seconds'] / 60:.1f} min, "
+              f"{m['tflop']:,.1f} TFLOP ({m['epochs_left']} epochs left)")
     return total / 3600
 
 
@@ -1940,9 +1967,58 @@ def _train_step_times(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> 
     return times[2:]
 
 
+# ----------------------------------------------------------------------------------------
+# --gpu-check: what only a GPU can show, in one command of a few minutes
+# ----------------------------------------------------------------------------------------
+
+GPU_TESTS = "cuda and not cpu"  # pytest -k: the tests that test_diffattn.py parametrizes with device "cuda"
+
+
+def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
+    """(1) The CUDA tests (``pytest -k GPU_TESTS``: the fused path, bf16 autocast in training and PGD,
+    torch.compile, on the GPU); (2) forward+backward time of Attention vs DiffAttention and ViT vs
+    DiffViT in float32 and under bf16 autocast; (3) PGD-10 images/s of the kit and of torchattacks
+    (when installed) on the preset's first ViT/DiffViT pair, untrained, on random images; (4) the
+    measured time of a training epoch of every model ``--table all`` trains, and from it the training
+    hours of a cold ``--table all`` on 1 GPU and, with torchrun, on 8 (the busiest rank's share;
+    evaluation not included). Writes <out>/results/gpu-check.md and .json."""
+    device, env = run.device, environment(run.device)
+    started = time.perf_counter()
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", GPU_TESTS,
+                            str(HERE / "test_diffattn.py")], capture_output=True, text=True, cwd=HERE)
+    outcome = (tests.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
+    rounds = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
+    speed = {name: layer_rows(run, *rounds, amp=amp) for name, amp in (("float32", False), ("bf16 autocast", True))}
+    pgd = pgd_throughput(run, trained=False)
+    plan = training_plan(run, list(TABLES), cold=True)
+    seconds = [m["seconds"] for m in plan]
+    hours = {n: max(sum(seconds[r::n]) for r in range(n)) / 3600 for n in gpus}  # share_work's round robin
+    res = {"tests": {"returncode": tests.returncode, "summary": outcome, "selection": GPU_TESTS},
+           "speed": speed, "pgd": pgd, "training": plan, "training_hours": hours, "preset": run.preset.name,
+           "seconds": time.perf_counter() - started, "environment": env}
+    md = [f"# gpu-check: {env['device']}", "", f"torch {env['torch']}; commit {env['git_commit']}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; took {res['seconds'] / 60:.1f} min.", "",
+          f"CUDA tests (`pytest -k \"{GPU_TESTS}\"`): **{outcome}** (exit code {tests.returncode}).", "",
+          "| forward+backward | precision | standard (ms) | differential (ms) | diff / std | per-round IQR |",
+          "|---|---|---:|---:|---:|---:|"]
+    md += [f"| {r['what']} | {name} | {r['std_ms']:.2f} | {r['diff_ms']:.2f} | {r['ratio']:.3f} | "
+           f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} |" for name, rows in speed.items() for r in rows]
+    md += ["", f"PGD-10, Linf 8/255, {pgd[0]['batch']} random images, untrained models of the {run.preset.name} "
+           "preset's first pair:", "", "| model | attack | images/s |", "|---|---|---:|"]
+    md += [f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} |" for r in pgd]
+    md += ["", f"Training of a cold `--table all --preset {run.preset.name}`, measured step times: "
+           + "; ".join(f"**{h:.2f} h on {n} GPU{'s' if n > 1 else ''}**" for n, h in hours.items())
+           + " (torchrun: the busiest rank's share; evaluation not included).", "",
+           "| model | depth | lambda_init | seed | s / epoch | epochs | minutes |", "|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {m['model']} | {m['depth']} | {m['lambda_init'] or '-'} | {m['seed']} | {m['seconds_per_epoch']:.1f} | "
+           f"{m['epochs_left']} | {m['seconds'] / 60:.1f} |" for m in plan]
+    write_table(run.out / "results", "gpu-check", "\n".join(md) + "\n", res)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", required=True, choices=sorted(TABLES) + ["summary", "speed", "all"],
+    p.add_argument("--table", default="all", choices=sorted(TABLES) + ["summary", "speed", "all"],
                    help="all: every table of the paper, then the summary (speed runs only when asked)")
     p.add_argument("--preset", default="auto", choices=["auto"] + sorted(PRESETS),
                    help="auto: paper on a CUDA device, quick elsewhere")
@@ -1962,12 +2038,17 @@ def main(argv=None) -> int:
                    help="let torch.load run the pickles of CLIP checkpoints that hold more than tensors and "
                         "argparse arguments")
     p.add_argument("--estimate", action="store_true", help="print the training time still to do, then stop")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="CUDA tests, speed in float32 and bf16, PGD throughput and the measured training time of "
+                        "the preset, into results/gpu-check.md (a few minutes on one GPU)")
     p.add_argument("--dry-run", action="store_true",
                    help="the preset shrunk to minutes on a CPU, every table and code path kept, into "
                         "results/<preset>-dry-run/: check data and checkpoints before a long run")
     args = p.parse_args(argv)
+    rank, world = join_torchrun(args.device)
     try:
-        device = check_device(args.device)
+        device = check_device(args.device if world == 1 or "cuda" not in args.device else
+                              f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         if args.seeds is not None and args.seeds < 1:
             raise SetupMissing(f"--seeds {args.seeds}: pass a number of training seeds >= 1")
         if args.threads is not None:
@@ -1980,23 +2061,31 @@ def main(argv=None) -> int:
                   Path(args.out).expanduser(), device, args.seeds, args.compile, args.clip_checkpoint,
                   args.diffclip_checkpoint, args.trust_pickle)
         check_preset_fits(run)
-        check_folders(run)
+        check_folders(run, clean=rank == 0)
     except SetupMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.gpu_check:
+        gpu_check(run)
+        return 0
     tables = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
     try:
-        if args.table == "all" or args.estimate:
+        if (args.table == "all" or args.estimate) and rank == 0:
             estimate_training_hours(run, ["clean"] if args.table == "speed" else tables)  # speed: the main pair
             if args.estimate:
                 return 0
         if args.table == "speed":
-            table_speed(run)
+            if rank == 0:
+                table_speed(run)
             return 0
     except SetupMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     started, seconds, skipped = time.perf_counter(), {}, {}  # skipped: tables --table all could not run, and why
+    if world > 1:
+        share_work(run, tables, rank, world)
+        if rank != 0:
+            return 0  # rank 0 writes the tables, from the caches the ranks filled
     for name in tables:
         t = time.perf_counter()
         try:
@@ -2017,6 +2106,58 @@ def main(argv=None) -> int:
     return 2 if skipped else 0
 
 
+def join_torchrun(device: str) -> tuple:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1 in the environment) this process joins the
+    group (NCCL on CUDA, else gloo), with a week's timeout since a rank waits at a barrier for as long
+    as the others' share of the training takes; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        import datetime
+        if "cuda" in device and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if "cuda" in device else "gloo",
+                                             timeout=datetime.timedelta(days=7))
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def share_work(run: Run, tables: list, rank: int, world: int) -> None:
+    """torchrun: spread the work of ``tables`` over the ranks. Rank 0 reads the datasets once (a
+    download happens once), lists every model to train and every cell to evaluate, and broadcasts
+    the list; rank r takes items r, r + world, ...; the atomic caches carry the results, so after
+    the last barrier rank 0 writes every table from them. Each model is trained and each cell
+    evaluated by exactly one rank; the other ranks' counts are added to rank 0's ``WORK``."""
+    dist = torch.distributed
+    box = [None]
+    if rank == 0:
+        try:
+            for train in (True, False):
+                load_dataset(run.dataset, run.data_root, train=train)
+        except SetupMissing:
+            pass  # the tables that need it say so when rank 0 writes them
+        cells = []
+        for name in tables:
+            try:
+                cells += [(name, i) for i in range(len(TABLES[name].entries(run)))]
+            except SetupMissing:
+                continue
+        box = [(planned_models(run, tables), cells)]
+    dist.broadcast_object_list(box, src=0)
+    models, cells = box[0]
+    for model_cfg, cfg in tqdm(models[rank::world], desc=f"rank {rank}: training", disable=rank != 0):
+        train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
+    dist.barrier()
+    for name, i in tqdm(cells[rank::world], desc=f"rank {rank}: cells", disable=rank != 0):
+        try:
+            run_table(TABLES[name], run, only=[i])
+        except SetupMissing:
+            pass  # e.g. a checkpoint that does not load: rank 0 reports it with its table
+    counts = [None] * world
+    dist.all_gather_object(counts, dict(WORK))
+    if rank == 0:
+        for key in WORK:
+            WORK[key] = sum(c[key] for c in counts)
+
+
 def check_device(name: str) -> torch.device:
     """The --device, refused now, with what to do, rather than deep inside the first model."""
     try:
@@ -2031,9 +2172,9 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def check_folders(run: Run) -> None:
-    """--out writable and --data-root usable, before any training; then the temporary files a killed
-    run left behind are removed."""
+def check_folders(run: Run, clean: bool = True) -> None:
+    """--out writable and --data-root usable, before any training; then (``clean``) the temporary
+    files a killed run left behind are removed."""
     for folder in (run.cache, run.results):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -2045,7 +2186,8 @@ def check_folders(run: Run) -> None:
     if run.data_root.exists() and not run.data_root.is_dir():
         raise SetupMissing(f"--data-root {run.data_root} is a file; pass the folder that holds (or will hold) "
                            "the datasets")
-    remove_leftovers(run.cache, run.results)
+    if clean:
+        remove_leftovers(run.cache, run.results)
 
 
 def resolve_preset(name: str, device: torch.device) -> str:

@@ -475,6 +475,11 @@ def test_random_crop_flip_moves_pixels_as_specified():
 TINY_FMNIST = {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
 
 
+# The CUDA tests: where a GPU is visible, the tests of the CUDA set-up also run on it, with its
+# defaults (fused path, bf16 autocast); `python reproduce.py --gpu-check` runs them (-k cuda).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.fixture
 def fused_diff_attention():
     """DiffAttention's fused path (the CUDA default) on the CPU, for the duration of a test."""
@@ -483,30 +488,33 @@ def fused_diff_attention():
     da.DiffAttention.fused = None
 
 
-def test_the_cuda_set_up_on_a_cpu_trains_like_float32(tmp_path, fused_diff_attention):
-    """What a GPU run does (fused SDPA path, bf16 autocast in the training step and the accuracy pass)
-    against float32 on the explicit path, same data and seed: per-epoch losses within 0.01 and test
-    accuracy within 2 points (measured: 0.0003 and 0.0035, 0.3 points; 2 epochs on 512 images)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_cuda_set_up_trains_like_float32(tmp_path, fused_diff_attention, device):
+    """What a GPU run does (fused SDPA path, bf16 autocast in the training step and the accuracy pass),
+    on a CPU or the GPU, against float32 on the explicit path on the CPU, same data and seed: per-epoch
+    losses within 0.01 and test accuracy within 2 points (measured on a CPU: 0.0003 and 0.0035, 0.3
+    points; 2 epochs on 512 images)."""
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.25,
                         train_subset=512)
     records = {}
     for amp in (True, False):
         da.DiffAttention.fused = amp
         _, records[amp] = R.train_model({**TINY_FMNIST, "attn": "diff"}, cfg, "/nonexistent", tmp_path / str(amp),
-                                        "cpu", progress=False, amp=amp)
+                                        device if amp else "cpu", progress=False, amp=amp)
     for a, b in zip(records[True]["history"], records[False]["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.01, (a, b)
     assert abs(records[True]["test_acc"] - records[False]["test_acc"]) < 0.02
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,eps", [("inf", 8 / 255), ("2", 0.5)])
-def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, fused_diff_attention):
-    """pgd(amp=True), the CUDA default, on a CPU: the iterates stay in the eps-ball and [0, 1], success is
-    decided in float32 (the flags are those of a float32 forward of x_adv), and they agree with a float32
-    attack on most examples (the steps differ by bf16 rounding)."""
+def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, fused_diff_attention, device):
+    """pgd(amp=True), the CUDA default, on a CPU or the GPU: the iterates stay in the eps-ball and [0, 1],
+    success is decided in float32 (the flags are those of a float32 forward of x_adv), and they agree
+    with a float32 attack on the explicit path on most examples (the steps differ by bf16 rounding)."""
     torch.manual_seed(0)
-    m = da.ViT(**TINY, attn="diff")
-    x, y = torch.rand(64, 3, 16, 16), torch.randint(0, 7, (64,))
+    m = da.ViT(**TINY, attn="diff").to(device)
+    x, y = torch.rand(64, 3, 16, 16, device=device), torch.randint(0, 7, (64,), device=device)
     torch.manual_seed(1)
     bf = da.pgd(m, x, y, eps, norm=norm, steps=5, amp=True)
     torch.manual_seed(1)
@@ -518,26 +526,31 @@ def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps,
     assert (bf.success == fp.success).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [False, True])
-def test_torch_compile_gives_the_eager_logits_and_gradients(fused):
-    """torch.compile (inductor) of a DiffViT, on both attention paths: logits and parameter gradients
-    within 1e-5 of eager float32."""
+def test_torch_compile_gives_the_eager_logits_and_gradients(fused, device):
+    """torch.compile (inductor) of a DiffViT, on both attention paths, on a CPU or the GPU: logits and
+    parameter gradients within 1e-5 of eager float32 on a CPU, 1e-4 on the GPU (TF32 off; the compiled
+    graph may pick other SDPA and convolution kernels than eager)."""
     torch.manual_seed(0)
     m = da.ViT(**TINY, attn="diff")
     randomize(m, seed=2)
-    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    da.DiffAttention.fused = fused
+    m = m.to(device)
+    x, y = torch.rand(4, 3, 16, 16, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    da.DiffAttention.fused, tf32 = fused, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     try:
         outs = []
         for model in (m, torch.compile(m)):
             logits = model(x)
             outs.append((logits, torch.autograd.grad(F.cross_entropy(logits, y), list(m.parameters()))))
     finally:
-        da.DiffAttention.fused = None
+        da.DiffAttention.fused, torch.backends.cudnn.allow_tf32 = None, tf32
     (l0, g0), (l1, g1) = outs
-    assert (l0 - l1).abs().max() <= 1e-5 * max(1.0, l0.abs().max().item())
+    tol = 1e-5 if device == "cpu" else 1e-4
+    assert (l0 - l1).abs().max() <= tol * max(1.0, l0.abs().max().item())
     for a, b in zip(g0, g1):
-        assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+        assert (a - b).abs().max() <= tol * max(1.0, a.abs().max().item())
 
 
 def test_training_on_real_fashion_mnist_lowers_the_loss(tmp_path):
@@ -1802,3 +1815,79 @@ def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
         assert R.main(["--table", "main", *argv, "--dataset", dataset, "--seeds", "1"]) == 0
         rows = json.loads((out / f"main-{dataset}.json").read_text())["rows"]
         assert len(rows) == 2 * len(paper.models)
+
+
+SHARING_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import reproduce as R
+from test_diffattn import TINY_PRESET
+R.PRESETS["tiny"] = TINY_PRESET
+done = {{"cells": [], "checkpoints": []}}
+cached, save = R.cached, R.atomic_torch_save
+
+def tracked_cached(cache, name, cfg, compute):              # which cells this process computed
+    return cached(cache, name, cfg, lambda: done["cells"].append(name + "-" + R.config_hash(cfg)) or compute())
+
+def tracked_save(obj, path):                                # which checkpoints it wrote
+    if path.parent.name == "checkpoints":
+        done["checkpoints"].append(path.name)
+    return save(obj, path)
+R.cached, R.atomic_torch_save = tracked_cached, tracked_save
+code = R.main(["--table", "all", "--preset", "tiny", "--device", "cpu", "--threads", "1", "--data-root", {data!r},
+               "--out", sys.argv[1]])
+with open(os.path.join(sys.argv[1], f"done-{{os.environ.get('RANK', 0)}}.json"), "w") as f:
+    json.dump({{**done, "code": code, "work": R.WORK}}, f)
+"""
+
+
+def test_torchrun_spreads_models_and_cells_over_ranks_once_each_and_gives_the_same_tables(tmp_path):
+    import json
+    import subprocess
+    import sys
+    write_fake_cifar10(tmp_path / "data")
+    driver = tmp_path / "driver.py"
+    driver.write_text(SHARING_DRIVER.format(repo=str(R.HERE), data=str(tmp_path / "data")))
+    env = {**os.environ, "PYTHONPATH": str(R.HERE)}
+    for out, launch in (("one", [sys.executable]),
+                        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
+        done = subprocess.run([*launch, str(driver), str(tmp_path / out)], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "done-0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"done-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    for kind in ("cells", "checkpoints"):  # every one computed by exactly one rank, and both ranks worked
+        both = ranks[0][kind] + ranks[1][kind]
+        assert sorted(set(both)) == sorted(set(one[kind])) and all(ranks[r][kind] for r in (0, 1))
+        if kind == "cells":
+            assert len(both) == len(set(both)) == len(one[kind])
+        else:  # a checkpoint is written after every epoch: by one rank only
+            assert not set(ranks[0][kind]) & set(ranks[1][kind])
+    assert ranks[0]["work"] == one["work"]  # rank 0's count: everyone's work
+    out = lambda run, t: json.loads((tmp_path / run / "results" / "tiny" / f"{t}.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+    for t in R.TABLES:
+        assert strip(out("two", t)["rows"]) == strip(out("one", t)["rows"]), t
+    assert out("two", "summary")["claims"] == out("one", "summary")["claims"]
+    assert out("two", "run")["trained_epochs"] == out("one", "run")["trained_epochs"]
+
+
+def test_gpu_check_runs_on_a_cpu_up_to_the_cuda_calls(tmp_path, monkeypatch):
+    """--gpu-check's every step on a CPU, shrunk: the test subset (here one fast test), the speed rows in
+    float32 and bf16, PGD throughput on untrained models, the training plan with the torchrun split."""
+    import json
+    monkeypatch.setattr(R, "SPEED_SHAPE", (4, 17, 32, 4))
+    monkeypatch.setitem(R.SPEED_ROUNDS, "cpu", (2, 1, 2, 1))
+    monkeypatch.setattr(R, "GPU_TESTS", "test_random_crop_flip_moves_pixels_as_specified")
+    run = tiny_run(tmp_path)  # no dataset needed: random images and random training inputs
+    R.gpu_check(run, gpus=(1, 2))
+    res = json.loads((tmp_path / "results" / "gpu-check.json").read_text())
+    assert res["tests"]["returncode"] == 0 and res["tests"]["summary"].startswith("1 passed")
+    assert set(res["speed"]) == {"float32", "bf16 autocast"} and all(len(rows) >= 2 for rows in res["speed"].values())
+    assert {r["model"] for r in res["pgd"]} == {"ViT", "DiffViT"} and all(r["images_per_s"] > 0 for r in res["pgd"])
+    plan = res["training"]
+    assert len(plan) == len(R.planned_models(run, list(R.TABLES))) and all(m["seconds"] > 0 for m in plan)
+    total = sum(m["seconds"] for m in plan) / 3600
+    assert res["training_hours"]["1"] == pytest.approx(total) and total / 2 <= res["training_hours"]["2"] < total
+    assert "h on 2 GPUs" in (tmp_path / "results" / "gpu-check.md").read_text()
