@@ -1992,7 +1992,8 @@ def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
     pgd = pgd_throughput(run, trained=False)
     plan = training_plan(run, list(TABLES), cold=True)
     seconds = [m["seconds"] for m in plan]
-    hours = {n: max(sum(seconds[r::n]) for r in range(n)) / 3600 for n in gpus}  # share_work's round robin
+    hours = {n: max(sum(t for t, r in zip(seconds, split(seconds, n)) if r == q) for q in range(n)) / 3600
+             for n in gpus}  # share_work's split, by measured time
     res = {"tests": {"returncode": tests.returncode, "summary": outcome, "selection": GPU_TESTS},
            "speed": speed, "pgd": pgd, "training": plan, "training_hours": hours, "preset": run.preset.name,
            "seconds": time.perf_counter() - started, "environment": env}
@@ -2123,8 +2124,8 @@ def join_torchrun(device: str) -> tuple:
 def share_work(run: Run, tables: list, rank: int, world: int) -> None:
     """torchrun: spread the work of ``tables`` over the ranks. Rank 0 reads the datasets once (a
     download happens once), lists every model to train and every cell to evaluate, and broadcasts
-    the list; rank r takes items r, r + world, ...; the atomic caches carry the results, so after
-    the last barrier rank 0 writes every table from them. Each model is trained and each cell
+    the list; the models go to the ranks longest first (``split``, by counted FLOPs), the cells in
+    turn; the atomic caches carry the results, so after the last barrier rank 0 writes every table from them. Each model is trained and each cell
     evaluated by exactly one rank; the other ranks' counts are added to rank 0's ``WORK``."""
     dist = torch.distributed
     box = [None]
@@ -2140,10 +2141,15 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
                 cells += [(name, i) for i in range(len(TABLES[name].entries(run)))]
             except SetupMissing:
                 continue
-        box = [(planned_models(run, tables), cells)]
+        models = planned_models(run, tables)
+        owner = split([train_step_flops(m, c) * c.epochs * math.ceil(min(c.train_subset or TRAIN_SIZES[c.dataset],
+                                                                           TRAIN_SIZES[c.dataset]) / c.batch_size)
+                       for m, c in models], world)
+        box = [(models, owner, cells)]
     dist.broadcast_object_list(box, src=0)
-    models, cells = box[0]
-    for model_cfg, cfg in tqdm(models[rank::world], desc=f"rank {rank}: training", disable=rank != 0):
+    models, owner, cells = box[0]
+    mine = [m for m, r in zip(models, owner) if r == rank]
+    for model_cfg, cfg in tqdm(mine, desc=f"rank {rank}: training", disable=rank != 0):
         train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
     dist.barrier()
     for name, i in tqdm(cells[rank::world], desc=f"rank {rank}: cells", disable=rank != 0):
@@ -2156,6 +2162,15 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
     if rank == 0:
         for key in WORK:
             WORK[key] = sum(c[key] for c in counts)
+
+
+def split(costs: list, world: int) -> list:
+    """The rank of each item: longest first, each to the least loaded rank so far."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(world), key=load.__getitem__)
+        owner[i], load[r] = r, load[r] + costs[i]
+    return owner
 
 
 def check_device(name: str) -> torch.device:

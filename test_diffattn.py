@@ -1761,7 +1761,8 @@ def write_fake_imagenet_val_and_coco(root, n=6, seed=3):
 def write_released_clip_checkpoints(folder):
     """Random-weight checkpoints saved as DiffCLIP's training saves them ({"state_dict": module.*,
     "args": argparse.Namespace}): DiffCLIP's layout, and its standard baseline's (SLIP's CLIP: fused
-    in_proj in the text tower), ViT-B/16's patch and image size, narrow and one block deep."""
+    in_proj in the text tower), ViT-B/16's patch and image size, narrow and one block deep (the text
+    towers 32 wide: the ImageNet classifier encodes 1000 classes x 80 templates)."""
     import argparse
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     from functools import partial
@@ -1772,7 +1773,7 @@ def write_released_clip_checkpoints(folder):
                  if attn == "diff" else {"num_heads": 2})
         vit = timm_vit.VisionTransformer(img_size=224, patch_size=16, num_classes=0, embed_dim=width, depth=1,
                                          qkv_bias=True, **extra)
-        text = da.TextTransformer(49408, 77, width, 1, 4 if attn == "diff" else 2, attn=attn)
+        text = da.TextTransformer(49408, 77, 32, 1, 4 if attn == "diff" else 1, attn=attn)  # narrow: 80k prompts
         sd = diffclip_layout_from_timm(vit, text, embed_dim=32)["state_dict"]
         if attn == "std":  # SLIP's CLIP text tower: nn.MultiheadAttention's fused in_proj
             for b in {k.rsplit("attn.", 1)[0] for k in sd if ".attn.q_proj." in k and "visual" not in k}:
@@ -1891,3 +1892,8 @@ def test_gpu_check_runs_on_a_cpu_up_to_the_cuda_calls(tmp_path, monkeypatch):
     total = sum(m["seconds"] for m in plan) / 3600
     assert res["training_hours"]["1"] == pytest.approx(total) and total / 2 <= res["training_hours"]["2"] < total
     assert "h on 2 GPUs" in (tmp_path / "results" / "gpu-check.md").read_text()
+
+
+def test_split_gives_the_longest_first_to_the_least_loaded_rank():
+    assert R.split([5, 4, 3, 3, 3], 2) == [0, 1, 1, 0, 1]  # loads 8 and 10; round robin would give 11 and 7
+    assert R.split([1.0] * 4, 4) == [0, 1, 2, 3] and R.split([2, 1], 1) == [0, 0]
