@@ -1647,8 +1647,8 @@ def draw_lambda_gap(plt, points: list, dataset: str):
         ax.plot([p["lambda"] for p in ps], [p["gap"] for p in ps], {"main": "o", "depth": "s", "lambda": "^"}[table],
                 label=f"{table} table ({len(ps)})")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xlabel="learned lambda (mean over layers)", ylabel="DiffViT - ViT ASR at 4/255 (points)",
-           title=f"ASR gap against learned lambda ({dataset})")
+    ax.set(xlabel="learned lambda (mean over layers)", ylabel="DiffViT - ViT ASR at 4/255 (points)")
+    ax.set_title(f"ASR gap against learned lambda ({dataset})", fontsize=9)
     ax.legend(fontsize=8)
     return fig
 
@@ -2125,8 +2125,10 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
     """torchrun: spread the work of ``tables`` over the ranks. Rank 0 reads the datasets once (a
     download happens once), lists every model to train and every cell to evaluate, and broadcasts
     the list; the models go to the ranks longest first (``split``, by counted FLOPs), the cells in
-    turn; the atomic caches carry the results, so after the last barrier rank 0 writes every table from them. Each model is trained and each cell
-    evaluated by exactly one rank; the other ranks' counts are added to rank 0's ``WORK``."""
+    turn; the atomic caches carry the results, so after the last barrier rank 0 writes every table
+    from them. Each model is trained and each cell evaluated by exactly one rank; the other ranks'
+    counts are added to rank 0's ``WORK``. A setup problem (a dataset, a checkpoint) skips the item
+    on its rank: rank 0 meets it again while writing the table and reports it as a plain run does."""
     dist = torch.distributed
     box = [None]
     if rank == 0:
@@ -2150,7 +2152,10 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
     models, owner, cells = box[0]
     mine = [m for m, r in zip(models, owner) if r == rank]
     for model_cfg, cfg in tqdm(mine, desc=f"rank {rank}: training", disable=rank != 0):
-        train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
+        try:
+            train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
+        except SetupMissing:
+            pass
     dist.barrier()
     for name, i in tqdm(cells[rank::world], desc=f"rank {rank}: cells", disable=rank != 0):
         try:
