@@ -2162,9 +2162,13 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
             run_table(TABLES[name], run, only=[i])
         except SetupMissing:
             pass  # e.g. a checkpoint that does not load: rank 0 reports it with its table
-    counts = [None] * world
-    dist.all_gather_object(counts, dict(WORK))
+    # the counts go through files, not all_gather_object: a gloo worker thread that frees that call's
+    # Python-made tensors while the interpreter exits aborts the process (seen in 1 of 7 runs)
+    atomic_write_text(run.cache / f"work-rank{rank}.json", json.dumps(WORK))
+    dist.barrier()
+    dist.destroy_process_group()
     if rank == 0:
+        counts = [json.loads((run.cache / f"work-rank{r}.json").read_text()) for r in range(world)]
         for key in WORK:
             WORK[key] = sum(c[key] for c in counts)
 
