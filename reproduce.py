@@ -1,12 +1,15 @@
 """reproduce.py: data, training and the tables of the diffattn kit.
 
     python reproduce.py --table all               # every table of the paper, then the summary
-    python reproduce.py --table main --preset quick
+    python reproduce.py --table main --preset quick --seeds 5
     python reproduce.py --table speed             # timings (not one of the paper's tables)
+    python reproduce.py --preset paper --dry-run  # every table shrunk to minutes on a CPU
+    python reproduce.py --gpu-check               # what only a GPU shows, in minutes
+    torchrun --nproc-per-node 8 reproduce.py --table all
 
 Read top to bottom: provenance and atomic files -> data -> training -> presets (``Preset``, and
 ``Run``, the command line resolved once) -> the tables as data (``Table``, ``TABLES``, one loop
-``run_table``) -> the summary -> speed -> time estimate -> ``main``. Every trained model is
+``run_table``) -> the summary -> speed -> time estimate -> --gpu-check -> ``main`` and torchrun. Every trained model is
 cached in <out>/runs by a hash of its config and written atomically after each epoch (a rerun
 resumes); every evaluated cell likewise; tables go to <out>/results/<preset>/ as .md, .json and
 .png, each with its provenance.
