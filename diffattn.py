@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Attention", "DiffAttention", "AttnMaps", "attention_maps", "lambda_init_schedule", "Block", "ViT",
+__all__ = ["Attention", "DiffAttention", "DiffAttentionV2", "AttnMaps", "attention_maps", "lambda_init_schedule", "Block", "ViT",
            "check_images", "check_labels", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
            "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip", "AttackResult", "pgd", "fgsm", "cw_l2",
            "autoattack", "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate",
@@ -59,7 +59,9 @@ class AttnMaps:
     """One attention layer's maps in one forward pass, recorded by ``attention_maps``, in the graph.
 
     ``DiffAttention``: A1, A2 (B, H/2, N, N), the scalar ``lam`` and ``A = A1 - lam * A2``, the map that
-    multiplies V. ``Attention``: ``A`` (B, H, N, N), the rest None. ``A.grad`` is G = dL/dA after a backward.
+    multiplies V. ``DiffAttentionV2``: A1, A2 (B, H, N, N), ``lam`` the per-token gate (B, H, N) and
+    ``A = A1 - lam[..., None] * A2``. ``Attention``: ``A`` (B, H, N, N), the rest None. ``A.grad`` is
+    G = dL/dA after a backward.
     """
     layer: str
     A: torch.Tensor
@@ -185,6 +187,55 @@ class DiffAttention(_Recordable):
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
+class DiffAttentionV2(_Recordable):
+    """Differential attention V2 (Ye et al., January 2026; microsoft/unilm, Diff-Transformer-V2).
+
+    With H output heads, d = dim / H, and per head h two query heads sharing one key and one value head:
+
+        A1 = softmax(Q_2h K_h^T / sqrt(d)),   A2 = softmax(Q_2h+1 K_h^T / sqrt(d))  (a causal mask only if asked)
+        gate_t = sigmoid(w_h . x_t)                          (``lambda_proj``, no bias: per token t and head h)
+        head_h = A1 V_h - gate * (A2 V_h) = (A1 - diag(gate) A2) V_h
+        out = proj(concat_h head_h)
+
+    Unlike V1, lambda is a per-token gate in (0, 1) rather than one learned scalar, and there is no
+    per-head RMSNorm and no (1 - lambda_init). ``qkv`` is V2's q, k, v projections stacked (queries
+    2 dim wide, heads 2h, 2h+1 = Q1, Q2 of head h; keys and values dim wide): dim^2 + H dim more
+    parameters than ``Attention(dim, H)``. Two paths as in ``DiffAttention`` (fused: SDPA with the
+    query heads grouped on their key and value head).
+    """
+    fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
+        super().__init__()
+        _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
+        if dim % heads:
+            raise ValueError(f"DiffAttentionV2: dim={dim} must be divisible by heads={heads}")
+        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
+        self.qkv = nn.Linear(dim, 4 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.lambda_proj = nn.Linear(dim, heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        H, d = self.heads, self.head_dim
+        q, k, v = self.qkv(x).split([2 * C, C, C], dim=-1)
+        q = q.view(B, N, 2 * H, d).transpose(1, 2)                            # (B, 2H, N, d): Q1, Q2 of head h at 2h, 2h+1
+        k, v = (t.view(B, N, H, d).transpose(1, 2) for t in (k, v))           # (B, H, N, d)
+        gate = torch.sigmoid(self.lambda_proj(x)).transpose(1, 2)[..., None]   # (B, H, N, 1)
+        fused = x.is_cuda if self.fused is None else self.fused
+        if fused and self._record is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)  # (B, 2H, N, d)
+            o = o[:, 0::2] - gate * o[:, 1::2]                                                    # A1 V - gate A2 V
+        else:
+            P = _masked(q @ k.repeat_interleave(2, 1).transpose(-2, -1) * d ** -0.5, self.causal).softmax(-1)
+            A1, A2 = P[:, 0::2], P[:, 1::2]                                   # (B, H, N, N) each
+            A = A1 - gate * A2
+            if self._record is not None:
+                self._store(A=A, A1=A1, A2=A2, lam=gate[..., 0])
+            o = A @ v                                                         # (B, H, N, d)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
 def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
     """Causal mask (query i sees keys j <= i) on attention scores, for the CLIP text tower."""
     if not causal:
@@ -279,10 +330,11 @@ class Block(nn.Module):
         super().__init__()
         _expect(_real(mlp_ratio) and mlp_ratio > 0, "mlp_ratio", mlp_ratio, "a number > 0")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if attn not in ("std", "diff"):
-            raise ValueError(f"attn={attn!r}; expected 'std' or 'diff'")
+        if attn not in ("std", "diff", "diff2"):
+            raise ValueError(f"attn={attn!r}; expected 'std', 'diff' or 'diff2' (differential attention V2)")
         self.attn = (Attention(dim, heads, qkv_bias, proj_bias, causal) if attn == "std" else
-                     DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias, proj_bias, causal))
+                     DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias, proj_bias, causal) if attn == "diff"
+                     else DiffAttentionV2(dim, heads, qkv_bias, proj_bias, causal))
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
@@ -310,7 +362,7 @@ def _channels(v, in_chans: int, name: str) -> torch.Tensor:
 
 
 class ViT(nn.Module):
-    """Vision Transformer (``attn="std"``) or DiffViT (``attn="diff"``) with timm's state-dict names.
+    """Vision Transformer (``attn="std"``) or DiffViT (``attn="diff"``; ``"diff2"``: DA V2) with timm's names.
 
     Pre-norm blocks, class token, learned position embedding, GELU MLP, final LayerNorm, linear
     head on the class token; images in [0, 1], normalized inside with ``mean``/``std`` (not in
@@ -907,7 +959,7 @@ class Alignment:
     g1 = grad_x <A1(x), G>, g2 = grad_x <A2(x), G>, G = dL/dA held fixed; cos = cos(theta) =
     cos(g1, g2); rho = ||g2|| / ||g1||; kappa = sqrt(1 + lam^2 rho^2 - 2 lam rho cos) =
     ||g1 - lam g2|| / ||g1||, Lemma 1's amplification. ``control``: a standard layer, (A1, A2) its
-    head pairs (2h, 2h+1), each with its own G, and lam = 1.
+    head pairs (2h, 2h+1), each with its own G, and lam = 1. DA V2: g2 = grad_x <A2, diag(gate) G>, lam = 1.
     """
     layer: str
     cos: torch.Tensor
@@ -931,7 +983,10 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     the true label, or ``loss_fn(logits, y)``). With G held fixed, g1 = grad_x <A1(x), G>, g2 =
     grad_x <A2(x), G>, and the maps' share of grad_x L is g1 - lambda g2: Lemma 1 holds exactly
     with cos(theta) = cos(g1, g2), rho = ||g2|| / ||g1||. Standard layers give the control (head
-    pairs, lambda = 1). One ``Alignment`` per layer in forward order; one forward, two backwards a layer.
+    pairs, lambda = 1). DA V2 (``DiffAttentionV2``, our extension): A = A1 - diag(gate) A2 with a
+    per-token gate; the gate is held fixed like G and folded into branch 2, g2 = grad_x <A2, diag(gate) G>,
+    so the share is g1 - g2 and lambda = 1 in kappa. One ``Alignment`` per layer in forward order; one
+    forward, two backwards a layer.
     """
     check_images(x)
     if loss_fn is None:
@@ -946,7 +1001,9 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
         loss = (loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="sum")))(logits, y)
         Gs = torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)
         for i, (m, G) in enumerate(zip(maps, Gs)):
-            if m.A1 is not None:
+            if m.A1 is not None and m.lam.dim():  # V2: the per-token gate, held fixed, goes into branch 2
+                A1, A2, G1, G2, lam = m.A1, m.A2, G, G * m.lam.detach()[..., None], 1.0
+            elif m.A1 is not None:
                 A1, A2, G1, G2, lam = m.A1, m.A2, G, G, m.lam.item()
             elif m.A.shape[1] % 2:  # the control pairs heads (2h, 2h+1): undefined for an odd count
                 raise ValueError(f"{m.layer} has {m.A.shape[1]} heads: the head-pair control needs an even "

@@ -349,7 +349,7 @@ def _bad_calls():
         ("vit depth", lambda: v(depth=-1), r"expected positive integers \(depth and num_classes may be 0\)"),
         ("vit patch", lambda: v(patch_size=0), r"expected positive integers"),
         ("mlp ratio", lambda: v(mlp_ratio=0), r"mlp_ratio=0; expected a number > 0"),
-        ("attn kind", lambda: v(attn="linear"), r"attn='linear'; expected 'std' or 'diff'"),
+        ("attn kind", lambda: v(attn="linear"), r"attn='linear'; expected 'std', 'diff' or 'diff2'"),
         ("zero-shot classes", lambda: da.zero_shot_weights(None, [], ["a {}."]), r"classnames=\[\]"),
         ("zero-shot batch", lambda: da.zero_shot_weights(None, ["cat"], ["a {}."], batch_size=0), r"batch_size=0"),
         ("zero-shot templates", lambda: da.zero_shot_weights(None, ["cat"], ["a photo"]),
@@ -595,7 +595,8 @@ def test_theory_check_small_run_passes_every_exact_statement(tmp_path):
                 quiet=True)
     failed = [c["statement"] for c in res["checks"] if not c["pass"]]
     assert not failed, failed
-    assert len(res["checks"]) == 12 and json.loads((tmp_path / "t.json").read_text())["samples"] == 6
+    assert len(res["checks"]) == 14 and json.loads((tmp_path / "t.json").read_text())["samples"] == 6
+    assert len(res["v2"]) == 12 and max(r["chain_rel_err"] for r in res["v2"]) < 1e-10  # DA V2, our extension
     assert max(r["lemma1_rel_err"] for r in res["rows"]) < 1e-10
     assert abs(res["extremes"]["cos=+1"]["cos"] - 1) < 1e-12 and abs(res["extremes"]["cos=-1"]["cos"] + 1) < 1e-12
 
@@ -1897,3 +1898,83 @@ def test_gpu_check_runs_on_a_cpu_up_to_the_cuda_calls(tmp_path, monkeypatch):
 def test_split_gives_the_longest_first_to_the_least_loaded_rank():
     assert R.split([5, 4, 3, 3, 3], 2) == [0, 1, 1, 0, 1]  # loads 8 and 10; round robin would give 11 and 7
     assert R.split([1.0] * 4, 4) == [0, 1, 2, 3] and R.split([2, 1], 1) == [0, 0]
+
+
+# ---------------------------------------------------------------------------- differential attention V2
+
+def diff2_reference(layer: da.DiffAttentionV2, x: torch.Tensor) -> torch.Tensor:
+    """DA V2 written out from its formula, one head and one query token at a time: for head h,
+    a1 = softmax(K_h q_2h / sqrt(d)), a2 = softmax(K_h q_2h+1 / sqrt(d)) over the visible keys,
+    gate = sigmoid(w_h . x_t), head_h(t) = a1 V_h - gate a2 V_h; then proj."""
+    B, N, C = x.shape
+    H, d = layer.heads, layer.head_dim
+    qkv = x @ layer.qkv.weight.T + layer.qkv.bias
+    Q, K, V = qkv[..., :2 * C], qkv[..., 2 * C:3 * C], qkv[..., 3 * C:]
+    rows = []
+    for b in range(B):
+        for t in range(N):
+            keys = slice(0, t + 1) if layer.causal else slice(0, N)
+            heads = []
+            for h in range(H):
+                Kh, Vh = K[b, keys, h * d:(h + 1) * d], V[b, keys, h * d:(h + 1) * d]
+                a1 = torch.softmax(Kh @ Q[b, t, 2 * h * d:(2 * h + 1) * d] / math.sqrt(d), 0)
+                a2 = torch.softmax(Kh @ Q[b, t, (2 * h + 1) * d:(2 * h + 2) * d] / math.sqrt(d), 0)
+                gate = torch.sigmoid(x[b, t] @ layer.lambda_proj.weight[h])
+                heads.append(a1 @ Vh - gate * (a2 @ Vh))
+            rows.append(torch.cat(heads))
+    return torch.stack(rows).view(B, N, C) @ layer.proj.weight.T + layer.proj.bias
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_diff_attention_v2_matches_the_formula_written_out_values_and_gradients(fused, causal):
+    torch.manual_seed(0)
+    layer = da.DiffAttentionV2(24, 3, causal=causal).double()
+    randomize(layer, seed=3)
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    params = [x, *layer.parameters()]
+    da.DiffAttentionV2.fused = fused
+    try:
+        out = layer(x)
+    finally:
+        da.DiffAttentionV2.fused = None
+    ref = diff2_reference(layer, x)
+    assert (out - ref).abs().max() <= 1e-12
+    r = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * r).sum(), params), torch.autograd.grad((ref * r).sum(), params)):
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item())
+
+
+def test_diff_attention_v2_has_v2s_shapes_and_records_its_gate():
+    dim, H = 32, 4
+    layer = da.DiffAttentionV2(dim, H)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert layer.qkv.weight.shape == (4 * dim, dim) and layer.lambda_proj.weight.shape == (H, dim)
+    assert layer.lambda_proj.bias is None
+    # V2 = Attention + dim^2 (+ dim bias) for the second query heads + H dim for the gate
+    assert count(layer) == count(da.Attention(dim, H)) + dim * dim + dim + H * dim
+    vit = da.ViT(**TINY, attn="diff2")
+    x = torch.rand(3, 3, 16, 16)
+    with da.attention_maps(vit) as maps:
+        recorded = vit(x)
+    m = maps[0]
+    assert m.A1.shape == m.A2.shape == (3, 4, 17, 17) and m.lam.shape == (3, 4, 17)  # H = 4 heads, 16 + 1 tokens
+    assert ((m.lam > 0) & (m.lam < 1)).all() and torch.allclose(m.A, m.A1 - m.lam[..., None] * m.A2)
+    assert torch.allclose(recorded, vit(x), atol=1e-6)  # the recorded path is the model's own
+
+
+def test_branch_alignment_of_v2_holds_the_gate_fixed_and_lemma1_holds():
+    """g1 - g2 (the gate folded into branch 2) is the input gradient of <A1 - sg(gate) A2, G>, and
+    kappa ||g1|| is its norm: Lemma 1 with lambda = 1 for V2 (our extension)."""
+    torch.manual_seed(0)
+    vit = da.ViT(**TINY, attn="diff2").double()
+    randomize(vit, seed=7)
+    x, y = torch.rand(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    al = da.branch_gradient_alignment(vit, x, y)
+    assert len(al) == TINY["depth"] and al[0].lam == 1.0 and not al[0].control
+    xg = x.clone().requires_grad_(True)
+    with da.attention_maps(vit, retain_grad=False) as maps:
+        loss = F.cross_entropy(vit(xg), y, reduction="sum")
+    for m, a, G in zip(maps, al, torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)):
+        share, = torch.autograd.grad(((m.A1 - m.lam.detach()[..., None] * m.A2) * G).sum(), xg, retain_graph=True)
+        assert torch.allclose(a.kappa * a.g1_norm, share.flatten(1).norm(dim=1), rtol=1e-9)

@@ -74,13 +74,14 @@ def std_maps(layer: da.Attention):
     return f
 
 
-def diff_maps(layer: da.DiffAttention):
-    """X (N, dim) -> (A1, A2, A), each (H/2, N, N); A as the layer itself combines it."""
+def diff_maps(layer, gate: bool = False):
+    """X (N, dim) -> (A1, A2, A), each (H/2, N, N), A as the layer itself combines it; ``gate``: V2's
+    (A1, A2, gate, A), the maps (H, N, N) and the gate (H, N)."""
     def f(X):
         with da.attention_maps(layer, retain_grad=False) as maps:
             layer(X.unsqueeze(0))
         m = maps[0]
-        return m.A1[0], m.A2[0], m.A[0]
+        return (m.A1[0], m.A2[0], m.lam[0], m.A[0]) if gate else (m.A1[0], m.A2[0], m.A[0])
     return f
 
 
@@ -147,6 +148,30 @@ def check_layers(samples: int, seed: int, device) -> dict:
         row["lemma2_rigorous_ok"] = L_da <= row["gamma_indep"] * s["kappa"] * nb * (1 + TOL)  # ||J||_2 <= ||J||_F
         row["lemma2_literal_holds"] = L_da / L_b <= row["gamma_indep"] * s["kappa"] * (1 + TOL)
         rows.append(row)
+    return {"rows": rows}
+
+
+def check_v2(samples: int, seed: int, device) -> dict:
+    """DA V2 (our extension of Lemma 1; the paper analyses V1): A = A1 - diag(gate) A2 with a per-token
+    gate. The layer's own Jacobian obeys the chain rule J_A = J1 - S J2 - A2 * J_gate (S = diag(gate));
+    with the gate held fixed, Lemma 1 with lambda = 1 and J2 -> S J2 gives ||J1 - S J2||."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for dim, heads, N, _ in tqdm(list(sample_cases(samples, gen)), desc="random V2 layers", leave=False):
+        layer = da.DiffAttentionV2(dim, heads).double().to(device)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (1.5 / math.sqrt(p.shape[-1])))
+        X = torch.randn(N, dim, generator=gen, dtype=torch.float64).to(device)
+        J1, J2, Jg, J = (j.detach().reshape(*j.shape[:-2], N * dim) for j in jacrev(diff_maps(layer, gate=True))(X))
+        A1, A2, gate, A = diff_maps(layer, gate=True)(X)
+        SJ2 = gate[..., None, None] * J2                              # (H, N, N, N dim): branch 2 with the gate fixed
+        chain = J1 - SJ2 - A2[..., None] * Jg[:, :, None, :]
+        s = stats(J1.reshape(-1, N * dim), SJ2.reshape(-1, N * dim), 1.0)
+        fixed = (J1 - SJ2).norm().item()
+        rows.append({**s, "chain_rel_err": ((J - chain).norm() / J.norm()).item(),
+                     "lemma1_rel_err": rel(s["n1"] * s["kappa"], fixed),
+                     "gate_share": (A2[..., None] * Jg[:, :, None, :]).norm().item() / J.norm().item()})
     return {"rows": rows}
 
 
@@ -232,6 +257,7 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
     extremes = check_extremes(device)
     fd = check_finite_differences(device, seed)
     depth = depth_experiment(seed, device, trials=depth_trials)
+    v2 = check_v2(max(12, samples // 4), seed, device)["rows"]
     neg = [r for r in rows if r["cos"] < 0]
     checks = [
         ("Lemma 1, full Jacobians: ||J_DA||^2 = ||J1||^2 + l^2||J2||^2 - 2l||J1||||J2||cos",
@@ -259,6 +285,10 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
                                       f"slope {fd['slope_1e-6_to_1e-4']:.2f}"),
         ("Lemma 2 via ||J||_2 <= ||J||_F: L_DA <= gamma kappa ||J_base||_F", all(r["lemma2_rigorous_ok"] for r in rows),
          f"{sum(r['lemma2_rigorous_ok'] for r in rows)}/{len(rows)} samples"),
+        ("DA V2 (our extension): the layer's J_A = J1 - S J2 - A2 * J_gate", max(r["chain_rel_err"] for r in v2) <= TOL,
+         f"max rel err {max(r['chain_rel_err'] for r in v2):.1e} on {len(v2)} random V2 layers"),
+        ("DA V2 (our extension): Lemma 1, gate fixed: ||J1 - S J2|| = ||J1|| kappa(lambda = 1)",
+         max(r["lemma1_rel_err"] for r in v2) <= TOL, f"max rel err {max(r['lemma1_rel_err'] for r in v2):.1e}"),
     ]
     lines = [f"{'PASS' if ok else 'FAIL'}  {name}: {detail}" for name, ok, detail in checks]
     lines.append("")
@@ -284,6 +314,10 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
         lines.append(f"  lambda_init {li}: n={p['n']}, cos<0 in {100 * p['frac_cos_neg']:.0f}%, mean cos "
                      f"{p['mean_cos']:+.3f}, kappa mean {p['kappa_mean']:.3f} (q10/50/90 "
                      f"{q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}), ||J_DA|| > ||J1|| in {100 * p['frac_more_sensitive_than_branch1']:.0f}%")
+    lines.append(f"  DA V2 (S J2 for J2, lambda = 1): n={len(v2)}, cos<0 in "
+                 f"{100 * sum(r['cos'] < 0 for r in v2) / len(v2):.0f}%, kappa mean "
+                 f"{sum(r['kappa'] for r in v2) / len(v2):.3f}; the gate's own term is "
+                 f"{sum(r['gate_share'] for r in v2) / len(v2):.2f} of ||J_A|| on average")
     lines.append("")
     lines.append("depth: mean ||f_D(X+xi) - f_D(X)|| / ||xi|| over random stacks (DA / standard):")
     for e, d in depth.items():
@@ -303,7 +337,7 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
         print(report)
     result = {"checks": [{"statement": n, "pass": ok, "detail": d} for n, ok, d in checks], "rows": rows,
               "extremes": extremes, "finite_differences": fd, "alignment_by_lambda_init": per_lambda,
-              "depth": depth, "seed": seed, "samples": samples, "depth_trials": depth_trials,
+              "depth": depth, "v2": v2, "seed": seed, "samples": samples, "depth_trials": depth_trials,
               "environment": provenance(device), "report": report}
     if json_path:  # atomically: a reader never sees half a file
         path = Path(json_path)
