@@ -1240,9 +1240,9 @@ def render_clean(rows, preset, dataset, entries, s):
     def draw(plt):
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         for r in rows:
-            if r.get("learned_lambda"):
-                ax.plot([h["epoch"] for h in r["history"]], [statistics.fmean(h["lambda"]) for h in r["history"]],
-                        "s-", label=f"DiffViT depth {r['depth']}, seed {r['seed']}")
+            epochs = [(h["epoch"], statistics.fmean(h["lambda"])) for h in r["history"] if h.get("lambda")]
+            if epochs:  # (checkpoints trained before lambda was recorded have none)
+                ax.plot(*zip(*epochs), "s-", label=f"DiffViT depth {r['depth']}, seed {r['seed']}")
         ax.set(xlabel="epoch", ylabel="learned lambda (mean over layers)", title=f"DiffViT on {dataset}")
         ax.legend(fontsize=8)
         return fig
@@ -1323,7 +1323,7 @@ def render_autoattack(rows, preset, dataset, entries, s):
 
 def gaps(rows, eps: str, key: Callable) -> dict:
     """{key: [DiffViT minus ViT ASR at eps, in points, of each seed]}, the two models matched by seed."""
-    return {k: [100 * (d["asr"][eps] - v["asr"][eps]) for d, v in pairs] for k, pairs in seed_pairs(rows, key).items()}
+    return {k: rate_gap(pairs, lambda r: r["asr"][eps])[0] for k, pairs in seed_pairs(rows, key).items()}
 
 
 def render_depth(rows, preset, dataset, entries, s):
@@ -1455,13 +1455,18 @@ def render_clip(rows, preset, dataset, entries, s):
 
 RULE = ("A DiffViT-minus-ViT difference counts (higher or lower) when its mean over the K training seeds exceeds "
         "2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than half of the seeds; "
-        "otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise, "
-        "and test-image noise); se_i is the sampling error over test images of seed i's difference (binomial for "
-        "rates, over images for means), not divided by K since every seed is evaluated on the same test images, "
-        "and kept in SE so that a few seeds that happen to agree do not make it vanish. With K = 3, 2 SE is a lenient bar (a t statistic with 2 degrees of freedom exceeds 2 by "
-        "chance 18 % of the time); with K = 1 it is the test-image noise alone and training noise is unknown. A "
-        "claim is supported when every comparison it makes comes out higher, partly supported when some do and "
-        "none is lower, not resolved when all are within noise.")
+        "otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise and "
+        "test-image noise); se_i is the sampling error over test images of seed i's difference (binomial for rates, "
+        "over images for means), not divided by K since every seed is evaluated on the same test images. Counting "
+        "the image noise in both terms makes SE an upper bound: conservative, and it keeps SE from vanishing when "
+        "a few seeds happen to agree. The bar is still lenient at K = 3 (a t statistic with 2 degrees of freedom "
+        "exceeds 2 in size by chance 18 % of the time), and with K = 1 SE is the test-image noise alone: training "
+        "noise is unknown. A claim makes several comparisons (budgets, layers), without a correction for their "
+        "number: it is supported when every one comes out higher, partly supported when some do and none is "
+        "lower, contradicted when every one is lower, partly contradicted when some are and none is higher, mixed "
+        "when some are higher and some lower, and not resolved when all are within noise. The depth crossover is "
+        "one outcome: supported when at some depth above 1 DiffViT is lower beyond noise at 1/255 and its mean "
+        "gap at 4/255 is not below 0, contradicted when every deeper DiffViT is higher beyond noise at 1/255.")
 
 
 def judge(diffs: list, ses: list) -> dict:
@@ -1525,10 +1530,17 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
     DiffViT-minus-ViT ASR gap at 4/255 against learned lambda for every DiffViT the run trained."""
     out, skipped = run.results, skipped or {}
 
+    stale = {}
+
     def load(name):
-        """A table of this run (not one skipped by the --table all that runs this summary)."""
+        """A table of this run: not one skipped by the --table all that runs this summary, nor one
+        written before tables had a row per seed."""
         res = read_cached(out / f"{run.result_name(name)}.json", lambda p: json.loads(p.read_text()))
-        return None if name in skipped else res
+        if res is not None and name in skipped:
+            stale[name] = "skipped by this run, an older file is on disk"
+        elif res is not None and "seeds" not in res:
+            stale[name] = "written before tables had a row per training seed: run it again"
+        return None if name in stale else res
     claims = []
 
     def claim(text, table, comparisons, lam=None):
@@ -1608,10 +1620,9 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
         md += ["", f"Figure {run.result_name('summary')}.png: the DiffViT-minus-ViT ASR gap at 4/255 against the "
                f"learned lambda (mean over layers) of every DiffViT of the main, depth and lambda tables "
                f"({len(points)} models; each against the ViT of its depth and seed)."]
-    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None and t not in skipped]
+    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None and t not in stale]
     if missing:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
-    stale = {t: "skipped by this run, an older file is on disk" for t in skipped if (out / f"{run.result_name(t)}.json").is_file()}
     if stale:
         md += ["", "Not judged: " + "; ".join(f"{t} ({why})" for t, why in stale.items()) + "."]
     write_table(out, run.result_name("summary"), "\n".join(md) + "\n",
@@ -1635,13 +1646,17 @@ def lambda_gap_points(main, depth, lam, lambda_depth: int) -> list:
     points = []
     for name, res in (("main", main), ("depth", depth)):
         for pairs in seed_pairs(res["rows"], lambda r: r["depth"]).values() if res else []:
-            points += [{"table": name, "lambda": mean_lambda(d), "gap": 100 * (d["asr"]["4/255"] - v["asr"]["4/255"])}
-                       for d, v in pairs if "4/255" in d["asr"]]
+            points += [{"table": name, "lambda": mean_lambda(d), "gap": 100 * (d["asr"]["4/255"] - v["asr"]["4/255"]),
+                        "model_key": d["model_key"]} for d, v in pairs if "4/255" in d["asr"]]
     if lam and depth:
         vit = {r["seed"]: r for r in depth["rows"] if r["model"] == "ViT" and r["depth"] == lambda_depth}
         points += [{"table": "lambda", "lambda": mean_lambda(r), "gap": 100 * (r["asr"]["4/255"] - vit[r["seed"]]["asr"]["4/255"]),
-                    "lambda_init": r["lambda_init"]} for r in lam["rows"] if r["seed"] in vit and "4/255" in r["asr"]]
-    return points
+                    "lambda_init": r["lambda_init"], "model_key": r["model_key"]}
+                   for r in lam["rows"] if r["seed"] in vit and "4/255" in r["asr"]]
+    unique = {}  # a model in two tables (the lambda table's default, a depth-sweep DiffViT) is one point
+    for p in points:
+        unique.setdefault(p["model_key"], p)
+    return list(unique.values())
 
 
 def draw_lambda_gap(plt, points: list, dataset: str):
@@ -1758,7 +1773,7 @@ def table_speed(run: Run) -> None:
     env = environment(device)
     rounds, reps, vit_rounds, vit_reps = SPEED_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
     source = hashlib.sha256(Path(da.__file__).read_bytes() + SPEED_CODE.encode()).hexdigest()[:16]
-    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source, "seed": 0,
+    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "source": source,
             "rounds": [rounds, reps, vit_rounds, vit_reps], "shape": list(SPEED_SHAPE), "pgd_models": run.preset.models[0],
             "dataset": run.dataset}
     res = cached(run.cache, "speed", cell, lambda: measure_speed(run, rounds, reps, vit_rounds, vit_reps))
@@ -1781,7 +1796,7 @@ def table_speed(run: Run) -> None:
                   f"{r['images_per_s'] / ref:.2f}x |" if ref else f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | - |")
     write_table(run.results, run.result_name("speed"), "\n".join(md) + "\n",
                 {"table": "speed", "preset": run.preset.name, "dataset": run.dataset, **res, "rounds": cell["rounds"],
-                 "seed": 0, "environment": env})
+                 "environment": env})
 
 
 def measure_speed(run: Run, rounds: int, reps: int, vit_rounds: int, vit_reps: int) -> dict:
@@ -1996,7 +2011,7 @@ def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
     plan = training_plan(run, list(TABLES), cold=True)
     seconds = [m["seconds"] for m in plan]
     hours = {n: max(sum(t for t, r in zip(seconds, split(seconds, n)) if r == q) for q in range(n)) / 3600
-             for n in gpus}  # share_work's split, by measured time
+             for n in gpus}  # share_work's longest-first split (it ranks by FLOPs; here by measured time)
     res = {"tests": {"returncode": tests.returncode, "summary": outcome, "selection": GPU_TESTS},
            "speed": speed, "pgd": pgd, "training": plan, "training_hours": hours, "preset": run.preset.name,
            "seconds": time.perf_counter() - started, "environment": env}
@@ -2070,14 +2085,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.gpu_check:
-        gpu_check(run)
+        if rank == 0:  # under torchrun too: one GPU's measurements
+            gpu_check(run)
         return 0
     tables = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
     try:
         if (args.table == "all" or args.estimate) and rank == 0:
             estimate_training_hours(run, ["clean"] if args.table == "speed" else tables)  # speed: the main pair
-            if args.estimate:
-                return 0
+        if args.estimate:
+            return 0
         if args.table == "speed":
             if rank == 0:
                 table_speed(run)
@@ -2160,9 +2176,10 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
         except SetupMissing:
             pass
     dist.barrier()
-    for name, i in tqdm(cells[rank::world], desc=f"rank {rank}: cells", disable=rank != 0):
+    mine = cells[rank::world]
+    for name in tqdm(tables, desc=f"rank {rank}: cells", disable=rank != 0):
         try:
-            run_table(TABLES[name], run, only=[i])
+            run_table(TABLES[name], run, only=[i for t, i in mine if t == name])
         except SetupMissing:
             pass  # e.g. a checkpoint that does not load: rank 0 reports it with its table
     # the counts go through files, not all_gather_object: a gloo worker thread that frees that call's

@@ -1300,8 +1300,10 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     mean_row = next(line for line in md.splitlines() if line.startswith("| **DiffViT**"))
     acc = [100 * r["clean_acc"] for r in first["main"]["rows"] if r["model"] == "DiffViT"]
     assert mean_row.split(" | ")[3] == f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}"
-    points = first["summary"]["lambda_gap"]  # 2 main DiffViTs, 2 depth ones, 6 lambda ones (seed 0)
-    assert [p["table"] for p in points] == ["main"] * 2 + ["depth"] * 2 + ["lambda"] * 6
+    # 2 main DiffViTs, 2 depth ones, 6 lambda ones (seed 0), of which the default lambda_init's is the depth-1 one
+    points = first["summary"]["lambda_gap"]
+    assert [p["table"] for p in points] == ["main"] * 2 + ["depth"] * 2 + ["lambda"] * 5
+    assert len({p["model_key"] for p in points}) == len(points)
     assert {c["table"] for c in first["summary"]["claims"]} == {"main", "alignment", "depth", "clip"}
     # a rerun trains nothing and attacks nothing: every model and cell comes from the caches
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
@@ -1441,7 +1443,8 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     out.mkdir(parents=True)
     asr = lambda *v: {e: x for e, x in zip(["1/255", "2/255", "4/255", "8/255"], v)}
     row = lambda model, seed, a, lam=None, **k: {"model": model, "seed": seed, "n_correct": 1000, "asr": a,
-                                                 "learned_lambda": [lam] if lam else [], **k}
+                                                 "learned_lambda": [lam] if lam else [],
+                                                 "model_key": f"{model}-{seed}-{k}", **k}
     # n = 1000 initially correct: 2 se of one seed's difference near p = 0.3 is about 4 points.
     # 1/255: +10 in every seed (supported); 2/255: +10, -8, +1 (inside the seed spread);
     # 4/255: +1 in every seed (below the test-image noise); 8/255: +10 in every seed
@@ -1449,14 +1452,16 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     for seed, (d2, lam) in enumerate([(.30, .40), (.12, .45), (.21, .50)]):
         main += [row("ViT", seed, asr(.10, .20, .30, .40), depth=1),
                  row("DiffViT", seed, asr(.20, d2, .31, .50), lam, depth=1)]
-    (out / "main.json").write_text(json.dumps({"rows": main}))
+    (out / "main.json").write_text(json.dumps({"rows": main, "seeds": [0, 1, 2]}))
     depth_rows = []
     for d, (s1, d1, s4, d4) in zip((1, 2, 4), [(.10, .12, .3, .31), (.20, .10, .3, .32), (.20, .19, .3, .2)]):
-        depth_rows += [row("ViT", 0, {"1/255": s1, "4/255": s4}, depth=d),
-                       row("DiffViT", 0, {"1/255": d1, "4/255": d4}, 0.6 + d / 10, depth=d)]
-    (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
+        depth_rows += [row("ViT", 0, {"1/255": s1, "4/255": s4}, depth=d, model_key=f"sweep-ViT-{d}"),
+                       row("DiffViT", 0, {"1/255": d1, "4/255": d4}, 0.6 + d / 10, depth=d, model_key=f"sweep-{d}")]
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
+    (out / "clip.json").write_text(json.dumps({"rows": []}))  # written before per-seed rows: not judged
     R.table_summary(run)
     res = json.loads((out / "summary.json").read_text())
+    assert res["not_judged"] == {"clip": "written before tables had a row per training seed: run it again"}
     claims = {c["table"]: c for c in res["claims"]}
     assert claims["main"]["outcomes"] == ["higher", "within noise", "within noise", "higher"]
     assert claims["main"]["verdict"] == "partly supported" and claims["main"]["seeds"] == 3
@@ -1467,7 +1472,7 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
     md = (out / "summary.md").read_text()
     assert "Rule: A DiffViT-minus-ViT difference counts" in md and "| 0.40, 0.45, 0.50 |" in md
-    assert "alignment, clip" in md  # not judged without results
+    assert "Not judged (no results yet): alignment." in md
     # the lambda-vs-gap figure: the 3 main DiffViTs and the 3 depth ones, gap at 4/255 against lambda
     assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]] == \
         [("main", .4, 1), ("main", .45, 1), ("main", .5, 1), ("depth", .7, 1), ("depth", .8, 2), ("depth", 1.0, -10)]
@@ -1475,7 +1480,8 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     # damped at 1/255 but still (if not significantly) lower at 4/255: that is no crossover
     depth_rows[2:4] = [row("ViT", 0, {"1/255": .20, "4/255": .30}, depth=2),
                        row("DiffViT", 0, {"1/255": .10, "4/255": .28}, .8, depth=2)]
-    (out / "depth.json").write_text(json.dumps({"rows": depth_rows}))
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
+    (out / "clip.json").unlink()
     R.table_summary(run, skipped={"main": "a dataset is missing"})  # --table all skipped main: not judged
     res = json.loads((out / "summary.json").read_text())
     assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
