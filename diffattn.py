@@ -32,7 +32,7 @@ import torch.nn.functional as F
 __all__ = ["Attention", "DiffAttention", "DiffAttentionV2", "AttnMaps", "attention_maps", "lambda_init_schedule", "Block", "ViT",
            "check_images", "check_labels", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
            "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip", "AttackResult", "pgd", "fgsm", "cw_l2",
-           "autoattack", "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate",
+           "autoattack", "patch_attack", "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate",
            "input_gradient_norm", "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks"]
 
 
@@ -812,6 +812,48 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", **kw) -> AttackResult:
     """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps, no random start."""
     return pgd(model, x, y, eps, norm=norm, steps=1, alpha=eps, random_start=False, **kw)
+
+
+def patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, steps: int = 100,
+                 step_size: float = 1 / 16, location: str = "random", loss: str = "ce") -> AttackResult:
+    """An adversarial patch: a ``size`` x ``size`` square of each image replaced by pixels free in
+    [0, 1] (every channel; no norm bound), at one place per image (``location="random"``: uniform
+    over the positions where it fits, from torch's global RNG; ``"center"``), started from uniform
+    noise and optimised by ``steps`` signed-gradient steps of ``step_size`` on ``loss``. Per example
+    the strongest iterate is kept (lowest margin, as in ``pgd``); only the patch's pixels differ
+    from x. ``norm`` holds the patch side. The model runs in eval mode.
+    """
+    check_images(x)
+    check_labels(y, len(x))
+    B, C, H, W = x.shape
+    _expect(_int(size, 1) and size <= min(H, W), "size", size, f"an integer in [1, {min(H, W)}] (pixels)")
+    _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
+    _expect(_real(step_size) and step_size > 0, "step_size", step_size, "a number > 0")
+    _expect(location in ("random", "center"), "location", location, "'random' or 'center'")
+    _expect(loss in ("ce", "margin", "logit"), "loss", loss, "'ce', 'margin' or 'logit'")
+    if location == "center":
+        top, left = torch.full((B,), (H - size) // 2), torch.full((B,), (W - size) // 2)
+    else:
+        top, left = torch.randint(0, H - size + 1, (B,)), torch.randint(0, W - size + 1, (B,))
+    inside = lambda start, n: (torch.arange(n)[None] >= start[:, None]) & (torch.arange(n)[None] < start[:, None] + size)
+    mask = (inside(top, H)[:, :, None] & inside(left, W)[:, None, :])[:, None].to(x.device)  # (B, 1, H, W)
+    patch = torch.rand_like(x)
+    best_x, best_margin = x.clone(), torch.full((B,), float("inf"), device=x.device)
+    with _eval_mode(model):
+        for step in range(steps + 1):
+            xa = torch.where(mask, patch, x).requires_grad_(step < steps)
+            with torch.set_grad_enabled(step < steps):
+                logits = model(xa)
+            if step == 0:
+                check_labels(y, len(x), logits.shape[1])
+            m = _margin(logits.detach().float(), y, False)
+            better = m < best_margin
+            best_margin = torch.where(better, m, best_margin)
+            best_x = torch.where(_rows(better, x), xa.detach(), best_x)
+            if step < steps:
+                g, = torch.autograd.grad(_attack_loss(logits.float(), y, loss, False).sum(), xa)
+                patch = (patch + step_size * g.sign()).clamp(0, 1)
+    return AttackResult(best_x, best_margin < 0, x.new_full((B,), float(size)))
 
 
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.0, search_steps: int = 6,

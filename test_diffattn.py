@@ -270,6 +270,7 @@ ENTRY_POINTS = {  # every public function that takes images checks their values 
     "fgsm": lambda m, x, y: da.fgsm(m, x, y, 4 / 255),
     "cw_l2": lambda m, x, y: da.cw_l2(m, x, y, steps=1, search_steps=1),
     "autoattack": lambda m, x, y: da.autoattack(m, x, y, 4 / 255),
+    "patch_attack": lambda m, x, y: da.patch_attack(m, x, y, 4, steps=1),
     "input_gradient_norm": lambda m, x, y: da.input_gradient_norm(m, x, y),
     "branch_gradient_alignment": lambda m, x, y: da.branch_gradient_alignment(m, x, y),
     "local_lipschitz": lambda m, x, y: da.local_lipschitz(m, x, 4 / 255, steps=1),
@@ -310,6 +311,11 @@ def _bad_calls():
         ("pgd norm", lambda: da.pgd(m, x, y, 0.1, norm="l2"), r"norm='l2'; expected 'inf' or '2'"),
         ("pgd loss", lambda: da.pgd(m, x, y, 0.1, loss="hinge"), r"loss='hinge'; expected 'ce', 'margin'"),
         ("fgsm eps", lambda: da.fgsm(m, x, y, -1.0), r"eps=-1.0"),
+        ("patch size 0", lambda: da.patch_attack(m, x, y, 0), r"size=0; expected an integer in \[1, 16\]"),
+        ("patch too large", lambda: da.patch_attack(m, x, y, 17), r"size=17; expected an integer in \[1, 16\]"),
+        ("patch step", lambda: da.patch_attack(m, x, y, 4, step_size=0), r"step_size=0; expected a number > 0"),
+        ("patch location", lambda: da.patch_attack(m, x, y, 4, location="corner"), r"location='corner'"),
+        ("patch labels", lambda: da.patch_attack(m, x, torch.tensor([0, 9]), 4), r"\[0, 7\)"),
         ("cw c", lambda: da.cw_l2(m, x, y, c_init=0), r"c_init=0; expected a number > 0"),
         ("cw lr", lambda: da.cw_l2(m, x, y, lr=-1e-2), r"lr=-0.01; expected a number > 0"),
         ("cw steps", lambda: da.cw_l2(m, x, y, steps=0), r"steps=0; expected an integer >= 1"),
@@ -1984,3 +1990,24 @@ def test_branch_alignment_of_v2_holds_the_gate_fixed_and_lemma1_holds():
     for m, a, G in zip(maps, al, torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)):
         share, = torch.autograd.grad(((m.A1 - m.lam.detach()[..., None] * m.A2) * G).sum(), xg, retain_graph=True)
         assert torch.allclose(a.kappa * a.g1_norm, share.flatten(1).norm(dim=1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("location", ["random", "center"])
+def test_patch_attack_changes_only_the_patch_pixels_and_stays_in_the_image_box(location):
+    torch.manual_seed(0)
+    model = da.ViT(**TINY, attn="diff")
+    randomize(model, seed=1)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 7, (8,))
+    res = da.patch_attack(model, x, y, size=5, steps=10, location=location)
+    changed = (res.x_adv != x).any(1)  # (B, H, W): pixels where any channel differs
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1 and (res.norm == 5).all()
+    for b in range(8):
+        rows, cols = changed[b].nonzero(as_tuple=True)
+        if len(rows):  # inside one 5 x 5 square
+            assert rows.max() - rows.min() < 5 and cols.max() - cols.min() < 5
+            if location == "center":
+                assert rows.min() >= 5 and rows.max() <= 9 and cols.min() >= 5 and cols.max() <= 9
+    assert torch.equal(res.success, da.predict(model, res.x_adv) != y)
+    # the whole image as the patch: the attack is free, so it fools every example a few steps can
+    full = da.patch_attack(model, x, y, size=16, steps=20)
+    assert full.success.float().mean() >= res.success.float().mean() and full.success.all()
