@@ -1883,6 +1883,10 @@ SPEED_CODE = "".join(inspect.getsource(f) for f in (measure_speed, layer_rows, b
 TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000, "mnist": 60000, "fashion-mnist": 60000}
 
 
+def steps_per_epoch(cfg: TrainConfig) -> int:
+    return math.ceil(min(cfg.train_subset or TRAIN_SIZES[cfg.dataset], TRAIN_SIZES[cfg.dataset]) / cfg.batch_size)
+
+
 def planned_models(run: Run, tables) -> list:
     """(model config, TrainConfig) of every model the given tables train, without duplicates."""
     plan = []
@@ -1929,13 +1933,12 @@ def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
         left = cfg.epochs - (record["epoch"] if record else 0)
         if left <= 0:
             continue
-        n_train = min(cfg.train_subset or TRAIN_SIZES[cfg.dataset], TRAIN_SIZES[cfg.dataset])
-        steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-        flops = train_step_flops(model_cfg, cfg) * steps_per_epoch
+        n_steps = steps_per_epoch(cfg)
+        flops = train_step_flops(model_cfg, cfg) * n_steps
         same = config_hash({"model": model_cfg, "train": dataclasses.asdict(dataclasses.replace(cfg, seed=0))})
         if not project and same not in step_seconds:
             step_seconds[same] = statistics.median(_train_step_times(model_cfg, cfg, run.device, steps))
-        epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * steps_per_epoch
+        epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * n_steps
         plan.append({"model": ckpt.stem.rsplit("-", 1)[0], "seed": cfg.seed, "dataset": cfg.dataset,
                      "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
                      "lambda_init": model_cfg.get("lambda_init"), "epochs_left": left, "seconds_per_epoch": epoch,
@@ -2163,9 +2166,7 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
             except SetupMissing:
                 continue
         models = planned_models(run, tables)
-        owner = split([train_step_flops(m, c) * c.epochs * math.ceil(min(c.train_subset or TRAIN_SIZES[c.dataset],
-                                                                           TRAIN_SIZES[c.dataset]) / c.batch_size)
-                       for m, c in models], world)
+        owner = split([train_step_flops(m, c) * c.epochs * steps_per_epoch(c) for m, c in models], world)
         box = [(models, owner, cells)]
     dist.broadcast_object_list(box, src=0)
     models, owner, cells = box[0]
