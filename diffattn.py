@@ -76,6 +76,12 @@ def lambda_init_schedule(layer_index: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
+def _check_heads(layer: str, dim, heads) -> None:
+    _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
+    if dim % heads:
+        raise ValueError(f"{layer}: dim={dim} must be divisible by heads={heads}")
+
+
 class _Recordable(nn.Module):
     """While ``_record`` is a list (inside ``attention_maps``), forward takes the explicit path and records."""
     _record: Optional[list] = None
@@ -95,9 +101,7 @@ class Attention(_Recordable):
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
-        _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
-        if dim % heads:
-            raise ValueError(f"Attention: dim={dim} must be divisible by heads={heads}")
+        _check_heads("Attention", dim, heads)
         self.heads, self.head_dim, self.causal = heads, dim // heads, causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
@@ -138,12 +142,11 @@ class DiffAttention(_Recordable):
     def __init__(self, dim: int, heads: int, lambda_init: Union[float, str] = 0.8,
                  layer_index: int = 0, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
-        _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
+        _expect(_int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
         if heads % 2:
             raise ValueError(f"DiffAttention: heads={heads} is odd; heads counts standard heads H and the "
                              f"layer has H/2 differential heads, so pass an even number (e.g. {heads + 1})")
-        if dim % heads:
-            raise ValueError(f"DiffAttention: dim={dim} must be divisible by heads={heads}")
+        _check_heads("DiffAttention", dim, heads)
         if lambda_init == "schedule":
             lambda_init = lambda_init_schedule(layer_index)
         _expect(_real(lambda_init, 0) and lambda_init < 1, "lambda_init", lambda_init,
@@ -207,9 +210,7 @@ class DiffAttentionV2(_Recordable):
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
         super().__init__()
-        _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
-        if dim % heads:
-            raise ValueError(f"DiffAttentionV2: dim={dim} must be divisible by heads={heads}")
+        _check_heads("DiffAttentionV2", dim, heads)
         self.heads, self.head_dim, self.causal = heads, dim // heads, causal
         self.qkv = nn.Linear(dim, 4 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
