@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Attention", "DiffAttention", "DiffAttentionV2", "AttnMaps", "attention_maps", "lambda_init_schedule", "Block", "ViT",
-           "check_images", "check_labels", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
+__all__ = ["Attention", "DiffAttention", "DiffAttentionV2", "AttnMaps", "attention_maps", "lambda_init_schedule",
+           "Block", "ViT", "check_images", "check_labels", "TextTransformer", "CLIP", "tokenize", "zero_shot_weights",
            "ZeroShotClassifier", "clip_state_dict_to_kit", "load_clip", "AttackResult", "pgd", "fgsm", "cw_l2",
            "autoattack", "patch_attack", "predict", "clean_accuracy", "robust_accuracy", "attack_success_rate",
            "input_gradient_norm", "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks"]
@@ -202,8 +202,8 @@ class DiffAttentionV2(_Recordable):
 
     Unlike V1, lambda is a per-token gate in (0, 1) rather than one learned scalar, and there is no
     per-head RMSNorm and no (1 - lambda_init). ``qkv`` is V2's q, k, v projections stacked (queries
-    2 dim wide, heads 2h, 2h+1 = Q1, Q2 of head h; keys and values dim wide): dim^2 + H dim more
-    parameters than ``Attention(dim, H)``. Two paths as in ``DiffAttention`` (fused: SDPA with the
+    2 dim wide, heads 2h, 2h+1 = Q1, Q2 of head h; keys and values dim wide): dim^2 (+ dim of bias)
+    + H dim more parameters than ``Attention(dim, H)``. Two paths as in ``DiffAttention`` (fused: SDPA with the
     query heads grouped on their key and value head).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
