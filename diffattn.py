@@ -816,13 +816,15 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: s
 
 
 def patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, steps: int = 100,
-                 step_size: float = 1 / 16, location: str = "random", loss: str = "ce") -> AttackResult:
+                 step_size: float = 1 / 16, location: str = "random", loss: str = "ce",
+                 early_stop: bool = False) -> AttackResult:
     """An adversarial patch: a ``size`` x ``size`` square of each image replaced by pixels free in
     [0, 1] (every channel; no norm bound), at one place per image (``location="random"``: uniform
     over the positions where it fits, from torch's global RNG; ``"center"``), started from uniform
     noise and optimised by ``steps`` signed-gradient steps of ``step_size`` on ``loss``. Per example
     the strongest iterate is kept (lowest margin, as in ``pgd``); only the patch's pixels differ
-    from x. ``norm`` holds the patch side. The model runs in eval mode.
+    from x. ``early_stop`` stops attacking fooled examples (the same success flags for fewer passes).
+    ``norm`` holds the patch side. The model runs in eval mode.
     """
     check_images(x)
     check_labels(y, len(x))
@@ -832,6 +834,7 @@ def patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, 
     _expect(_real(step_size) and step_size > 0, "step_size", step_size, "a number > 0")
     _expect(location in ("random", "center"), "location", location, "'random' or 'center'")
     _expect(loss in ("ce", "margin", "logit"), "loss", loss, "'ce', 'margin' or 'logit'")
+    _expect(early_stop in (True, False), "early_stop", early_stop, "True or False")
     if location == "center":
         top, left = torch.full((B,), (H - size) // 2), torch.full((B,), (W - size) // 2)
     else:
@@ -840,20 +843,26 @@ def patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, 
     mask = (inside(top, H)[:, :, None] & inside(left, W)[:, None, :])[:, None].to(x.device)  # (B, 1, H, W)
     patch = torch.rand_like(x)
     best_x, best_margin = x.clone(), torch.full((B,), float("inf"), device=x.device)
+    act = torch.arange(B, device=x.device)  # rows still attacked (all, unless early_stop)
     with _eval_mode(model):
         for step in range(steps + 1):
-            xa = torch.where(mask, patch, x).requires_grad_(step < steps)
+            xa = torch.where(mask[act], patch[act], x[act]).requires_grad_(step < steps)
             with torch.set_grad_enabled(step < steps):
                 logits = model(xa)
             if step == 0:
                 check_labels(y, len(x), logits.shape[1])
-            m = _margin(logits.detach().float(), y, False)
-            better = m < best_margin
-            best_margin = torch.where(better, m, best_margin)
-            best_x = torch.where(_rows(better, x), xa.detach(), best_x)
-            if step < steps:
-                g, = torch.autograd.grad(_attack_loss(logits.float(), y, loss, False).sum(), xa)
-                patch = (patch + step_size * g.sign()).clamp(0, 1)
+            m = _margin(logits.detach().float(), y[act], False)
+            better = m < best_margin[act]
+            best_margin[act] = torch.where(better, m, best_margin[act])
+            best_x[act] = torch.where(_rows(better, x), xa.detach(), best_x[act])
+            if step == steps:
+                break
+            g, = torch.autograd.grad(_attack_loss(logits.float(), y[act], loss, False).sum(), xa)
+            patch[act] = (patch[act] + step_size * g.sign()).clamp(0, 1)
+            if early_stop:
+                act = act[best_margin[act] >= 0]
+                if act.numel() == 0:
+                    break
     return AttackResult(best_x, best_margin < 0, x.new_full((B,), float(size)))
 
 

@@ -448,6 +448,20 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     train_subset: Optional[int] = None  # first n of a fixed permutation; None = all
+    adv_eps: float = 0.0                # > 0: adversarial training, each batch replaced by fgsm_rs at this Linf eps
+    init: Optional[dict] = None         # the TrainConfig (as a dict) of the checkpoint to start from; None: scratch
+
+
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
+    """FGSM with a random start (Wong, Rice and Kolter 2020, "Fast is better than free"), the attack
+    inside adversarial training: delta ~ U(-eps, eps) (kept inside [0, 1]), one signed step of
+    1.25 eps on the cross-entropy, projected back onto the eps-ball and [0, 1]. It costs one extra
+    forward and backward per batch (PGD-k: k), and at eps <= 8/255 they saw no catastrophic
+    overfitting, so PGD's extra steps buy nothing at these budgets. Noise from ``gen``: resume-safe."""
+    delta = (x + (2 * torch.rand(x.shape, generator=gen) - 1).to(x.device) * eps).clamp(0, 1) - x
+    xa = (x + delta).requires_grad_(True)
+    g, = torch.autograd.grad(F.cross_entropy(model(xa).float(), y), xa)
+    return (x + (delta + 1.25 * eps * g.sign()).clamp(-eps, eps)).clamp(0, 1).detach()
 
 
 # Captions for the small CLIPs trained from scratch: "<template>" with the class name in it.
@@ -553,7 +567,9 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
 
     The checkpoint ``checkpoint_path(cache, ...)`` is rewritten atomically after every
     epoch; ``record["done"]`` marks a finished run; ``record["history"]`` holds each epoch's
-    losses and the learned lambda of every differential layer. ``stop_after_epoch`` ends early (as an
+    losses and the learned lambda of every differential layer. ``cfg.init`` starts from another
+    checkpoint's weights (trained first if need be; a fresh optimizer), ``cfg.adv_eps`` trains on
+    ``fgsm_rs`` examples: together, adversarial fine-tuning. ``stop_after_epoch`` ends early (as an
     interruption would), for tests of the resume path; ``amp`` forces bf16 autocast on or off
     (default: on CUDA), for tests of the CUDA set-up on a CPU.
     """
@@ -579,9 +595,13 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     model, opt = build()
     existed = path.is_file()
     record = read_cached(path, resume)
-    if record is None:  # nothing to resume: train from scratch
+    if record is None:  # nothing to resume: train from scratch, or from cfg.init's checkpoint
         if existed:  # a damaged checkpoint (now moved aside) may have half-loaded into them
             model, opt = build()
+        if cfg.init is not None:
+            start, _ = train_model(model_cfg, TrainConfig(**cfg.init), data_root, cache, device, compile, progress,
+                                   amp=amp)
+            model.load_state_dict(start.state_dict())
         record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
     if record["done"]:
         return model.eval(), record
@@ -589,20 +609,25 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     test = load_dataset(cfg.dataset, data_root, train=False)
     step_fn = torch.compile(model) if compile else model
     prompts = prompt_tokens(class_names(cfg.dataset, train)) if isinstance(model, da.CLIP) else None
+    if cfg.adv_eps and prompts is not None:
+        raise ValueError("adversarial training (adv_eps > 0) is written for classifiers (ViT/DiffViT), not CLIPs")
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     for epoch in range(record["epoch"], cfg.epochs):
         started = time.perf_counter()
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # resume-safe: per-epoch stream
+        adv = f" FGSM-RS {cfg.adv_eps * 255:g}/255" if cfg.adv_eps else ""
         bar = tqdm(batches(train, cfg.batch_size, device, shuffle=True, generator=gen), total=steps_per_epoch,
-                   desc=f"{model_cfg.get('attn', 'std')} {cfg.dataset} epoch {epoch + 1}/{cfg.epochs}",
+                   desc=f"{model_cfg.get('attn', 'std')}{adv} {cfg.dataset} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False)
         loss_sum = correct = seen = 0
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
             with _autocast(device, amp):
+                if cfg.adv_eps:
+                    x = fgsm_rs(step_fn, x, y, cfg.adv_eps, gen)
                 if prompts is None:
                     logits = step_fn(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -660,6 +685,9 @@ class Preset:
     cw_images: int
     cw_steps: int
     cw_search: int
+    patch_images: int   # test images of the patch attacks (main and clip tables) ...
+    patch_steps: int    # ... and their signed steps
+    advtrain: dict      # the advtrain table's adversarial fine-tuning of the pairs: TrainConfig fields
     clip: Optional[dict] = None        # a small CLIP/DiffCLIP trained here; None: pretrained checkpoints
     clip_train: Optional[dict] = None
 
@@ -668,15 +696,18 @@ PRESETS = {p.name: p for p in [
     # CPU, offline, Fashion-MNIST: --table all in under 15 minutes on 2 cores. As close to the paper's
     # setting as that allows: 1-layer main models, patch 4 (7x7 patches + class token = 50 tokens; the
     # paper's 32x32 CIFAR images at patch 4 give 65), lambda_init 0.8; given up: width (64, not 384),
-    # epochs (6, and 2 for the sweeps), seeds of the sweeps (1). README: presets.
+    # epochs (4, and 2 for the sweeps), seeds of the sweeps (1), depths above 4. README: presets.
     Preset("quick", "fashion-mnist",
            models=({"patch_size": 4, "dim": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0},),
-           train={"epochs": 6, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5}, seeds=3, sweep_seeds=1,
-           # the sweeps: 2 epochs on 10k images, so that 8 models fit in minutes; depth 12 is left to the paper preset
-           depths=(1, 2, 4, 8), depth_model={"patch_size": 4, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
+           train={"epochs": 4, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5}, seeds=3, sweep_seeds=1,
+           # the sweeps: 2 epochs on 10k images, so that 9 models fit in minutes; depths 8 and 12 are left to
+           # the paper preset
+           depths=(1, 2, 4), depth_model={"patch_size": 4, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
            depth_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
-           lambda_depth=1, eval_images=1000, clip_images=1000, depth_images=300, lipschitz_images=64,
-           autoattack_images=64, cw_images=50, cw_steps=50, cw_search=4,
+           lambda_depth=1, eval_images=1000, clip_images=500, depth_images=300, lipschitz_images=64,
+           autoattack_images=64, cw_images=50, cw_steps=50, cw_search=4, patch_images=200, patch_steps=50,
+           # adversarial fine-tuning: one epoch on 10k images at a quarter of the peak lr
+           advtrain={"epochs": 1, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 0.1, "train_subset": 10000},
            # small CLIP / DiffCLIP trained from scratch on captions built from the class names
            clip={"kind": "clip", "embed_dim": 64,
                  "image": {"patch_size": 4, "dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
@@ -691,7 +722,8 @@ PRESETS = {p.name: p for p in [
            depths=(1, 2, 4, 8, 12), depth_model={"patch_size": 4, "dim": 384, "heads": 6, "mlp_ratio": 4.0},
            depth_train={"epochs": 100, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 5},
            lambda_depth=1, eval_images=10000, clip_images=1000, depth_images=2000, lipschitz_images=500,
-           autoattack_images=1000, cw_images=1000, cw_steps=100, cw_search=6),
+           autoattack_images=1000, cw_images=1000, cw_steps=100, cw_search=6, patch_images=1000, patch_steps=100,
+           advtrain={"epochs": 10, "batch_size": 256, "lr": 2.5e-4, "warmup_epochs": 1}),
 ]}
 
 
@@ -707,8 +739,8 @@ def dry_run(preset: Preset) -> Preset:
     return dataclasses.replace(
         preset, name=f"{preset.name}-dry-run", models=tuple(map(narrow, preset.models)), train=short(preset.train),
         depth_model=narrow(preset.depth_model), depth_train=short(preset.depth_train), eval_images=12, clip_images=4,
-        depth_images=8, lipschitz_images=2, autoattack_images=4, cw_images=4, cw_steps=3, cw_search=1, clip=clip,
-        clip_train=preset.clip_train and short(preset.clip_train))
+        depth_images=8, lipschitz_images=2, autoattack_images=4, cw_images=4, cw_steps=3, cw_search=1, patch_images=4,
+        patch_steps=3, advtrain=short(preset.advtrain), clip=clip, clip_train=preset.clip_train and short(preset.clip_train))
 
 
 @dataclass(frozen=True)
@@ -777,8 +809,15 @@ def write_table(out: Path, name: str, markdown: str, payload: dict) -> None:
 # The tables, declared as data (Entry, Table) and run by one loop (run_table)
 # ----------------------------------------------------------------------------------------
 
-NAMES = {"std": "ViT", "diff": "DiffViT"}
+NAMES = {"std": "ViT", "diff": "DiffViT", "diff2": "DiffViT-V2"}
+V1 = ("std", "diff")  # the tables beyond the issue's V2 rows (autoattack, cw, lambda, advtrain): the paper's pair
+STYLE = {"ViT": "o-", "DiffViT": "s-", "DiffViT-V2": "^-", "CLIP": "o-", "DiffCLIP": "s-"}
 EPS_LINF = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+ADV_EPS = (1 / 255, 2 / 255)  # the advtrain table's training budgets (Linf)
+# Patch sides as fractions of the image side, so a patch covers the same share of the image at every
+# resolution: 2, 4 and 8 pixels at 28x28, 16, 32 and 64 at 224x224 (0.5 %, 2 % and 8 % of the area).
+PATCH_SIDES = (1 / 14, 1 / 7, 2 / 7)
+PATCH_ATTACK = {"step_size": 1 / 16, "location": "random"}
 LIPSCHITZ_ASCENT = {"steps": 10, "step_size": 0.003}  # Yang et al.'s (2020) estimator, as in local_lipschitz
 
 
@@ -991,19 +1030,35 @@ def _model_line(m: dict, tc: dict) -> str:
             f"{tc['epochs']} epochs{subset}, batch {tc['batch_size']}, AdamW lr {tc['lr']}")
 
 
-def pair_entries(run: Run) -> list:
-    """The preset's ViT and DiffViT pairs, by depth and seed (tables clean, main, alignment, autoattack)."""
+def pair_entries(run: Run, attns: tuple = tuple(NAMES)) -> list:
+    """The preset's ViT, DiffViT and DiffViT-V2 models, by depth and seed (tables clean, main, alignment;
+    autoattack and advtrain without V2)."""
     return [Entry({"model": NAMES[a], "depth": m["depth"], "seed": seed}, {**m, "attn": a},
                   TrainConfig(dataset=run.dataset, seed=seed, **run.preset.train))
-            for m in run.preset.models for seed in run.seed_list() for a in ("std", "diff")]
+            for m in run.preset.models for seed in run.seed_list() for a in attns]
 
 
-def depth_entries(run: Run) -> list:
-    """ViT and DiffViT at every depth of the sweep (tables depth, cw)."""
+def depth_entries(run: Run, attns: tuple = tuple(NAMES)) -> list:
+    """ViT, DiffViT and DiffViT-V2 at every depth of the sweep (table depth; cw without V2)."""
     p = run.preset
     return [Entry({"depth": d, "model": NAMES[a], "seed": seed}, {**p.depth_model, "depth": d, "attn": a},
                   TrainConfig(dataset=run.dataset, seed=seed, **p.depth_train))
-            for seed in run.seed_list(sweep=True) for d in p.depths for a in ("std", "diff")]
+            for seed in run.seed_list(sweep=True) for d in p.depths for a in attns]
+
+
+def advtrain_entries(run: Run) -> list:
+    """The ViT/DiffViT pairs as trained (eps_train 0: the main table's models), and fine-tuned from
+    them with FGSM-RS at each of ``ADV_EPS`` (``Preset.advtrain``). Fine-tuning rather than training
+    from scratch: a quarter of the cost on the quick preset's budget, and it asks the question of a
+    trained DA model, which is what a reader holds."""
+    out = []
+    for e in pair_entries(run, V1):
+        out.append(Entry({**e.labels, "eps_train": "0"}, e.model, e.train))
+        out += [Entry({**e.labels, "eps_train": _eps_name(eps)}, e.model,
+                      TrainConfig(dataset=run.dataset, seed=e.train.seed, **run.preset.advtrain, adv_eps=eps,
+                                  init=dataclasses.asdict(e.train)))
+                for eps in ADV_EPS]
+    return out
 
 
 LAMBDA_INITS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -1064,6 +1119,30 @@ def asr_row(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list, steps:
     return row
 
 
+def patch_row(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict, chunk: int = 250) -> dict:
+    """ASR of ``patch_attack`` at each patch side (``PATCH_SIDES`` of the image side) on the first
+    ``s["images"]`` images: the fraction of the initially correct ones it makes wrong."""
+    x, y = x[:s["images"]], y[:s["images"]]
+    clean = da.predict(model, x, batch_size=chunk)
+    sizes = [max(1, round(f * x.shape[-1])) for f in s["sides"]]
+    asr = {}
+    for size in tqdm(sizes, desc="patch", leave=False):
+        adv = torch.cat([da.patch_attack(model, xb, yb, size, steps=s["steps"], step_size=s["step_size"],
+                                         location=s["location"], early_stop=True).x_adv
+                         for xb, yb in zip(x.split(chunk), y.split(chunk))])
+        asr[f"{size}px"] = da.attack_success_rate(y, clean, da.predict(model, adv, batch_size=chunk))
+    return {"asr_patch": asr, "n_patch_correct": int((clean == y).sum())}
+
+
+@torch.no_grad()
+def mean_gates(model: nn.Module, x: torch.Tensor) -> list:
+    """DA V2's gate sigmoid(w_h . x_t), per layer averaged over heads, tokens and the images ``x``
+    (V2's counterpart of V1's learned lambda); empty for other attention."""
+    with da.attention_maps(model, retain_grad=False) as maps:
+        model(x)  # in eval mode, as every table's model
+    return [m.lam.mean().item() for m in maps if m.A1 is not None and m.lam.dim()]
+
+
 def _mean_sem(v: torch.Tensor) -> tuple:
     """Mean and its standard error over examples."""
     v = v.double()
@@ -1092,7 +1171,8 @@ def lipschitz(model, x: torch.Tensor, s: dict) -> dict:
 
 
 def evaluate_main(model, data, s, record) -> dict:
-    return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]), "learned_lambda": learned_lambdas(model)}
+    return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]), **patch_row(model, data.x, data.y, s["patch"]),
+            "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x[:250])}
 
 
 def evaluate_alignment(model, data, s, record) -> dict:
@@ -1120,7 +1200,16 @@ def evaluate_depth(model, data, s, record) -> dict:
     lip = lipschitz(model, data.x, s["lipschitz"])
     row["lipschitz_logits"] = lip["logits"].mean().item()
     row["lipschitz_layers"] = [v.mean().item() for v in lip["layers"]]
-    return {**row, "learned_lambda": learned_lambdas(model)}
+    return {**row, "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x[:250])}
+
+
+def evaluate_advtrain(model, data, s, record) -> dict:
+    k = min(s["alignment_images"], len(data.y))
+    layers = alignment_by_layer(model, data.x[:k], data.y[:k], chunk=250)
+    grad, grad_sem = _mean_sem(da.input_gradient_norm(model, data.x[:k], data.y[:k], "inf"))
+    return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]), "test_acc": record["test_acc"],
+            "frac_cos_negative": [a["frac_cos_negative"] for a in layers], "n_alignment": k,
+            "mean_grad_l1": grad, "mean_grad_l1_sem": grad_sem, "learned_lambda": learned_lambdas(model)}
 
 
 def evaluate_cw(model, data, s, record) -> dict:
@@ -1152,7 +1241,7 @@ def clip_attack_row(zs: da.ZeroShotClassifier, x: torch.Tensor, y: torch.Tensor,
             row[key][_eps_name(eps)] = da.attack_success_rate(y, clean, pgd_predictions(zs, x, y, eps, s["steps"], loss))
     k = s["alignment_images"]
     row["alignment"] = alignment_by_layer(zs, x[:k], y[:k], chunk=100)
-    return row
+    return {**row, **patch_row(zs, x, y, s["patch"], chunk=100)}
 
 
 def imagenet_templates() -> list:
@@ -1218,8 +1307,13 @@ def plot_seeds(ax, xs, samples, style, label) -> None:
 
 
 def mean_lambda(row) -> Optional[float]:
-    """A DiffViT's learned lambda, averaged over its layers; None for standard attention."""
-    return statistics.fmean(row["learned_lambda"]) if row.get("learned_lambda") else None
+    """A DiffViT's learned lambda, or a DiffViT-V2's mean gate, averaged over its layers; None for
+    standard attention."""
+    values = row.get("learned_lambda") or row.get("mean_gate")
+    return statistics.fmean(values) if values else None
+
+
+LAMBDA_COLUMN = "lambda (V2: mean gate)"
 
 
 def _eps_names(rows, key="asr") -> list:
@@ -1256,24 +1350,41 @@ def evaluate_clean(model, data, s, record) -> dict:
 
 def render_main(rows, preset, dataset, entries, s):
     eps = _eps_names(rows)
+    sizes = _patch_sizes(rows[0])
     lines = [f"Models: {_models_line(preset)}. ASR = fraction of the initially correct test images that "
-             f"PGD-{s['steps']} (Linf, random start, step 2.5 eps / {s['steps']}) misclassifies. Learned lambda: "
-             "mean over layers (per layer in the .json).", ""]
+             f"PGD-{s['steps']} (Linf, random start, step 2.5 eps / {s['steps']}) misclassifies. Patch: "
+             f"{_patch_line(s['patch'])}. Lambda: DiffViT's learned lambda, DiffViT-V2's gate averaged over "
+             "heads, tokens and 250 test images; mean over layers (per layer in the .json).", ""]
     lines += seed_table(rows, ("model", "depth"), [("clean acc (%)", lambda r: 100 * r["clean_acc"], 2)]
                         + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
-                        + [("learned lambda", mean_lambda, 3)])
+                        + [(f"patch {z} (%)", lambda r, z=z: 100 * r["asr_patch"][z], 1) for z in sizes]
+                        + [(LAMBDA_COLUMN, mean_lambda, 3)])
 
     def draw(plt):
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for (model, depth), rs in groups(rows, "model", "depth").items():
             clean = statistics.fmean(r["clean_acc"] for r in rs)
-            plot_seeds(ax, [float(e.split("/")[0]) for e in eps], [[100 * r["asr"][e] for r in rs] for e in eps],
-                       "o-" if model == "ViT" else "s-", f"{model} depth {depth} (clean {100 * clean:.1f}%)")
-        ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%), mean +- std over seeds",
-               title=f"PGD-{s['steps']} on {dataset} ({preset.name})")
-        ax.legend(fontsize=8)
+            plot_seeds(axes[0], [float(e.split("/")[0]) for e in eps], [[100 * r["asr"][e] for r in rs] for e in eps],
+                       STYLE[model], f"{model} depth {depth} (clean {100 * clean:.1f}%)")
+            plot_seeds(axes[1], [int(z[:-2]) for z in sizes], [[100 * r["asr_patch"][z] for r in rs] for z in sizes],
+                       STYLE[model], f"{model} depth {depth}")
+        axes[0].set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%), mean +- std over seeds",
+                    title=f"PGD-{s['steps']} on {dataset} ({preset.name})")
+        axes[1].set(xlabel="patch side (pixels)", ylabel="ASR (%)", title=f"adversarial patch ({s['patch']['images']} images)")
+        for ax in axes:
+            ax.legend(fontsize=8)
         return fig
     return lines, {}, draw
+
+
+def _patch_sizes(row) -> list:
+    """The patch sides of a row's ``asr_patch``, smallest first (a table's JSON sorts them as text)."""
+    return sorted(row["asr_patch"], key=lambda z: int(z[:-2]))
+
+
+def _patch_line(p: dict) -> str:
+    return (f"a square of free pixels at a random place per image, {p['steps']} signed steps of {p['step_size']:g}, "
+            f"on the first {p['images']} test images; sides {', '.join(f'{f:.3g}' for f in p['sides'])} of the image side")
 
 
 def render_alignment(rows, preset, dataset, entries, s):
@@ -1281,6 +1392,7 @@ def render_alignment(rows, preset, dataset, entries, s):
                "lip": r["lipschitz_logits"]} for r in rows for i, a in enumerate(r["layers"])]
     lines = [f"Models: {_models_line(preset)}.",
              "cos = cos(g1, g2), g_i = grad_x <A_i, G>, G = dL/dA (DiffViT: the two maps of each differential head; "
+             "DiffViT-V2: the same, its per-token gate held fixed and folded into g2, so lambda = 1; "
              "ViT control: head pairs (2h, 2h+1), each with its own G, lambda = 1). kappa = sqrt(1 + l^2 rho^2 - "
              "2 l rho cos). grad L1: mean L1 norm of the cross-entropy input gradient (dual of Linf). Lipschitz: Yang "
              f"et al. (2020) estimator on the first {rows[0]['lipschitz_images']} images, Linf ball "
@@ -1321,9 +1433,9 @@ def render_autoattack(rows, preset, dataset, entries, s):
     return lines, {}, None
 
 
-def gaps(rows, eps: str, key: Callable) -> dict:
-    """{key: [DiffViT minus ViT ASR at eps, in points, of each seed]}, the two models matched by seed."""
-    return {k: rate_gap(pairs, lambda r: r["asr"][eps])[0] for k, pairs in seed_pairs(rows, key).items()}
+def gaps(rows, eps: str, key: Callable, model: str = "DiffViT") -> dict:
+    """{key: [``model`` minus ViT ASR at eps, in points, of each seed]}, the two models matched by seed."""
+    return {k: rate_gap(pairs, lambda r: r["asr"][eps])[0] for k, pairs in seed_pairs(rows, key, model).items()}
 
 
 def render_depth(rows, preset, dataset, entries, s):
@@ -1335,12 +1447,14 @@ def render_depth(rows, preset, dataset, entries, s):
                         + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
                         + [("Lip. logits", lambda r: r["lipschitz_logits"], 1),
                            ("Lip. last layer (L2)", lambda r: r["lipschitz_layers"][-1], 2),
-                           ("learned lambda", mean_lambda, 3)])
-    gap = {e: gaps(rows, e, lambda r: r["depth"]) for e in eps}
-    lines += ["", "DiffViT minus ViT ASR (points; per seed in brackets when several):"]
-    lines += [f"- eps {e}: " + ", ".join(f"depth {d} {statistics.fmean(g):+.1f}"
-                                         + (f" [{', '.join(f'{x:+.1f}' for x in g)}]" if len(g) > 1 else "")
-                                         for d, g in gap[e].items()) for e in eps]
+                           (LAMBDA_COLUMN, mean_lambda, 3)])
+    da_models = [m for m in dict.fromkeys(r["model"] for r in rows) if m in RIVAL]
+    gap = {m: {e: gaps(rows, e, lambda r: r["depth"], m) for e in eps} for m in da_models}
+    for m in da_models:
+        lines += ["", f"{m} minus ViT ASR (points; per seed in brackets when several):"]
+        lines += [f"- eps {e}: " + ", ".join(f"depth {d} {statistics.fmean(g):+.1f}"
+                                             + (f" [{', '.join(f'{x:+.1f}' for x in g)}]" if len(g) > 1 else "")
+                                             for d, g in gap[m][e].items()) for e in eps]
 
     def draw(plt):
         fig, axes = plt.subplots(1, len(eps), figsize=(4 * len(eps), 3.2), squeeze=False)
@@ -1348,13 +1462,13 @@ def render_depth(rows, preset, dataset, entries, s):
             for (model,), rs in groups(rows, "model").items():
                 by_depth = groups(rs, "depth")
                 plot_seeds(ax, preset.depths, [[100 * r["asr"][e] for r in by_depth[(d,)]] for d in preset.depths],
-                           "o-" if model == "ViT" else "s-", model)
+                           STYLE[model], model)
             ax.set(xscale="log", xticks=preset.depths, xticklabels=preset.depths, xlabel="depth", ylabel="ASR (%)",
                    title=f"PGD-{s['steps']}, eps {e} ({dataset})")
             ax.minorticks_off()  # the depths are the ticks (a log axis adds labels such as 3x10^0)
             ax.legend()
         return fig
-    return lines, {"diff_minus_vit_asr_points": gap}, draw
+    return lines, {"minus_vit_asr_points": gap}, draw
 
 
 def render_cw(rows, preset, dataset, entries, s):
@@ -1373,7 +1487,7 @@ def render_cw(rows, preset, dataset, entries, s):
         for (model,), rs in groups(rows, "model").items():
             by_depth = groups(rs, "depth")
             plot_seeds(ax, p.depths, [[r["l2_q25_50_75_90"][1] for r in by_depth[(d,)]] for d in p.depths],
-                       "o-" if model == "ViT" else "s-", f"{model} (median)")
+                       STYLE[model], f"{model} (median)")
         ax.set(xscale="log", xticks=p.depths, xticklabels=p.depths, xlabel="depth", ylabel="minimal L2 (CW)",
                title=f"CW-L2 on {dataset}")
         ax.minorticks_off()
@@ -1426,10 +1540,13 @@ def render_clip(rows, preset, dataset, entries, s):
              "caption ranked first among the evaluated captions. ASR = fraction of the initially correct images that "
              "the attack makes wrong (for COCO: its caption drops out of the top-1 retrieval). PGD: 10 steps on the "
              "zero-shot cross-entropy. Cosine: 10 steps lowering the cosine between the image and its prompt or "
-             "caption (the paper's attack). Linf, eps in 1/255 units.", ""]
+             f"caption (the paper's attack). Linf, eps in 1/255 units. Patch (on the zero-shot cross-entropy): "
+             f"{_patch_line(s['patch'])}.", ""]
+    sizes = _patch_sizes(rows[0])
     lines += seed_table(rows, ("model", "data"), [("acc (%)", lambda r: 100 * r["clean_acc"], 2)]
                         + [(f"{name} {e}", lambda r, e=e, k=k: 100 * r[k][e], 1)
-                           for k, name in (("asr_pgd", "PGD"), ("asr_cosine", "cosine")) for e in eps])
+                           for k, name in (("asr_pgd", "PGD"), ("asr_cosine", "cosine")) for e in eps]
+                        + [(f"patch {z}", lambda r, z=z: 100 * r["asr_patch"][z], 1) for z in sizes])
     layers = [{**a, "model": r["model"], "data": r["data"], "seed": r.get("seed", "-")} for r in rows for a in r["alignment"]]
     lines += ["", f"Branch-gradient alignment per image-tower layer (first {s['alignment_images']} images; CLIP: the "
               "head-pair control):", ""]
@@ -1439,21 +1556,57 @@ def render_clip(rows, preset, dataset, entries, s):
 
     def draw(plt):
         data = sorted({r["data"] for r in rows})
-        fig, axes = plt.subplots(1, len(data), figsize=(4.5 * len(data), 3.2), squeeze=False)
-        for ax, g in zip(axes[0], data):
+        fig, axes = plt.subplots(2, len(data), figsize=(4.5 * len(data), 6.4), squeeze=False)
+        for ax, patch, g in zip(axes[0], axes[1], data):
             for (model,), rs in groups([r for r in rows if r["data"] == g], "model").items():
                 for key, style in (("asr_pgd", "o-"), ("asr_cosine", "s--")):
                     plot_seeds(ax, [float(e.split("/")[0]) for e in eps], [[100 * r[key][e] for r in rs] for e in eps],
                                style, f"{model}, {'PGD' if key == 'asr_pgd' else 'cosine'}")
+                plot_seeds(patch, [int(z[:-2]) for z in sizes], [[100 * r["asr_patch"][z] for r in rs] for z in sizes],
+                           STYLE[model], model)
             ax.set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%)", title=g)
-            ax.legend(fontsize=8)
+            patch.set(xlabel="patch side (pixels)", ylabel="ASR (%)", title=f"adversarial patch, {g}")
+            for a in (ax, patch):
+                a.legend(fontsize=8)
+        return fig
+    return lines, {}, draw
+
+
+def render_advtrain(rows, preset, dataset, entries, s):
+    eps = _eps_names(rows)
+    t = preset.advtrain
+    lines = [f"Models: {_models_line(preset)}. eps_train 0: as trained (the main table's models); 1/255, 2/255: "
+             f"fine-tuned from them with FGSM-RS adversarial training (Wong et al. 2020; random start, one step of "
+             f"1.25 eps) at that Linf budget, {t['epochs']} epoch(s)"
+             + (f" on {t['train_subset']} training images" if t.get("train_subset") else "")
+             + f", AdamW lr {t['lr']}, cosine. Test accuracy: the full test set. ASR: PGD-{s['steps']} over the "
+             f"initially correct test images. cos<0 and grad L1 (input-gradient L1 norm) on the first {rows[0]['n_alignment']} images; "
+             "ViT: the head-pair control.", ""]
+    lines += seed_table(rows, ("model", "depth", "eps_train"),
+                        [("test acc (%)", lambda r: 100 * r["test_acc"], 2)]
+                        + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
+                        + [("cos<0 (%)", lambda r: 100 * statistics.fmean(r["frac_cos_negative"]), 1),
+                           ("grad L1", lambda r: r["mean_grad_l1"], 2), ("learned lambda", mean_lambda, 3)])
+
+    def draw(plt):
+        depths = sorted({r["depth"] for r in rows})
+        fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.6), squeeze=False)
+        for ax, depth in zip(axes[0], depths):
+            cells = groups([r for r in rows if r["depth"] == depth], "model", "eps_train")
+            for (model, eps_train), rs in cells.items():
+                color = f"C{['0', *map(_eps_name, ADV_EPS)].index(eps_train)}"
+                plot_seeds(ax, [float(e.split("/")[0]) for e in eps], [[100 * r["asr"][e] for r in rs] for e in eps],
+                           color + STYLE[model], f"{model}, eps_train {eps_train}")
+            ax.set(xlabel="attack eps (x 1/255), PGD Linf", ylabel="ASR (%), mean +- std over seeds",
+                   title=f"adversarial fine-tuning, depth {depth} ({dataset})")
+            ax.legend(fontsize=7)
         return fig
     return lines, {}, draw
 
 
 # --- the claims, judged with a noise model that holds training seeds and test images
 
-RULE = ("A DiffViT-minus-ViT difference counts (higher or lower) when its mean over the K training seeds exceeds "
+RULE = ("A difference (DiffViT minus ViT, or what the claim names) counts (higher or lower) when its mean over the K training seeds exceeds "
         "2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than half of the seeds; "
         "otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise and "
         "test-image noise); se_i is the sampling error over test images of seed i's difference (binomial for rates, "
@@ -1500,16 +1653,17 @@ def _verdict(outcomes: list) -> str:
     return "mixed" if up else "not resolved (within noise)"
 
 
-RIVAL = {"DiffViT": "ViT", "DiffCLIP": "CLIP"}
+RIVAL = {"DiffViT": "ViT", "DiffViT-V2": "ViT", "DiffCLIP": "CLIP"}
 
 
-def seed_pairs(rows, key: Callable = lambda r: None) -> dict:
-    """{key(row): [(DiffViT row, ViT row) of each seed]} (DiffCLIP and CLIP likewise), matched by seed."""
+def seed_pairs(rows, key: Callable = lambda r: None, model: str = "DiffViT") -> dict:
+    """{key(row): [(``model``'s row, its rival's row) of each seed]}, matched by seed: DiffViT or
+    DiffViT-V2 against ViT, DiffCLIP against CLIP."""
     index = {(key(r), r.get("seed"), r["model"]): r for r in rows}
     out = {}
-    for (k, seed, model), r in index.items():
-        if model in RIVAL and (k, seed, RIVAL[model]) in index:
-            out.setdefault(k, []).append((r, index[(k, seed, RIVAL[model])]))
+    for (k, seed, m), r in index.items():
+        if m == model and (k, seed, RIVAL[m]) in index:
+            out.setdefault(k, []).append((r, index[(k, seed, RIVAL[m])]))
     return out
 
 
@@ -1553,54 +1707,82 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
 
     lam_of = lambda pairs: [round(mean_lambda(d), 3) for d, _ in pairs if mean_lambda(d) is not None]
     main, al, depth, clip, aa = load("main"), load("alignment"), load("depth"), load("clip"), load("autoattack")
-    if main:
-        aa_pairs = seed_pairs(aa["rows"], lambda r: r["depth"]) if aa else {}
-        for d, pairs in seed_pairs(main["rows"], lambda r: r["depth"]).items():
-            comps = [(f"PGD-10 {e}", *rate_gap(pairs, lambda r, e=e: r["asr"][e]), 1) for e in pairs[0][1]["asr"]]
-            if d in aa_pairs:
-                comps.append((f"AutoAttack 8/255 ({aa['n_images']} images)", *rate_gap(aa_pairs[d], lambda r: r["asr"]), 1))
-            claim(f"DiffViT has a higher attack success rate than ViT (depth {d}; ASR points)", "main", comps, lam_of(pairs))
-    if al:
-        for d, pairs in seed_pairs(al["rows"], lambda r: r["depth"]).items():
-            layers = range(len(pairs[0][0]["layers"]))
-            frac = lambda i: lambda r: r["layers"][i]["frac_cos_negative"]
-            count = lambda i: lambda r: r["layers"][i]["n"]
-            claim(f"negative gradient alignment (cos theta < 0) is more frequent in DA than in the head-pair control "
-                  f"(depth {d}; points)", "alignment",
-                  [(f"layer {i}", *rate_gap(pairs, frac(i), count(i)), 1) for i in layers],
-                  [round(statistics.fmean(a["lambda"] for a in dr["layers"]), 3) for dr, _ in pairs])
-            mean_gap = lambda get, sem: ([get(a) - get(b) for a, b in pairs], [math.hypot(sem(a), sem(b)) for a, b in pairs])
-            comps = [("grad L1", *mean_gap(lambda r: r["mean_grad_l1"], lambda r: r["mean_grad_l1_sem"]), 2),
-                     ("Lip. logits", *mean_gap(lambda r: r["lipschitz_logits"], lambda r: r["lipschitz_logits_sem"]), 1)]
-            comps += [(f"Lip. layer {i}", *mean_gap(lambda r, i=i: r["layers"][i]["lipschitz_layer_l2"],
-                                                    lambda r, i=i: r["layers"][i]["lipschitz_layer_l2_sem"]), 2)
-                      for i in layers]
-            claim(f"DiffViT has larger input-gradient norms and local Lipschitz estimates (depth {d})", "alignment",
-                  comps, claims[-1]["learned_lambda"])
-    if depth:
-        by_depth = seed_pairs(depth["rows"], lambda r: r["depth"])
-        small = {d: judge(*rate_gap(p, lambda r: r["asr"]["1/255"])) for d, p in by_depth.items()}
-        large = {d: judge(*rate_gap(p, lambda r: r["asr"]["4/255"])) for d, p in by_depth.items()}
-        damped = [d for d in small if d > 1 and small[d]["outcome"] == "lower"]
-        kept = [d for d in damped if large[d]["mean"] >= 0]  # ... and at 4/255 not lower at all: the damping faded
-        deeper = [d for d in small if d > 1]
-        outcome = ("higher" if kept else "lower" if deeper and all(small[d]["outcome"] == "higher" for d in deeper)
-                   else "within noise")
-        claims.append({"claim": "a depth crossover: deeper DiffViT is less attackable than ViT at 1/255 but not at "
-                                "4/255 (ASR points)", "table": "depth", "verdict": _verdict([outcome]),
-                       "outcomes": [outcome], "seeds": len(next(iter(by_depth.values()))),
-                       "learned_lambda": {d: lam_of(p) for d, p in by_depth.items()},
-                       "comparisons": {f"depth {d} {e}": j[d] for e, j in (("1/255", small), ("4/255", large)) for d in j},
-                       "evidence": "; ".join(f"depth {d}: " + _evidence("1/255", small[d]) + ", " + _evidence("4/255", large[d])
-                                             for d in small)
-                       + (f"; crossover at depth {', '.join(map(str, kept))}" if kept else "; no depth where DiffViT is "
-                          "less attackable at 1/255 beyond noise and not at 4/255")})
+    adv = load("advtrain")
+    for model in ("DiffViT", "DiffViT-V2"):  # V2: our extension, the same claims of the other DA
+        if main:
+            aa_pairs = seed_pairs(aa["rows"], lambda r: r["depth"], model) if aa else {}
+            for d, pairs in seed_pairs(main["rows"], lambda r: r["depth"], model).items():
+                comps = [(f"PGD-10 {e}", *rate_gap(pairs, lambda r, e=e: r["asr"][e]), 1) for e in pairs[0][1]["asr"]]
+                if d in aa_pairs:
+                    comps.append((f"AutoAttack 8/255 ({aa['n_images']} images)", *rate_gap(aa_pairs[d], lambda r: r["asr"]), 1))
+                claim(f"{model} has a higher attack success rate than ViT (depth {d}; ASR points)", "main", comps,
+                      lam_of(pairs))
+                if "asr_patch" in pairs[0][1]:
+                    claim(f"{model} has a higher adversarial-patch success rate than ViT (depth {d}; ASR points)", "main",
+                          [(f"patch {z}", *rate_gap(pairs, lambda r, z=z: r["asr_patch"][z], lambda r: r["n_patch_correct"]), 1)
+                           for z in _patch_sizes(pairs[0][1])], lam_of(pairs))
+        if al:
+            for d, pairs in seed_pairs(al["rows"], lambda r: r["depth"], model).items():
+                layers = range(len(pairs[0][0]["layers"]))
+                frac = lambda i: lambda r: r["layers"][i]["frac_cos_negative"]
+                count = lambda i: lambda r: r["layers"][i]["n"]
+                lam = [round(statistics.fmean(a["lambda"] for a in dr["layers"]), 3) for dr, _ in pairs]
+                claim(f"negative gradient alignment (cos theta < 0) is more frequent in {model} than in the head-pair "
+                      f"control (depth {d}; points)", "alignment",
+                      [(f"layer {i}", *rate_gap(pairs, frac(i), count(i)), 1) for i in layers],
+                      lam if model == "DiffViT" else None)  # V2's lambda here is 1 (the gate is folded into g2)
+                mean_gap = lambda get, sem: ([get(a) - get(b) for a, b in pairs], [math.hypot(sem(a), sem(b)) for a, b in pairs])
+                comps = [("grad L1", *mean_gap(lambda r: r["mean_grad_l1"], lambda r: r["mean_grad_l1_sem"]), 2),
+                         ("Lip. logits", *mean_gap(lambda r: r["lipschitz_logits"], lambda r: r["lipschitz_logits_sem"]), 1)]
+                comps += [(f"Lip. layer {i}", *mean_gap(lambda r, i=i: r["layers"][i]["lipschitz_layer_l2"],
+                                                        lambda r, i=i: r["layers"][i]["lipschitz_layer_l2_sem"]), 2)
+                          for i in layers]
+                claim(f"{model} has larger input-gradient norms and local Lipschitz estimates than ViT (depth {d})",
+                      "alignment", comps, claims[-1]["learned_lambda"])
+        if depth:
+            by_depth = seed_pairs(depth["rows"], lambda r: r["depth"], model)
+            if not by_depth:
+                continue
+            small = {d: judge(*rate_gap(p, lambda r: r["asr"]["1/255"])) for d, p in by_depth.items()}
+            large = {d: judge(*rate_gap(p, lambda r: r["asr"]["4/255"])) for d, p in by_depth.items()}
+            damped = [d for d in small if d > 1 and small[d]["outcome"] == "lower"]
+            kept = [d for d in damped if large[d]["mean"] >= 0]  # ... and at 4/255 not lower at all: the damping faded
+            deeper = [d for d in small if d > 1]
+            outcome = ("higher" if kept else "lower" if deeper and all(small[d]["outcome"] == "higher" for d in deeper)
+                       else "within noise")
+            claims.append({"claim": f"a depth crossover: deeper {model} is less attackable than ViT at 1/255 but not at "
+                                    "4/255 (ASR points)", "table": "depth", "verdict": _verdict([outcome]),
+                           "outcomes": [outcome], "seeds": len(next(iter(by_depth.values()))),
+                           "learned_lambda": {d: lam_of(p) for d, p in by_depth.items()},
+                           "comparisons": {f"depth {d} {e}": j[d] for e, j in (("1/255", small), ("4/255", large)) for d in j},
+                           "evidence": "; ".join(f"depth {d}: " + _evidence("1/255", small[d]) + ", " + _evidence("4/255", large[d])
+                                                 for d in small)
+                           + (f"; crossover at depth {', '.join(map(str, kept))}" if kept else f"; no depth where {model} "
+                              "is less attackable at 1/255 beyond noise and not at 4/255")})
+    if adv:
+        index = {(r["model"], r["depth"], r["eps_train"], r["seed"]): r for r in adv["rows"]}
+        for d, e_train in dict.fromkeys((r["depth"], r["eps_train"]) for r in adv["rows"] if r["eps_train"] != "0"):
+            seeds = sorted({k for m, dd, e, k in index if (dd, e) == (d, e_train)})
+            at = lambda model, e, k: index[(model, d, e, k)]
+            base = [(at("DiffViT", "0", k), at("DiffViT", e_train, k)) for k in seeds]
+            tuned = [(at("DiffViT", e_train, k), at("ViT", e_train, k)) for k in seeds]
+            eps = list(base[0][0]["asr"])
+            claim(f"adversarial fine-tuning at eps_train {e_train} lowers DiffViT's ASR (depth {d}; as trained minus "
+                  "fine-tuned, ASR points)", "advtrain",
+                  [(f"PGD-10 {e}", *rate_gap(base, lambda r, e=e: r["asr"][e]), 1) for e in eps], lam_of(tuned))
+            claim(f"after adversarial fine-tuning at eps_train {e_train}, DiffViT still has a higher ASR than ViT "
+                  f"(depth {d}; ASR points)", "advtrain",
+                  [(f"PGD-10 {e}", *rate_gap(tuned, lambda r, e=e: r["asr"][e]), 1) for e in eps], lam_of(tuned))
     if clip:
-        for data, pairs in seed_pairs(clip["rows"], lambda r: r["data"]).items():
+        for data, pairs in seed_pairs(clip["rows"], lambda r: r["data"], "DiffCLIP").items():
             comps = [(f"{'PGD' if key == 'asr_pgd' else 'cosine'} {e}", *rate_gap(pairs, lambda r, k=key, e=e: r[k][e]), 1)
                      for key in ("asr_pgd", "asr_cosine") for e in pairs[0][1][key]]
-            claim(f"DiffCLIP is more vulnerable than CLIP at every budget ({data}; ASR points)", "clip", comps,
-                  [round(statistics.fmean(a["lambda"] for a in dr["alignment"]), 3) for dr, _ in pairs])
+            lam = [round(statistics.fmean(a["lambda"] for a in dr["alignment"]), 3) for dr, _ in pairs]
+            claim(f"DiffCLIP is more vulnerable than CLIP at every budget ({data}; ASR points)", "clip", comps, lam)
+            if "asr_patch" in pairs[0][1]:
+                claim(f"DiffCLIP has a higher adversarial-patch success rate than CLIP ({data}; ASR points)", "clip",
+                      [(f"patch {z}", *rate_gap(pairs, lambda r, z=z: r["asr_patch"][z], lambda r: r["n_patch_correct"]), 1)
+                       for z in _patch_sizes(pairs[0][1])], lam)
     points = lambda_gap_points(main, depth, load("lambda"), run.preset.lambda_depth)
     if points:
         _figure(out / f"{run.result_name('summary')}.png", lambda plt: draw_lambda_gap(plt, points, run.dataset))
@@ -1612,15 +1794,16 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
              if run.preset.name == "quick" else "")
           + ("A dry run: 16-wide models trained one epoch on 64 images, so these verdicts mean nothing."
              if run.preset.name.endswith("-dry-run") else "")).rstrip(), "", f"Rule: {RULE}", "",
-          "| claim | table | verdict | seeds | evidence: DiffViT minus ViT, mean over seeds (2 SE; per seed) | "
-          "learned lambda of DA (per seed) |", "|---|---|---|---:|---|---|"]
+          "| claim | table | verdict | seeds | evidence: the difference the claim names (the DA model minus its "
+          "baseline unless it says otherwise), mean over seeds (2 SE; per seed) | "
+          "lambda of DA, per seed (V2: mean gate) |", "|---|---|---|---:|---|---|"]
     md += [f"| {c['claim']} | {c['table']} | {c['verdict']} | {c['seeds']} | {c['evidence']} | "
            f"{_lambda_cell(c['learned_lambda'])} |" for c in claims]
     if points:
         md += ["", f"Figure {run.result_name('summary')}.png: the DiffViT-minus-ViT ASR gap at 4/255 against the "
                f"learned lambda (mean over layers) of every DiffViT of the main, depth and lambda tables "
                f"({len(points)} models; each against the ViT of its depth and seed)."]
-    missing = [t for t in ("main", "alignment", "depth", "clip") if load(t) is None and t not in stale]
+    missing = [t for t in ("main", "alignment", "depth", "clip", "advtrain") if load(t) is None and t not in stale]
     if missing:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
     if stale:
@@ -1629,7 +1812,8 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
                 {"table": "summary", "preset": run.preset.name, "dataset": run.dataset, "rule": RULE, "claims": claims,
                  "not_judged": stale, "lambda_gap": points,
                  "inputs": {t: {"seeds": r.get("seeds"), "commit": r.get("environment", {}).get("git_commit")}
-                            for t in ("main", "alignment", "depth", "clip", "autoattack", "lambda") if (r := load(t))},
+                            for t in ("main", "alignment", "depth", "clip", "autoattack", "lambda", "advtrain")
+                            if (r := load(t))},
                  "environment": env})
 
 
@@ -1674,28 +1858,39 @@ def draw_lambda_gap(plt, points: list, dataset: str):
 TABLES = {t.name: t for t in [
     Table("clean", "clean test accuracy and learned lambda, ViT vs DiffViT", pair_entries, evaluate_clean,
           render_clean),
-    Table("main", "clean accuracy and attack success rate (PGD-10, Linf)", pair_entries, evaluate_main, render_main,
-          images=lambda p: p.eval_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF)}),
+    Table("main", "clean accuracy and attack success rate (PGD-10, Linf; adversarial patch)", pair_entries,
+          evaluate_main, render_main, images=lambda p: p.eval_images,
+          settings=lambda p: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF), "patch": patch_settings(p)}),
     Table("alignment", "branch-gradient alignment, gradient norms and local Lipschitz estimates", pair_entries,
           evaluate_alignment, render_alignment, images=lambda p: min(500, p.eval_images),
           settings=lambda p: {"lipschitz": {"eps": 8 / 255, "images": p.lipschitz_images, **LIPSCHITZ_ASCENT}}),
     Table("clip", "CLIP vs DiffCLIP", clip_entries, evaluate_clip, render_clip, images=lambda p: p.clip_images,
           settings=lambda p: {"templates": CLIP_TEMPLATES if p.clip else "openai-imagenet-80", "eps": list(EPS_LINF),
-                              "steps": 10, "attacks": ["pgd-ce", "pgd-logit"], "alignment_images": 500}),
-    Table("autoattack", "standard AutoAttack, Linf 8/255", pair_entries, evaluate_autoattack, render_autoattack,
+                              "steps": 10, "attacks": ["pgd-ce", "pgd-logit"], "alignment_images": 500,
+                              "patch": patch_settings(p)}),
+    Table("autoattack", "standard AutoAttack, Linf 8/255", lambda run: pair_entries(run, V1), evaluate_autoattack,
+          render_autoattack,
           images=lambda p: p.autoattack_images,
           settings=lambda p: {"attack": "autoattack", "version": "standard", "eps": 8 / 255}),
     Table("depth", "ASR against depth, ViT vs DiffViT", depth_entries, evaluate_depth, render_depth,
           images=lambda p: p.depth_images,
           settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [1 / 255, 4 / 255],
                               "lipschitz": {"eps": 4 / 255, "images": p.lipschitz_images, **LIPSCHITZ_ASCENT}}),
-    Table("cw", "minimal L2 perturbation found by CW-L2, against depth", depth_entries, evaluate_cw, render_cw,
+    Table("cw", "minimal L2 perturbation found by CW-L2, against depth", lambda run: depth_entries(run, V1),
+          evaluate_cw, render_cw,
           images=lambda p: p.cw_images,
           settings=lambda p: {"attack": "cw_l2", "steps": p.cw_steps, "search": p.cw_search,
                               "quantiles": "all attacked, failure = inf, nearest rank above"}),
     Table("lambda", "DiffViT against lambda_init", lambda_entries, evaluate_lambda, render_lambda,
           images=lambda p: p.depth_images, settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [4 / 255, 8 / 255]}),
+    Table("advtrain", "adversarial fine-tuning (FGSM-RS at 1/255 and 2/255), ViT vs DiffViT", advtrain_entries,
+          evaluate_advtrain, render_advtrain, images=lambda p: p.depth_images,
+          settings=lambda p: {"attack": "pgd", "steps": 10, "eps": list(EPS_LINF), "alignment_images": 250}),
 ]}
+
+
+def patch_settings(p: Preset) -> dict:
+    return {"sides": list(PATCH_SIDES), "images": p.patch_images, "steps": p.patch_steps, **PATCH_ATTACK}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1916,7 +2111,8 @@ def train_step_flops(model_cfg: dict, cfg: TrainConfig) -> float:
     with FlopCounterMode(display=False) as counter:
         loss = F.cross_entropy(model(x), y) if prompts is None else clip_loss(model, x, y, prompts, torch.Generator())[1]
         loss.backward()
-    return counter.get_total_flops() / 2 * cfg.batch_size
+    # adversarial training: fgsm_rs adds about one forward and backward (no weight gradients: a little less)
+    return counter.get_total_flops() / 2 * cfg.batch_size * (2 if cfg.adv_eps else 1)
 
 
 def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
@@ -1935,7 +2131,7 @@ def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
             continue
         n_steps = steps_per_epoch(cfg)
         flops = train_step_flops(model_cfg, cfg) * n_steps
-        same = config_hash({"model": model_cfg, "train": dataclasses.asdict(dataclasses.replace(cfg, seed=0))})
+        same = config_hash({"model": model_cfg, "train": dataclasses.asdict(dataclasses.replace(cfg, seed=0, init=None))})
         if not project and same not in step_seconds:
             step_seconds[same] = statistics.median(_train_step_times(model_cfg, cfg, run.device, steps))
         epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * n_steps
@@ -1978,7 +2174,8 @@ def _train_step_times(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> 
             torch.cuda.synchronize()
         t = time.perf_counter()
         with _autocast(device):
-            loss = F.cross_entropy(model(x).float(), y) if prompts is None else clip_loss(model, x, y, prompts, gen)[1]
+            xs = fgsm_rs(model, x, y, cfg.adv_eps, gen) if cfg.adv_eps else x
+            loss = F.cross_entropy(model(xs).float(), y) if prompts is None else clip_loss(model, x, y, prompts, gen)[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -2171,12 +2368,14 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
     dist.broadcast_object_list(box, src=0)
     models, owner, cells = box[0]
     mine = [m for m, r in zip(models, owner) if r == rank]
-    for model_cfg, cfg in tqdm(mine, desc=f"rank {rank}: training", disable=rank != 0):
-        try:
-            train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
-        except SetupMissing:
-            pass
-    dist.barrier()
+    for fine_tunes in (False, True):  # the fine-tunes after every model they start from is in the cache
+        for model_cfg, cfg in tqdm([(m, c) for m, c in mine if (c.init is not None) == fine_tunes],
+                                   desc=f"rank {rank}: training", disable=rank != 0):
+            try:
+                train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
+            except SetupMissing:
+                pass
+        dist.barrier()
     mine = cells[rank::world]
     for name in tqdm(tables, desc=f"rank {rank}: cells", disable=rank != 0):
         try:

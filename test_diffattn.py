@@ -1,4 +1,5 @@
 """Tests for diffattn: each one a claim checked against an oracle (a formula, timm, real data)."""
+import dataclasses
 import gzip
 import math
 import os
@@ -584,6 +585,42 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     mtime = ckpt.stat().st_mtime_ns
     _, again = R.train_model(mc, cfg, "/nonexistent", tmp_path / "b", "cpu", progress=False)
     assert again == rec and ckpt.stat().st_mtime_ns == mtime
+
+
+def test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss():
+    torch.manual_seed(0)
+    m = da.ViT(**TINY, attn="diff").train()
+    randomize(m, seed=3)
+    x, y, eps = torch.rand(64, 3, 16, 16), torch.randint(0, 7, (64,)), 4 / 255
+    xa = R.fgsm_rs(m, x, y, eps, torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= eps + 1e-7 and xa.min() >= 0 and xa.max() <= 1 and not xa.requires_grad
+    assert torch.equal(xa, R.fgsm_rs(m, x, y, eps, torch.Generator().manual_seed(0)))  # the noise is the generator's
+    # the step goes up the loss: above the random start it began from, on most examples
+    start = (x + (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 1) * eps).clamp(0, 1)
+    with torch.no_grad():
+        ce = lambda z: F.cross_entropy(m(z), y, reduction="none")
+        assert (ce(xa) > ce(start)).float().mean() > 0.9
+
+
+def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tmp_path):
+    base = R.TrainConfig(dataset="fashion-mnist", epochs=1, batch_size=64, train_subset=192)
+    tune = lambda **k: R.TrainConfig(**{**dict(dataset="fashion-mnist", epochs=2, batch_size=64, lr=5e-4,
+                                               train_subset=128, adv_eps=2 / 255, init=dataclasses.asdict(base)), **k})
+    mc = {**TINY_FMNIST, "attn": "diff"}
+    start, _ = R.train_model(mc, base, "/nonexistent", tmp_path / "a", "cpu", progress=False)
+    # lr 0: the fine-tune's weights are the clean checkpoint's, read from the cache (no epoch of it trained again)
+    epochs = R.WORK["epochs"]
+    frozen, _ = R.train_model(mc, tune(lr=0.0, epochs=1), "/nonexistent", tmp_path / "a", "cpu", progress=False)
+    assert R.WORK["epochs"] == epochs + 1
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), frozen.state_dict().values()))
+    # in a fresh cache the clean model is trained first; an interrupted fine-tune resumes to the same weights
+    full, rec = R.train_model(mc, tune(), "/nonexistent", tmp_path / "a", "cpu", progress=False)
+    _, cut = R.train_model(mc, tune(), "/nonexistent", tmp_path / "b", "cpu", progress=False, stop_after_epoch=1)
+    assert cut["epoch"] == 1 and len(list((tmp_path / "b" / "checkpoints").glob("diff-*.pt"))) == 2
+    resumed, rec_b = R.train_model(mc, tune(), "/nonexistent", tmp_path / "b", "cpu", progress=False)
+    assert rec_b["done"] and rec_b["history"] == rec["history"]
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), full.state_dict().values()))
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -1259,7 +1296,8 @@ TINY_PRESET = R.Preset(
     depths=(1, 2), depth_model={"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
     depth_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, lambda_depth=1,
     eval_images=20, clip_images=20, depth_images=12, lipschitz_images=4, autoattack_images=6, cw_images=20,
-    cw_steps=4, cw_search=2,
+    cw_steps=4, cw_search=2, patch_images=8, patch_steps=5,
+    advtrain={"epochs": 1, "batch_size": 50, "lr": 5e-4, "warmup_epochs": 0.5, "train_subset": 100},
     clip={"kind": "clip", "embed_dim": 8, "image": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
           "text": {"width": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0}},
     clip_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5})
@@ -1279,7 +1317,8 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     out = tmp_path / "results" / "tiny"
     tables = list(R.TABLES) + ["summary"]
     first = {t: json.loads((out / f"{t}.json").read_text()) for t in tables}
-    assert [(r["model"], r["seed"]) for r in first["main"]["rows"]] == [("ViT", 0), ("DiffViT", 0), ("ViT", 1), ("DiffViT", 1)]
+    assert [(r["model"], r["seed"]) for r in first["main"]["rows"]] == [
+        (m, seed) for seed in (0, 1) for m in ("ViT", "DiffViT", "DiffViT-V2")]
     assert first["main"]["n_images"] == 20 and first["main"]["seeds"] == [0, 1] and first["depth"]["seeds"] == [0]
     assert [r["seed"] for r in first["clip"]["rows"]] == [0, 0, 1, 1]
     # the learned lambda of every DiffViT after every epoch, in its checkpoint record and the tables
@@ -1297,9 +1336,27 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
         if l2:
             assert r["l2_q25_50_75_90"][1] == l2[math.ceil(0.5 * (len(l2) - 1))]
     assert [r["lambda_init"] for r in first["lambda"]["rows"]] == list(R.LAMBDA_INITS)
-    assert [len(r["layers"]) for r in first["alignment"]["rows"]] == [1, 1, 1, 1]
+    assert [len(r["layers"]) for r in first["alignment"]["rows"]] == [1] * 6
+    # DiffViT-V2: its mean gate in (0, 1) where V1 has lambda; V2 rows in the depth table, not in autoattack and cw
+    v2 = [r for r in first["main"]["rows"] if r["model"] == "DiffViT-V2"]
+    assert all(r["learned_lambda"] == [] and len(r["mean_gate"]) == 1 and 0 < r["mean_gate"][0] < 1 for r in v2)
+    assert all(r["mean_gate"] == [] for r in first["main"]["rows"] if r["model"] != "DiffViT-V2")
+    assert [(r["depth"], r["model"]) for r in first["depth"]["rows"]] == [
+        (d, m) for d in (1, 2) for m in ("ViT", "DiffViT", "DiffViT-V2")]
+    assert {r["model"] for r in first["autoattack"]["rows"]} == {"ViT", "DiffViT"}
+    # patches: sides 1/14, 1/7, 2/7 of the 32-pixel side, on the first 8 images
+    assert all(set(r["asr_patch"]) == {"2px", "5px", "9px"} and r["n_patch_correct"] <= 8
+               for t in ("main", "clip") for r in first[t]["rows"])
+    # advtrain: the main table's models as trained (eps_train 0), and fine-tuned from them at 1/255 and 2/255
+    adv = first["advtrain"]["rows"]
+    assert [(r["model"], r["eps_train"], r["seed"]) for r in adv] == [
+        (m, e, seed) for seed in (0, 1) for m in ("ViT", "DiffViT") for e in ("0", "1/255", "2/255")]
+    main_keys = {(r["model"], r["seed"]): r["model_key"] for r in first["main"]["rows"]}
+    assert all((r["model_key"] == main_keys[(r["model"], r["seed"])]) == (r["eps_train"] == "0") for r in adv)
+    tuned = next(m for m, r in zip(first["advtrain"]["models"], adv) if r["eps_train"] == "2/255")
+    assert tuned["train_config"]["adv_eps"] == 2 / 255 and tuned["train_config"]["init"]["epochs"] == 2
     assert first["main"]["environment"]["torch"] == torch.__version__ and first["main"]["models"][1]["model_config"]["attn"] == "diff"
-    for t in ("clean", "main", "alignment", "depth", "cw", "lambda", "clip", "summary"):
+    for t in ("clean", "main", "alignment", "depth", "cw", "lambda", "clip", "advtrain", "summary"):
         assert (out / f"{t}.png").stat().st_size > 1000, t
     md = (out / "main.md").read_text()
     assert "Training seeds 0, 1" in md and "cifar10, 20 test images" in md
@@ -1310,10 +1367,13 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     points = first["summary"]["lambda_gap"]
     assert [p["table"] for p in points] == ["main"] * 2 + ["depth"] * 2 + ["lambda"] * 5
     assert len({p["model_key"] for p in points}) == len(points)
-    assert {c["table"] for c in first["summary"]["claims"]} == {"main", "alignment", "depth", "clip"}
+    claims = first["summary"]["claims"]
+    assert {c["table"] for c in claims} == {"main", "alignment", "depth", "clip", "advtrain"}
+    assert sum("DiffViT-V2" in c["claim"] for c in claims) == 5  # ASR, patch, cos<0, gradients, depth
+    assert sum("patch" in c["claim"] for c in claims) == 3 and sum(c["table"] == "advtrain" for c in claims) == 4
     # a rerun trains nothing and attacks nothing: every model and cell comes from the caches
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.*")}
-    for attack in ("pgd", "cw_l2", "autoattack", "local_lipschitz", "branch_gradient_alignment"):
+    for attack in ("pgd", "cw_l2", "autoattack", "local_lipschitz", "branch_gradient_alignment", "patch_attack"):
         monkeypatch.setattr(R.da, attack, lambda *a, **k: pytest.fail("a cached cell was recomputed"))
     monkeypatch.setattr(R, "load_dataset", lambda *a, train=True, **k: pytest.fail("training data reloaded")
                         if train else ORIGINAL_LOAD(*a, train=train, **k))
@@ -1362,8 +1422,8 @@ def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(t
     first, dies[0] = calls[0], False
     calls.clear()
     R.run_table(R.dataclasses.replace(table, evaluate=dies_on_the_second_model), run)
-    n = len(R.pair_entries(run))  # 2 models x 2 seeds
-    assert n == 4 and len(calls) == n - 1 and first not in calls  # the first cell came from the cache
+    n = len(R.pair_entries(run))  # 3 models x 2 seeds
+    assert n == 6 and len(calls) == n - 1 and first not in calls  # the first cell came from the cache
     assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == n
 
 
@@ -1423,7 +1483,9 @@ def test_main_table_on_made_up_tiny_imagenet(tmp_path, monkeypatch):
     preset = R.dataclasses.replace(TINY_PRESET, models=({**TINY_PRESET.models[0], "patch_size": 16},), seeds=1)
     R.run_table(R.TABLES["main"], tiny_run(tmp_path, "tiny-imagenet", preset))
     res = json.loads((tmp_path / "results" / "tiny" / "main-tiny-imagenet.json").read_text())
-    assert res["dataset"] == "tiny-imagenet" and res["n_images"] == 2 and len(res["rows"]) == 2
+    assert res["dataset"] == "tiny-imagenet" and res["n_images"] == 2 and len(res["rows"]) == 3
+    assert list(res["rows"][0]["asr_patch"]) == ["18px", "5px", "9px"]  # sides 1/14, 1/7, 2/7 of 64 (JSON sorts keys)
+    assert "patch 5px (%) | patch 9px (%) | patch 18px (%)" in (tmp_path / "results" / "tiny" / "main-tiny-imagenet.md").read_text()
     assert res["models"][0]["train_config"]["dataset"] == "tiny-imagenet"
 
 
@@ -1465,9 +1527,17 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
                        row("DiffViT", 0, {"1/255": d1, "4/255": d4}, 0.6 + d / 10, depth=d, model_key=f"sweep-{d}")]
     (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
     (out / "clip.json").write_text(json.dumps({"rows": []}))  # written before per-seed rows: not judged
+    # advtrain: fine-tuning at 2/255 takes DiffViT's ASR from 50 % to 30 % in every seed, ViT's to 30 % too
+    adv = [row(m, seed, asr(a, a, a, a), depth=1, eps_train=e) for seed in range(3)
+           for m, e, a in (("ViT", "0", .4), ("ViT", "2/255", .3), ("DiffViT", "0", .5), ("DiffViT", "2/255", .3))]
+    (out / "advtrain.json").write_text(json.dumps({"rows": adv, "seeds": [0, 1, 2]}))
     R.table_summary(run)
     res = json.loads((out / "summary.json").read_text())
     assert res["not_judged"] == {"clip": "written before tables had a row per training seed: run it again"}
+    lowers, gap = [c for c in res["claims"] if c["table"] == "advtrain"]
+    assert lowers["claim"].startswith("adversarial fine-tuning at eps_train 2/255 lowers DiffViT's ASR")
+    assert lowers["verdict"] == "supported" and lowers["comparisons"]["PGD-10 4/255"]["diffs"] == pytest.approx([20] * 3)
+    assert gap["verdict"] == "not resolved (within noise)" and gap["comparisons"]["PGD-10 1/255"]["mean"] == 0
     claims = {c["table"]: c for c in res["claims"]}
     assert claims["main"]["outcomes"] == ["higher", "within noise", "within noise", "higher"]
     assert claims["main"]["verdict"] == "partly supported" and claims["main"]["seeds"] == 3
@@ -1477,7 +1547,7 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     assert f"2/255 +1.0 (2 SE {2 * se:.1f}; seeds +10.0, -8.0, +1.0)" in claims["main"]["evidence"]
     assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
     md = (out / "summary.md").read_text()
-    assert "Rule: A DiffViT-minus-ViT difference counts" in md and "| 0.40, 0.45, 0.50 |" in md
+    assert "Rule: A difference (DiffViT minus ViT, or what the claim names) counts" in md and "| 0.40, 0.45, 0.50 |" in md
     assert "Not judged (no results yet): alignment." in md
     # the lambda-vs-gap figure: the 3 main DiffViTs and the 3 depth ones, gap at 4/255 against lambda
     assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]] == \
@@ -1488,6 +1558,7 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
                        row("DiffViT", 0, {"1/255": .10, "4/255": .28}, .8, depth=2)]
     (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
     (out / "clip.json").unlink()
+    (out / "advtrain.json").unlink()
     R.table_summary(run, skipped={"main": "a dataset is missing"})  # --table all skipped main: not judged
     res = json.loads((out / "summary.json").read_text())
     assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
@@ -1527,7 +1598,7 @@ def test_training_estimate_counts_unfinished_models_only(tmp_path, capsys):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path, preset=R.dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 1}))
     hours = R.estimate_training_hours(run, ["main"], steps=2)
-    assert hours > 0 and "for 4 models" in capsys.readouterr().out  # 2 seeds
+    assert hours > 0 and "for 6 models" in capsys.readouterr().out  # 3 models, 2 seeds
     for model_cfg, cfg in R.planned_models(run, ["main"]):
         R.train_model(model_cfg, cfg, run.data_root, run.cache, "cpu", progress=False)
     assert R.estimate_training_hours(run, ["main"]) == 0.0
@@ -1560,7 +1631,7 @@ def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_
     before = cells()
     R.run_table(R.TABLES["main"], run)
     R.run_table(R.TABLES["alignment"], run)
-    assert cells() == before + 2  # both main cells; no alignment cell
+    assert cells() == before + 3  # every main cell; no alignment cell
 
 
 def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, capsys):
@@ -1706,7 +1777,7 @@ def test_sigkill_in_training_in_a_write_and_in_evaluation_then_a_rerun_gives_the
     assert done.returncode == 0, done.stderr[-2000:]
     table = lambda out: json.loads((tmp_path / out / "results" / "tiny" / "main.json").read_text())
     assert table("killed")["rows"] == table("whole")["rows"] and table("killed")["models"] == table("whole")["models"]
-    assert cells() == 2 and not list(tmp_path.rglob("*.tmp"))
+    assert cells() == 3 and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monkeypatch):
@@ -1719,16 +1790,16 @@ def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, monke
     assert R.main(["--table", "main", "--out", str(tmp_path / "b"), "--dataset", "cifar10", *argv]) == 0
     for out in ("a", "b"):  # the preset's own dataset: no suffix
         res = json.loads((tmp_path / out / "results" / "tiny" / "main.json").read_text())
-        assert res["preset"] == "tiny" and res["dataset"] == "cifar10" and len(res["rows"]) == 2
-        assert len(list((tmp_path / out / "runs" / "checkpoints").glob("*.pt"))) == 2
+        assert res["preset"] == "tiny" and res["dataset"] == "cifar10" and len(res["rows"]) == 3
+        assert len(list((tmp_path / out / "runs" / "checkpoints").glob("*.pt"))) == 3
     # more seeds: only the new seed's models are trained and evaluated
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "runs").rglob("*.*")}
     work = dict(R.WORK)
     assert R.main(["--table", "main", "--out", str(tmp_path / "a"), *argv, "--seeds", "2"]) == 0
-    assert R.WORK == {"epochs": work["epochs"] + 2 * TINY_PRESET.train["epochs"], "cells": work["cells"] + 2}
+    assert R.WORK == {"epochs": work["epochs"] + 3 * TINY_PRESET.train["epochs"], "cells": work["cells"] + 3}
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     res = json.loads((tmp_path / "a" / "results" / "tiny" / "main.json").read_text())
-    assert res["seeds"] == [0, 1] and len(res["rows"]) == 4
+    assert res["seeds"] == [0, 1] and len(res["rows"]) == 6
     assert checkout == {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
 
 
@@ -1815,20 +1886,25 @@ def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
     res = {t: json.loads((out / f"{t}.json").read_text()) for t in [*R.TABLES, "summary", "run"]}
     paper = R.PRESETS["paper"]
     pairs = [(m["depth"], s, a) for m in paper.models for s in range(paper.seeds) for a in ("ViT", "DiffViT")]
-    assert [(r["depth"], r["seed"], r["model"]) for r in res["main"]["rows"]] == pairs
+    trios = [(m["depth"], s, a) for m in paper.models for s in range(paper.seeds) for a in R.NAMES.values()]
+    assert [(r["depth"], r["seed"], r["model"]) for r in res["main"]["rows"]] == trios
+    assert [(r["depth"], r["seed"], r["model"]) for r in res["autoattack"]["rows"]] == pairs
+    assert [(r["depth"], r["seed"], r["model"], r["eps_train"]) for r in res["advtrain"]["rows"]] == \
+        [(*p, e) for p in pairs for e in ("0", "1/255", "2/255")]
+    assert all(set(r["asr_patch"]) == {"16px", "32px", "64px"} for r in res["clip"]["rows"])  # 224x224 images
     assert {r["depth"] for r in res["depth"]["rows"]} == set(paper.depths) and len(res["lambda"]["rows"]) == 6
-    assert [len(r["layers"]) for r in res["alignment"]["rows"]] == [m["depth"] for m in paper.models for _ in range(6)]
+    assert [len(r["layers"]) for r in res["alignment"]["rows"]] == [m["depth"] for m in paper.models for _ in range(9)]
     assert [(r["model"], r["data"].split()[0]) for r in res["clip"]["rows"]] == \
         [("CLIP", "ImageNet"), ("CLIP", "COCO"), ("DiffCLIP", "ImageNet"), ("DiffCLIP", "COCO")]
     assert res["clip"]["n_images"] == {"imagenet": 4, "coco": 4} and res["clip"]["seeds"] == []
     assert [a["lambda"] for a in res["clip"]["rows"][2]["alignment"]] != [1.0]  # DiffCLIP's own lambda
-    assert {c["table"] for c in res["summary"]["claims"]} == {"main", "alignment", "depth", "clip"}
+    assert {c["table"] for c in res["summary"]["claims"]} == {"main", "alignment", "depth", "clip", "advtrain"}
     assert res["run"]["skipped"] == {} and "dry run" in (out / "summary.md").read_text()
     assert not (tmp_path / "results" / "paper").exists()  # never beside a real run's tables
     for dataset in ("cifar100", "tiny-imagenet"):
         assert R.main(["--table", "main", *argv, "--dataset", dataset, "--seeds", "1"]) == 0
         rows = json.loads((out / f"main-{dataset}.json").read_text())["rows"]
-        assert len(rows) == 2 * len(paper.models)
+        assert len(rows) == 3 * len(paper.models)
 
 
 SHARING_DRIVER = """
@@ -2011,3 +2087,22 @@ def test_patch_attack_changes_only_the_patch_pixels_and_stays_in_the_image_box(l
     # the whole image as the patch: the attack is free, so it fools every example a few steps can
     full = da.patch_attack(model, x, y, size=16, steps=20)
     assert full.success.float().mean() >= res.success.float().mean() and full.success.all()
+
+
+def test_patch_attack_early_stop_gives_the_same_successes_for_fewer_rows():
+    torch.manual_seed(0)
+    model = da.ViT(**TINY, attn="diff2").double()
+    randomize(model, seed=2)
+    x = torch.rand(16, 3, 16, 16, dtype=torch.float64)
+    y = da.predict(model, x)  # all correct at the start
+    rows = []
+    model.register_forward_hook(lambda m, i, o: rows.append(len(o)))
+    results = {}
+    for early in (False, True):
+        torch.manual_seed(3)  # the same places and starting noise
+        rows.clear()
+        results[early] = (da.patch_attack(model, x, y, size=2, steps=8, early_stop=early), sum(rows))
+    (full, n_full), (fast, n_fast) = results[False], results[True]
+    assert 0 < full.success.sum() < 16  # some examples fooled, some not: the test sees both
+    assert torch.equal(full.success, fast.success) and torch.equal(fast.success, da.predict(model, fast.x_adv) != y)
+    assert n_fast < n_full == 16 * 9
