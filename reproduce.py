@@ -704,8 +704,8 @@ PRESETS = {p.name: p for p in [
            # the paper preset
            depths=(1, 2, 4), depth_model={"patch_size": 4, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
            depth_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
-           lambda_depth=1, eval_images=1000, clip_images=500, depth_images=300, lipschitz_images=64,
-           autoattack_images=64, cw_images=50, cw_steps=50, cw_search=4, patch_images=200, patch_steps=50,
+           lambda_depth=1, eval_images=1000, clip_images=400, depth_images=250, lipschitz_images=64,
+           autoattack_images=48, cw_images=50, cw_steps=50, cw_search=4, patch_images=150, patch_steps=50,
            # adversarial fine-tuning: one epoch on 10k images at a quarter of the peak lr
            advtrain={"epochs": 1, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 0.1, "train_subset": 10000},
            # small CLIP / DiffCLIP trained from scratch on captions built from the class names
@@ -1548,7 +1548,7 @@ def render_clip(rows, preset, dataset, entries, s):
                            for k, name in (("asr_pgd", "PGD"), ("asr_cosine", "cosine")) for e in eps]
                         + [(f"patch {z}", lambda r, z=z: 100 * r["asr_patch"][z], 1) for z in sizes])
     layers = [{**a, "model": r["model"], "data": r["data"], "seed": r.get("seed", "-")} for r in rows for a in r["alignment"]]
-    lines += ["", f"Branch-gradient alignment per image-tower layer (first {s['alignment_images']} images; CLIP: the "
+    lines += ["", f"Branch-gradient alignment per image-tower layer (first {layers[0]['n']} images; CLIP: the "
               "head-pair control):", ""]
     lines += seed_table(layers, ("model", "data", "layer_name"), [
         ("lambda", lambda a: a["lambda"], 3), ("cos<0 (%)", lambda a: 100 * a["frac_cos_negative"], 1),
@@ -2137,7 +2137,7 @@ def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
         epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * n_steps
         plan.append({"model": ckpt.stem.rsplit("-", 1)[0], "seed": cfg.seed, "dataset": cfg.dataset,
                      "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
-                     "lambda_init": model_cfg.get("lambda_init"), "epochs_left": left, "seconds_per_epoch": epoch,
+                     "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps, "epochs_left": left, "seconds_per_epoch": epoch,
                      "seconds": epoch * left, "tflop": flops * left / 1e12, "projected": project})
     return plan
 
@@ -2154,6 +2154,7 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
           f"models, {sum(m['tflop'] for m in plan) / 1e3:.2f} PFLOP; evaluation not included")
     for m in plan:
         lam = f", lambda_init {m['lambda_init']}" if m["lambda_init"] is not None else ""
+        lam += f", fine-tuned with FGSM-RS at {_eps_name(m['adv_eps'])}" if m["adv_eps"] else ""
         print(f"  {m['model']} depth {m['depth']}{lam} seed {m['seed']} on {m['dataset']}: {m['seconds'] / 60:.1f} min, "
               f"{m['tflop']:,.1f} TFLOP ({m['epochs_left']} epochs left)")
     return total / 3600
