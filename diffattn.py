@@ -823,7 +823,8 @@ def patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, 
     over the positions where it fits, from torch's global RNG; ``"center"``), started from uniform
     noise and optimised by ``steps`` signed-gradient steps of ``step_size`` on ``loss``. Per example
     the strongest iterate is kept (lowest margin, as in ``pgd``); only the patch's pixels differ
-    from x. ``early_stop`` stops attacking fooled examples (the same success flags for fewer passes).
+    from x. ``early_stop`` stops attacking fooled examples: the same success flags for fewer passes,
+    x_adv then the first fooled iterate.
     ``norm`` holds the patch side. The model runs in eval mode.
     """
     check_images(x)

@@ -451,6 +451,11 @@ class TrainConfig:
     adv_eps: float = 0.0                # > 0: adversarial training, each batch replaced by fgsm_rs at this Linf eps
     init: Optional[dict] = None         # the TrainConfig (as a dict) of the checkpoint to start from; None: scratch
 
+    def key(self) -> dict:
+        """The fields that name the checkpoint: all, but ``adv_eps`` and ``init`` only when set (they came
+        later, and every checkpoint trained before them keeps its name)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("adv_eps", "init") or v}
+
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
     """FGSM with a random start (Wong, Rice and Kolter 2020, "Fast is better than free"), the attack
@@ -553,7 +558,7 @@ def learned_lambdas(model: nn.Module) -> list:
 
 def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig) -> Path:
     """<cache>/checkpoints/[clip-]<attn>-<hash of the model and training configs>.pt"""
-    key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
+    key = config_hash({"model": model_cfg, "train": cfg.key()})
     kind = "clip-" if model_cfg.get("kind") == "clip" else ""
     return Path(cache) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
 
@@ -574,8 +579,19 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     (default: on CUDA), for tests of the CUDA set-up on a CPU.
     """
     device = torch.device(device)
-    full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
+    eps_ok = isinstance(cfg.adv_eps, (int, float)) and 0 <= cfg.adv_eps < 1
+    if not eps_ok or cfg.adv_eps and model_cfg.get("kind") == "clip":
+        raise ValueError(f"adv_eps={cfg.adv_eps!r}: expected a Linf budget in [0, 1) for a ViT (adversarial "
+                         "training is written for classifiers, not CLIPs)")
+    if cfg.init is not None and cfg.init.get("dataset") != cfg.dataset:
+        raise ValueError(f"init trains on {cfg.init.get('dataset')!r}, this model on {cfg.dataset!r}: fine-tune "
+                         "from a checkpoint of the same dataset (its classes and image size)")
+    full_cfg = {"model": model_cfg, "train": cfg.key()}
     key, path = config_hash(full_cfg), checkpoint_path(cache, model_cfg, cfg)
+    start = start_key = None
+    if cfg.init is not None:  # the checkpoint to fine-tune from: trained first if need be, else read
+        start, _ = train_model(model_cfg, TrainConfig(**cfg.init), data_root, cache, device, compile, progress, amp=amp)
+        start_key = weights_key(start)
 
     def build():
         torch.manual_seed(cfg.seed)
@@ -589,6 +605,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         state = torch.load(p, map_location="cpu", weights_only=True)  # copied onto the device by load_state_dict
         if json.loads(json.dumps(state["record"]["config"])) != json.loads(json.dumps(full_cfg)):
             raise ValueError("it holds another model's config")
+        if state["record"].get("init_weights") != start_key:  # its start checkpoint was retrained since
+            raise ValueError("it was fine-tuned from other weights than its start checkpoint holds now")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         return state["record"]
@@ -598,19 +616,15 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     if record is None:  # nothing to resume: train from scratch, or from cfg.init's checkpoint
         if existed:  # a damaged checkpoint (now moved aside) may have half-loaded into them
             model, opt = build()
-        if cfg.init is not None:
-            start, _ = train_model(model_cfg, TrainConfig(**cfg.init), data_root, cache, device, compile, progress,
-                                   amp=amp)
+        if start is not None:
             model.load_state_dict(start.state_dict())
-        record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": []}
+        record = {"config": full_cfg, "key": key, "epoch": 0, "done": False, "history": [], "init_weights": start_key}
     if record["done"]:
         return model.eval(), record
     train = load_dataset(cfg.dataset, data_root, train=True).subset(cfg.train_subset, cfg.seed)
     test = load_dataset(cfg.dataset, data_root, train=False)
     step_fn = torch.compile(model) if compile else model
     prompts = prompt_tokens(class_names(cfg.dataset, train)) if isinstance(model, da.CLIP) else None
-    if cfg.adv_eps and prompts is not None:
-        raise ValueError("adversarial training (adv_eps > 0) is written for classifiers (ViT/DiffViT), not CLIPs")
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     for epoch in range(record["epoch"], cfg.epochs):
@@ -696,16 +710,16 @@ PRESETS = {p.name: p for p in [
     # CPU, offline, Fashion-MNIST: --table all in under 15 minutes on 2 cores. As close to the paper's
     # setting as that allows: 1-layer main models, patch 4 (7x7 patches + class token = 50 tokens; the
     # paper's 32x32 CIFAR images at patch 4 give 65), lambda_init 0.8; given up: width (64, not 384),
-    # epochs (4, and 2 for the sweeps), seeds of the sweeps (1), depths above 4. README: presets.
+    # epochs (3, and 2 for the sweeps), seeds of the sweeps (1), depths above 4. README: presets.
     Preset("quick", "fashion-mnist",
            models=({"patch_size": 4, "dim": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0},),
-           train={"epochs": 4, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5}, seeds=3, sweep_seeds=1,
+           train={"epochs": 3, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.5}, seeds=3, sweep_seeds=1,
            # the sweeps: 2 epochs on 10k images, so that 9 models fit in minutes; depths 8 and 12 are left to
            # the paper preset
            depths=(1, 2, 4), depth_model={"patch_size": 4, "dim": 64, "heads": 4, "mlp_ratio": 2.0},
            depth_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 10000},
-           lambda_depth=1, eval_images=1000, clip_images=400, depth_images=250, lipschitz_images=64,
-           autoattack_images=48, cw_images=50, cw_steps=50, cw_search=4, patch_images=150, patch_steps=50,
+           lambda_depth=1, eval_images=1000, clip_images=400, depth_images=300, lipschitz_images=64,
+           autoattack_images=64, cw_images=50, cw_steps=50, cw_search=4, patch_images=150, patch_steps=50,
            # adversarial fine-tuning: one epoch on 10k images at a quarter of the peak lr
            advtrain={"epochs": 1, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 0.1, "train_subset": 10000},
            # small CLIP / DiffCLIP trained from scratch on captions built from the class names
@@ -740,7 +754,8 @@ def dry_run(preset: Preset) -> Preset:
         preset, name=f"{preset.name}-dry-run", models=tuple(map(narrow, preset.models)), train=short(preset.train),
         depth_model=narrow(preset.depth_model), depth_train=short(preset.depth_train), eval_images=12, clip_images=4,
         depth_images=8, lipschitz_images=2, autoattack_images=4, cw_images=4, cw_steps=3, cw_search=1, patch_images=4,
-        patch_steps=3, advtrain=short(preset.advtrain), clip=clip, clip_train=preset.clip_train and short(preset.clip_train))
+        patch_steps=3, advtrain=short(preset.advtrain), clip=clip,
+        clip_train=preset.clip_train and short(preset.clip_train))
 
 
 @dataclass(frozen=True)
@@ -1124,7 +1139,7 @@ def patch_row(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict, chunk
     ``s["images"]`` images: the fraction of the initially correct ones it makes wrong."""
     x, y = x[:s["images"]], y[:s["images"]]
     clean = da.predict(model, x, batch_size=chunk)
-    sizes = [max(1, round(f * x.shape[-1])) for f in s["sides"]]
+    sizes = list(dict.fromkeys(max(1, round(f * x.shape[-1])) for f in s["sides"]))  # tiny images: one size once
     asr = {}
     for size in tqdm(sizes, desc="patch", leave=False):
         adv = torch.cat([da.patch_attack(model, xb, yb, size, steps=s["steps"], step_size=s["step_size"],
@@ -1134,12 +1149,15 @@ def patch_row(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: dict, chunk
     return {"asr_patch": asr, "n_patch_correct": int((clean == y).sum())}
 
 
+GATE_IMAGES = 250
+
+
 @torch.no_grad()
 def mean_gates(model: nn.Module, x: torch.Tensor) -> list:
-    """DA V2's gate sigmoid(w_h . x_t), per layer averaged over heads, tokens and the images ``x``
-    (V2's counterpart of V1's learned lambda); empty for other attention."""
+    """DA V2's gate sigmoid(w_h . x_t), per layer averaged over heads, tokens and the first
+    ``GATE_IMAGES`` images of ``x`` (V2's counterpart of V1's learned lambda); empty for other attention."""
     with da.attention_maps(model, retain_grad=False) as maps:
-        model(x)  # in eval mode, as every table's model
+        model(x[:GATE_IMAGES])  # in eval mode, as every table's model
     return [m.lam.mean().item() for m in maps if m.A1 is not None and m.lam.dim()]
 
 
@@ -1172,7 +1190,7 @@ def lipschitz(model, x: torch.Tensor, s: dict) -> dict:
 
 def evaluate_main(model, data, s, record) -> dict:
     return {**asr_row(model, data.x, data.y, s["eps"], s["steps"]), **patch_row(model, data.x, data.y, s["patch"]),
-            "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x[:250])}
+            "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x)}
 
 
 def evaluate_alignment(model, data, s, record) -> dict:
@@ -1200,7 +1218,7 @@ def evaluate_depth(model, data, s, record) -> dict:
     lip = lipschitz(model, data.x, s["lipschitz"])
     row["lipschitz_logits"] = lip["logits"].mean().item()
     row["lipschitz_layers"] = [v.mean().item() for v in lip["layers"]]
-    return {**row, "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x[:250])}
+    return {**row, "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x)}
 
 
 def evaluate_advtrain(model, data, s, record) -> dict:
@@ -1354,7 +1372,7 @@ def render_main(rows, preset, dataset, entries, s):
     lines = [f"Models: {_models_line(preset)}. ASR = fraction of the initially correct test images that "
              f"PGD-{s['steps']} (Linf, random start, step 2.5 eps / {s['steps']}) misclassifies. Patch: "
              f"{_patch_line(s['patch'])}. Lambda: DiffViT's learned lambda, DiffViT-V2's gate averaged over "
-             "heads, tokens and 250 test images; mean over layers (per layer in the .json).", ""]
+             f"heads, tokens and up to {GATE_IMAGES} test images; mean over layers (per layer in the .json).", ""]
     lines += seed_table(rows, ("model", "depth"), [("clean acc (%)", lambda r: 100 * r["clean_acc"], 2)]
                         + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
                         + [(f"patch {z} (%)", lambda r, z=z: 100 * r["asr_patch"][z], 1) for z in sizes]
@@ -1370,7 +1388,8 @@ def render_main(rows, preset, dataset, entries, s):
                        STYLE[model], f"{model} depth {depth}")
         axes[0].set(xlabel="eps (x 1/255), Linf", ylabel="ASR (%), mean +- std over seeds",
                     title=f"PGD-{s['steps']} on {dataset} ({preset.name})")
-        axes[1].set(xlabel="patch side (pixels)", ylabel="ASR (%)", title=f"adversarial patch ({s['patch']['images']} images)")
+        axes[1].set(xlabel="patch side (pixels)", ylabel="ASR (%)",
+                    title=f"adversarial patch ({s['patch']['images']} images)")
         for ax in axes:
             ax.legend(fontsize=8)
         return fig
@@ -1580,8 +1599,8 @@ def render_advtrain(rows, preset, dataset, entries, s):
              f"1.25 eps) at that Linf budget, {t['epochs']} epoch(s)"
              + (f" on {t['train_subset']} training images" if t.get("train_subset") else "")
              + f", AdamW lr {t['lr']}, cosine. Test accuracy: the full test set. ASR: PGD-{s['steps']} over the "
-             f"initially correct test images. cos<0 and grad L1 (input-gradient L1 norm) on the first {rows[0]['n_alignment']} images; "
-             "ViT: the head-pair control.", ""]
+             f"initially correct test images. cos<0 and grad L1 (input-gradient L1 norm) on the first "
+             f"{rows[0]['n_alignment']} images; ViT: the head-pair control.", ""]
     lines += seed_table(rows, ("model", "depth", "eps_train"),
                         [("test acc (%)", lambda r: 100 * r["test_acc"], 2)]
                         + [(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e], 1) for e in eps]
@@ -1606,9 +1625,9 @@ def render_advtrain(rows, preset, dataset, entries, s):
 
 # --- the claims, judged with a noise model that holds training seeds and test images
 
-RULE = ("A difference (DiffViT minus ViT, or what the claim names) counts (higher or lower) when its mean over the K training seeds exceeds "
-        "2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than half of the seeds; "
-        "otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise and "
+RULE = ("A difference (DiffViT minus ViT, or what the claim names) counts (higher or lower) when its mean over the K "
+        "training seeds exceeds 2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than "
+        "half of the seeds; otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise and "
         "test-image noise); se_i is the sampling error over test images of seed i's difference (binomial for rates, "
         "over images for means), not divided by K since every seed is evaluated on the same test images. Counting "
         "the image noise in both terms makes SE an upper bound: conservative, and it keeps SE from vanishing when "
@@ -1673,6 +1692,12 @@ def rate_gap(pairs, get: Callable, n: Callable = lambda r: r["n_correct"]) -> tu
             [100 * _se_rates(get(d), n(d), get(v), n(v)) for d, v in pairs])
 
 
+def patch_gaps(pairs) -> list:
+    """The comparisons of a patch claim: per patch side, (label, per-seed ASR differences, their SEs, digits)."""
+    return [(f"patch {z}", *rate_gap(pairs, lambda r, z=z: r["asr_patch"][z], lambda r: r["n_patch_correct"]), 1)
+            for z in _patch_sizes(pairs[0][1])]
+
+
 def _evidence(label: str, j: dict, digits: int = 1) -> str:
     seeds = f"; seeds {', '.join(f'{x:+.{digits}f}' for x in j['diffs'])}" if len(j["diffs"]) > 1 else ""
     return f"{label} {j['mean']:+.{digits}f} (2 SE {2 * j['se']:.{digits}f}{seeds})"
@@ -1719,8 +1744,7 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
                       lam_of(pairs))
                 if "asr_patch" in pairs[0][1]:
                     claim(f"{model} has a higher adversarial-patch success rate than ViT (depth {d}; ASR points)", "main",
-                          [(f"patch {z}", *rate_gap(pairs, lambda r, z=z: r["asr_patch"][z], lambda r: r["n_patch_correct"]), 1)
-                           for z in _patch_sizes(pairs[0][1])], lam_of(pairs))
+                          patch_gaps(pairs), lam_of(pairs))
         if al:
             for d, pairs in seed_pairs(al["rows"], lambda r: r["depth"], model).items():
                 layers = range(len(pairs[0][0]["layers"]))
@@ -1762,10 +1786,14 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
     if adv:
         index = {(r["model"], r["depth"], r["eps_train"], r["seed"]): r for r in adv["rows"]}
         for d, e_train in dict.fromkeys((r["depth"], r["eps_train"]) for r in adv["rows"] if r["eps_train"] != "0"):
-            seeds = sorted({k for m, dd, e, k in index if (dd, e) == (d, e_train)})
+            # the seeds with all three models: DiffViT as trained and fine-tuned, and the fine-tuned ViT
+            seeds = [k for m, dd, e, k in index if (m, dd, e) == ("DiffViT", d, e_train)
+                     and ("DiffViT", d, "0", k) in index and ("ViT", d, e_train, k) in index]
             at = lambda model, e, k: index[(model, d, e, k)]
             base = [(at("DiffViT", "0", k), at("DiffViT", e_train, k)) for k in seeds]
             tuned = [(at("DiffViT", e_train, k), at("ViT", e_train, k)) for k in seeds]
+            if not seeds:
+                continue
             eps = list(base[0][0]["asr"])
             claim(f"adversarial fine-tuning at eps_train {e_train} lowers DiffViT's ASR (depth {d}; as trained minus "
                   "fine-tuned, ASR points)", "advtrain",
@@ -1781,8 +1809,7 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
             claim(f"DiffCLIP is more vulnerable than CLIP at every budget ({data}; ASR points)", "clip", comps, lam)
             if "asr_patch" in pairs[0][1]:
                 claim(f"DiffCLIP has a higher adversarial-patch success rate than CLIP ({data}; ASR points)", "clip",
-                      [(f"patch {z}", *rate_gap(pairs, lambda r, z=z: r["asr_patch"][z], lambda r: r["n_patch_correct"]), 1)
-                       for z in _patch_sizes(pairs[0][1])], lam)
+                      patch_gaps(pairs), lam)
     points = lambda_gap_points(main, depth, load("lambda"), run.preset.lambda_depth)
     if points:
         _figure(out / f"{run.result_name('summary')}.png", lambda plt: draw_lambda_gap(plt, points, run.dataset))
@@ -1856,7 +1883,7 @@ def draw_lambda_gap(plt, points: list, dataset: str):
 
 
 TABLES = {t.name: t for t in [
-    Table("clean", "clean test accuracy and learned lambda, ViT vs DiffViT", pair_entries, evaluate_clean,
+    Table("clean", "clean test accuracy and learned lambda", pair_entries, evaluate_clean,
           render_clean),
     Table("main", "clean accuracy and attack success rate (PGD-10, Linf; adversarial patch)", pair_entries,
           evaluate_main, render_main, images=lambda p: p.eval_images,
@@ -1872,7 +1899,7 @@ TABLES = {t.name: t for t in [
           render_autoattack,
           images=lambda p: p.autoattack_images,
           settings=lambda p: {"attack": "autoattack", "version": "standard", "eps": 8 / 255}),
-    Table("depth", "ASR against depth, ViT vs DiffViT", depth_entries, evaluate_depth, render_depth,
+    Table("depth", "ASR against depth", depth_entries, evaluate_depth, render_depth,
           images=lambda p: p.depth_images,
           settings=lambda p: {"attack": "pgd", "steps": 10, "eps": [1 / 255, 4 / 255],
                               "lipschitz": {"eps": 4 / 255, "images": p.lipschitz_images, **LIPSCHITZ_ASCENT}}),
@@ -2090,7 +2117,7 @@ def planned_models(run: Run, tables) -> list:
             plan += [(e.model, e.train) for e in TABLES[t].entries(run) if e.train is not None]
         except SetupMissing:
             continue  # the table reports what it misses when it runs
-    unique = {config_hash({"model": m, "train": dataclasses.asdict(c)}): (m, c) for m, c in plan}
+    unique = {config_hash({"model": m, "train": c.key()}): (m, c) for m, c in plan}
     return list(unique.values())
 
 
@@ -2131,7 +2158,7 @@ def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
             continue
         n_steps = steps_per_epoch(cfg)
         flops = train_step_flops(model_cfg, cfg) * n_steps
-        same = config_hash({"model": model_cfg, "train": dataclasses.asdict(dataclasses.replace(cfg, seed=0, init=None))})
+        same = config_hash({"model": model_cfg, "train": dataclasses.replace(cfg, seed=0, init=None).key()})
         if not project and same not in step_seconds:
             step_seconds[same] = statistics.median(_train_step_times(model_cfg, cfg, run.device, steps))
         epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * n_steps
@@ -2344,9 +2371,9 @@ def join_torchrun(device: str) -> tuple:
 def share_work(run: Run, tables: list, rank: int, world: int) -> None:
     """torchrun: spread the work of ``tables`` over the ranks. Rank 0 reads the datasets once (a
     download happens once), lists every model to train and every cell to evaluate, and broadcasts
-    the list; the models go to the ranks longest first (``split``, by counted FLOPs), the cells in
-    turn; the atomic caches carry the results, so after the last barrier rank 0 writes every table
-    from them. Each model is trained and each cell evaluated by exactly one rank; the other ranks'
+    the list; the models go to the ranks longest first (``split``, by counted FLOPs; the fine-tunes
+    in a second round, after the models they start from), the cells in turn; the atomic caches
+    carry the results, so after the last barrier rank 0 writes every table from them. Each model is trained and each cell evaluated by exactly one rank; the other ranks'
     counts are added to rank 0's ``WORK``. A setup problem (a dataset, a checkpoint) skips the item
     on its rank: rank 0 meets it again while writing the table and reports it as a plain run does."""
     dist = torch.distributed
@@ -2364,14 +2391,15 @@ def share_work(run: Run, tables: list, rank: int, world: int) -> None:
             except SetupMissing:
                 continue
         models = planned_models(run, tables)
-        owner = split([train_step_flops(m, c) * c.epochs * steps_per_epoch(c) for m, c in models], world)
-        box = [(models, owner, cells)]
+        # two phases, each split on its own: the fine-tunes after every model they start from is in the cache
+        phases = [[(m, c) for m, c in models if (c.init is not None) == fine_tune] for fine_tune in (False, True)]
+        owners = [split([train_step_flops(m, c) * c.epochs * steps_per_epoch(c) for m, c in ms], world) for ms in phases]
+        box = [(phases, owners, cells)]
     dist.broadcast_object_list(box, src=0)
-    models, owner, cells = box[0]
-    mine = [m for m, r in zip(models, owner) if r == rank]
-    for fine_tunes in (False, True):  # the fine-tunes after every model they start from is in the cache
-        for model_cfg, cfg in tqdm([(m, c) for m, c in mine if (c.init is not None) == fine_tunes],
-                                   desc=f"rank {rank}: training", disable=rank != 0):
+    phases, owners, cells = box[0]
+    for models, owner in zip(phases, owners):
+        mine = [m for m, r in zip(models, owner) if r == rank]
+        for model_cfg, cfg in tqdm(mine, desc=f"rank {rank}: training", disable=rank != 0):
             try:
                 train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
             except SetupMissing:

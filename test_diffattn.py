@@ -595,14 +595,16 @@ def test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss():
     xa = R.fgsm_rs(m, x, y, eps, torch.Generator().manual_seed(0))
     assert (xa - x).abs().max() <= eps + 1e-7 and xa.min() >= 0 and xa.max() <= 1 and not xa.requires_grad
     assert torch.equal(xa, R.fgsm_rs(m, x, y, eps, torch.Generator().manual_seed(0)))  # the noise is the generator's
-    # the step goes up the loss: above the random start it began from, on most examples
+    # Wong et al.'s recipe written out: a start in the ball, one step of 1.25 eps along the gradient's sign there
     start = (x + (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 1) * eps).clamp(0, 1)
-    with torch.no_grad():
+    g, = torch.autograd.grad(F.cross_entropy(m(start.requires_grad_()), y), start)
+    assert torch.allclose(xa, (x + (start - x + 1.25 * eps * g.sign()).clamp(-eps, eps)).clamp(0, 1), atol=1e-7)
+    with torch.no_grad():  # and it goes up the loss, above the start, on most examples
         ce = lambda z: F.cross_entropy(m(z), y, reduction="none")
         assert (ce(xa) > ce(start)).float().mean() > 0.9
 
 
-def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tmp_path):
+def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tmp_path, capsys):
     base = R.TrainConfig(dataset="fashion-mnist", epochs=1, batch_size=64, train_subset=192)
     tune = lambda **k: R.TrainConfig(**{**dict(dataset="fashion-mnist", epochs=2, batch_size=64, lr=5e-4,
                                                train_subset=128, adv_eps=2 / 255, init=dataclasses.asdict(base)), **k})
@@ -621,6 +623,38 @@ def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tm
     assert rec_b["done"] and rec_b["history"] == rec["history"]
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), full.state_dict().values()))
+    # the start checkpoint retrained (other weights, same config): the fine-tune from the old weights is redone
+    path = R.checkpoint_path(tmp_path / "b", mc, base)
+    state = torch.load(path, weights_only=True)
+    state["model"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, path)
+    epochs = R.WORK["epochs"]
+    _, redone = R.train_model(mc, tune(), "/nonexistent", tmp_path / "b", "cpu", progress=False)
+    assert R.WORK["epochs"] == epochs + 2 and redone["history"] != rec["history"]
+    assert "fine-tuned from other weights" in capsys.readouterr().err
+
+
+def test_training_configs_refuse_what_cannot_be_trained_before_any_epoch(tmp_path):
+    ok = dict(dataset="fashion-mnist", epochs=1, train_subset=64)
+    clip = {"kind": "clip", "embed_dim": 8, "image": {**TINY_FMNIST}, "text": {"width": 16, "depth": 1, "heads": 2}}
+    for model_cfg, cfg, message in [
+            ({**TINY_FMNIST, "attn": "diff"}, R.TrainConfig(**ok, adv_eps=float("nan")), r"adv_eps=nan: expected a Linf"),
+            ({**TINY_FMNIST, "attn": "diff"}, R.TrainConfig(**ok, adv_eps=2.0), r"adv_eps=2.0"),
+            (clip, R.TrainConfig(**ok, adv_eps=1 / 255), r"not CLIPs"),
+            ({**TINY_FMNIST, "attn": "diff"}, R.TrainConfig(**ok, init={**ok, "dataset": "mnist"}),
+             r"init trains on 'mnist', this model on 'fashion-mnist'")]:
+        with pytest.raises(ValueError, match=message):
+            R.train_model(model_cfg, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
+    assert not (tmp_path / "checkpoints").exists()  # refused before training anything
+
+
+def test_checkpoints_of_plain_training_keep_the_names_they_had_before_adversarial_training():
+    cfg = R.TrainConfig(dataset="cifar10", epochs=3, seed=2)
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("adv_eps", "init")}  # the fields then
+    assert R.checkpoint_path("c", {"attn": "diff"}, cfg).stem == "diff-" + R.config_hash({"model": {"attn": "diff"},
+                                                                                           "train": before})
+    tuned = R.dataclasses.replace(cfg, adv_eps=1 / 255, init=dataclasses.asdict(cfg))
+    assert R.checkpoint_path("c", {"attn": "diff"}, tuned) != R.checkpoint_path("c", {"attn": "diff"}, cfg)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
