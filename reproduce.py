@@ -2164,7 +2164,8 @@ def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
         epoch = flops / (ASSUMED_GPU_TFLOPS * 1e12) if project else step_seconds[same] * n_steps
         plan.append({"model": ckpt.stem.rsplit("-", 1)[0], "seed": cfg.seed, "dataset": cfg.dataset,
                      "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
-                     "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps, "epochs_left": left, "seconds_per_epoch": epoch,
+                     "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps,
+                     "fine_tune": cfg.init is not None, "epochs_left": left, "seconds_per_epoch": epoch,
                      "seconds": epoch * left, "tflop": flops * left / 1e12, "projected": project})
     return plan
 
@@ -2184,6 +2185,18 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
         lam += f", fine-tuned with FGSM-RS at {_eps_name(m['adv_eps'])}" if m["adv_eps"] else ""
         print(f"  {m['model']} depth {m['depth']}{lam} seed {m['seed']} on {m['dataset']}: {m['seconds'] / 60:.1f} min, "
               f"{m['tflop']:,.1f} TFLOP ({m['epochs_left']} epochs left)")
+    return total / 3600
+
+
+def parallel_hours(plan: list, world: int) -> float:
+    """Hours of ``training_plan``'s models on ``world`` ranks as ``share_work`` runs them: two rounds (the
+    fine-tunes second), each as long as its busiest rank after the longest-first split (which ranks by
+    FLOPs; here by the plan's seconds)."""
+    total = 0.0
+    for fine_tune in (False, True):
+        seconds = [m["seconds"] for m in plan if m["fine_tune"] == fine_tune]
+        owner = split(seconds, world)
+        total += max((sum(t for t, r in zip(seconds, owner) if r == q) for q in range(world)), default=0.0)
     return total / 3600
 
 
@@ -2237,9 +2250,7 @@ def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
     speed = {name: layer_rows(run, *rounds, amp=amp) for name, amp in (("float32", False), ("bf16 autocast", True))}
     pgd = pgd_throughput(run, trained=False)
     plan = training_plan(run, list(TABLES), cold=True)
-    seconds = [m["seconds"] for m in plan]
-    hours = {n: max(sum(t for t, r in zip(seconds, split(seconds, n)) if r == q) for q in range(n)) / 3600
-             for n in gpus}  # share_work's longest-first split (it ranks by FLOPs; here by measured time)
+    hours = {n: parallel_hours(plan, n) for n in gpus}
     res = {"tests": {"returncode": tests.returncode, "summary": outcome, "selection": GPU_TESTS},
            "speed": speed, "pgd": pgd, "training": plan, "training_hours": hours, "preset": run.preset.name,
            "seconds": time.perf_counter() - started, "environment": env}
