@@ -1064,7 +1064,8 @@ def depth_entries(run: Run, attns: tuple = tuple(NAMES)) -> list:
 def advtrain_entries(run: Run) -> list:
     """The ViT/DiffViT pairs as trained (eps_train 0: the main table's models), and fine-tuned from
     them with FGSM-RS at each of ``ADV_EPS`` (``Preset.advtrain``). Fine-tuning rather than training
-    from scratch: a quarter of the cost on the quick preset's budget, and it asks the question of a
+    from scratch: a small fraction of the cost (quick: one FGSM-RS epoch on 10k images, where training
+    from scratch would take three on 60k at twice the cost each), and it asks the question of a
     trained DA model, which is what a reader holds."""
     out = []
     for e in pair_entries(run, V1):
