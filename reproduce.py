@@ -1628,18 +1628,18 @@ def render_advtrain(rows, preset, dataset, entries, s):
 
 RULE = ("A difference (DiffViT minus ViT, or what the claim names) counts (higher or lower) when its mean over the K "
         "training seeds exceeds 2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than "
-        "half of the seeds; otherwise it is within noise. s is the standard deviation of the per-seed differences (training noise and "
-        "test-image noise); se_i is the sampling error over test images of seed i's difference (binomial for rates, "
-        "over images for means), not divided by K since every seed is evaluated on the same test images. Counting "
-        "the image noise in both terms makes SE an upper bound: conservative, and it keeps SE from vanishing when "
-        "a few seeds happen to agree. The bar is still lenient at K = 3 (a t statistic with 2 degrees of freedom "
-        "exceeds 2 in size by chance 18 % of the time), and with K = 1 SE is the test-image noise alone: training "
-        "noise is unknown. A claim makes several comparisons (budgets, layers), without a correction for their "
-        "number: it is supported when every one comes out higher, partly supported when some do and none is "
-        "lower, contradicted when every one is lower, partly contradicted when some are and none is higher, mixed "
-        "when some are higher and some lower, and not resolved when all are within noise. The depth crossover is "
-        "one outcome: supported when at some depth above 1 DiffViT is lower beyond noise at 1/255 and its mean "
-        "gap at 4/255 is not below 0, contradicted when every deeper DiffViT is higher beyond noise at 1/255.")
+        "half of the seeds; otherwise it is within noise. s is the standard deviation of the per-seed differences "
+        "(training noise and test-image noise); se_i is the sampling error over test images of seed i's difference "
+        "(binomial for rates, over images for means), not divided by K since every seed is evaluated on the same test "
+        "images. Counting the image noise in both terms makes SE an upper bound: conservative, and it keeps SE from "
+        "vanishing when a few seeds happen to agree. The bar is still lenient at K = 3 (a t statistic with 2 degrees of"
+        " freedom exceeds 2 in size by chance 18 % of the time), and with K = 1 SE is the test-image noise alone: "
+        "training noise is unknown. A claim makes several comparisons (budgets, layers), without a correction for their"
+        " number: it is supported when every one comes out higher, partly supported when some do and none is lower, "
+        "contradicted when every one is lower, partly contradicted when some are and none is higher, mixed when some "
+        "are higher and some lower, and not resolved when all are within noise. The depth crossover is one outcome: "
+        "supported when at some depth above 1 DiffViT is lower beyond noise at 1/255 and its mean gap at 4/255 is not "
+        "below 0, contradicted when every deeper DiffViT is higher beyond noise at 1/255.")
 
 
 def judge(diffs: list, ses: list) -> dict:
@@ -1790,11 +1790,11 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
             # the seeds with all three models: DiffViT as trained and fine-tuned, and the fine-tuned ViT
             seeds = [k for m, dd, e, k in index if (m, dd, e) == ("DiffViT", d, e_train)
                      and ("DiffViT", d, "0", k) in index and ("ViT", d, e_train, k) in index]
+            if not seeds:
+                continue
             at = lambda model, e, k: index[(model, d, e, k)]
             base = [(at("DiffViT", "0", k), at("DiffViT", e_train, k)) for k in seeds]
             tuned = [(at("DiffViT", e_train, k), at("ViT", e_train, k)) for k in seeds]
-            if not seeds:
-                continue
             eps = list(base[0][0]["asr"])
             claim(f"adversarial fine-tuning at eps_train {e_train} lowers DiffViT's ASR (depth {d}; as trained minus "
                   "fine-tuned, ASR points)", "advtrain",
