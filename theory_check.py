@@ -232,7 +232,7 @@ def depth_experiment(seed: int, device, depths=range(1, 13), trials: int = 4, di
         xi_dir /= xi_dir.norm()
         for attn in ("std", "diff"):
             torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
-            blocks = [da.Block(dim, heads, attn=attn, lambda_init=0.8, layer_index=i).double().to(device)
+            blocks = [da.Block(dim=dim, heads=heads, attn=attn, lambda_init=0.8, layer_index=i).double().to(device)
                       for i in range(D)]
             for e in eps:
                 xi = xi_dir * e * X.norm()
