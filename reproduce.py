@@ -690,6 +690,24 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     return model.eval(), record
 
 
+def train_step(model, opt, cfg: TrainConfig, x, y, prompts, gen, device, amp) -> tuple:
+    """One AdamW step on a batch (on ``fgsm_rs`` examples when ``cfg.adv_eps``); returns (logits, loss). For a
+    CLIP the logits are one-hot of the class of the caption each image picked, so accuracy reads as for a ViT."""
+    with autocast(device, amp):
+        if cfg.adv_eps:
+            x = fgsm_rs(model, x, y, cfg.adv_eps, gen)
+        if prompts is None:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        else:
+            logits, loss = clip_loss(model, x, y, prompts, gen)
+            logits = F.one_hot(y[logits.argmax(1)], len(prompts))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logits, loss
+
+
 def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prompts, device, amp, desc) -> tuple:
     """One epoch of AdamW with the warm-up-cosine schedule; returns (mean loss, accuracy) over it. Its
     randomness (order, augmentation, FGSM-RS noise, CLIP templates) comes from a per-epoch generator,
@@ -704,18 +722,7 @@ def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prom
     for i, (x, y) in enumerate(bar):
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch * n_steps + i, total, warmup, cfg.lr)
-        with autocast(device, amp):
-            if cfg.adv_eps:
-                x = fgsm_rs(model, x, y, cfg.adv_eps, gen)
-            if prompts is None:
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            else:  # accuracy below: the caption picked for an image is of its class
-                logits, loss = clip_loss(model, x, y, prompts, gen)
-                logits = F.one_hot(y[logits.argmax(1)], len(prompts))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        logits, loss = train_step(model, opt, cfg, x, y, prompts, gen, device, amp)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -2175,14 +2182,7 @@ def step_seconds(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> float
     y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
     prompts = prompt_tokens(class_names(cfg.dataset)) if isinstance(model, da.CLIP) else None
     gen = torch.Generator().manual_seed(0)
-
-    def step():
-        with autocast(device):
-            xs = fgsm_rs(model, x, y, cfg.adv_eps, gen) if cfg.adv_eps else x
-            loss = F.cross_entropy(model(xs).float(), y) if prompts is None else clip_loss(model, x, y, prompts, gen)[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = lambda: train_step(model, opt, cfg, x, y, prompts, gen, device, None)
     return statistics.median(seconds_of(step, steps + 2, device)[2:])
 
 
