@@ -1,18 +1,14 @@
 """diffattn: differential attention, ViT/DiffViT, and the tools to measure their sensitivity.
 
-A reproducibility kit for "Understanding Sensitivity of Differential Attention through the
-Lens of Adversarial Robustness" (ICLR 2026, arXiv 2510.00517). This one file depends on torch
-alone and can be copied into another project.
-
-Read top to bottom: attention (the paper's object) -> ViT/DiffViT -> CLIP/DiffCLIP and their
-loaders -> attacks (PGD, FGSM, CW-L2, AutoAttack) -> metrics (ASR, robust accuracy, gradient
-norms, branch-gradient alignment, local Lipschitz, sanity checks).
+A reproducibility kit for "Understanding Sensitivity of Differential Attention through the Lens of
+Adversarial Robustness" (ICLR 2026, arXiv 2510.00517), in one file that depends on torch alone. Read
+top to bottom: attention (the paper's object) and Lemma 1's branch-gradient alignment -> ViT/DiffViT
+-> CLIP/DiffCLIP and their loaders -> attacks (PGD, FGSM, CW-L2, AutoAttack, patch) -> metrics.
 
 Conventions: images are float (B, C, H, W) in [0, 1] and models normalize inside (RobustBench's
 convention), so attacks work in pixel space; state dicts use timm's ``VisionTransformer`` names;
-``heads`` always counts *standard* heads H: ``DiffAttention(dim, H)`` has H/2 differential heads
-and the projection shapes of ``Attention(dim, H)`` (Ye et al.'s comparison; timm's
-``DiffAttention`` counts H/2).
+``heads`` counts *standard* heads H: ``DiffAttention(dim, H)`` has H/2 differential heads and the
+projection shapes of ``Attention(dim, H)`` (Ye et al.'s comparison; timm's ``DiffAttention`` counts H/2).
 """
 from __future__ import annotations
 
@@ -21,6 +17,7 @@ import math
 import numbers
 import os
 import re
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -36,10 +33,12 @@ __all__ = ["Attention", "DiffAttention", "DiffAttentionV2", "AttnMaps", "attenti
            "input_gradient_norm", "Alignment", "branch_gradient_alignment", "local_lipschitz", "sanity_checks"]
 
 
-def _expect(ok: bool, name: str, value, expected: str) -> None:
-    """Raise ``ValueError`` naming the argument, its value and what it should be."""
-    if not ok:
-        raise ValueError(f"{name}={value!r}; expected {expected}")
+def _check(*rules: tuple) -> None:
+    """Argument checks as data: the first rule (name, value, ok, expected) with ``ok`` false raises
+    ``ValueError("name=value; expected <expected>")``. A public function makes one call."""
+    for name, value, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{name}={value!r}; expected {expected}")
 
 
 def _int(v, low: int) -> bool:  # numbers.Integral: numpy integers too
@@ -50,19 +49,37 @@ def _real(v, low: float = -math.inf) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= low
 
 
-# ----------------------------------------------------------------------------------------
-# Attention
-# ----------------------------------------------------------------------------------------
+def _integer(name: str, v, low: int) -> tuple:
+    return name, v, _int(v, low), f"an integer >= {low}"
+
+
+def _positive(name: str, v, note: str = "") -> tuple:
+    return name, v, _real(v) and v > 0, "a number > 0" + note
+
+
+def _one_of(name: str, v, options: tuple, note: str = "") -> tuple:
+    return name, v, v in options, ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}" + note
+
+
+def _budget(eps, x, expected: str = "a finite number >= 0", low: float = 0.0, strict: bool = False) -> tuple:
+    """An attack's eps: a finite number >= ``low`` (> if ``strict``) that stays finite in the images' dtype
+    (1e39 is finite in Python but inf in float32)."""
+    top = torch.finfo(x.dtype).max if torch.is_tensor(x) and x.is_floating_point() else math.inf
+    ok = _real(eps, low) and (eps > low or not strict) and eps <= top
+    return "eps", eps, ok, expected + (f", at most {top:.3g} ({x.dtype})" if top < math.inf else "")
+
+
+_NORMS, _LOSSES = ("inf", "2"), ("ce", "margin", "logit")
+
+
+# -- Attention ---------------------------------------------------------------------------
 
 @dataclass
 class AttnMaps:
-    """One attention layer's maps in one forward pass, recorded by ``attention_maps``, in the graph.
-
-    ``DiffAttention``: A1, A2 (B, H/2, N, N), the scalar ``lam`` and ``A = A1 - lam * A2``, the map that
-    multiplies V. ``DiffAttentionV2``: A1, A2 (B, H, N, N), ``lam`` the per-token gate (B, H, N) and
-    ``A = A1 - lam[..., None] * A2``. ``Attention``: ``A`` (B, H, N, N), the rest None. ``A.grad`` is
-    G = dL/dA after a backward.
-    """
+    """One attention layer's maps in one forward pass (in the graph), recorded by ``attention_maps``: A, the map
+    that multiplies V (A.grad = G = dL/dA after a backward). ``DiffAttention``: A = A1 - lam A2, A1, A2 (B, H/2,
+    N, N), ``lam`` a scalar; ``DiffAttentionV2``: A1, A2 (B, H, N, N), ``lam`` the per-token gate (B, H, N),
+    A = A1 - lam[..., None] A2; ``Attention``: A (B, H, N, N), the rest None."""
     layer: str
     A: torch.Tensor
     A1: Optional[torch.Tensor] = None
@@ -72,20 +89,44 @@ class AttnMaps:
 
 def lambda_init_schedule(layer_index: int) -> float:
     """The Differential Transformer's depth schedule: lambda_init = 0.8 - 0.6 exp(-0.3 l), l 0-based."""
-    _expect(_int(layer_index, 0), "layer_index", layer_index, "an integer >= 0")
+    _check(_integer("layer_index", layer_index, 0))
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
-def _check_heads(layer: str, dim, heads) -> None:
-    _expect(_int(dim, 1) and _int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
-    if dim % heads:
-        raise ValueError(f"{layer}: dim={dim} must be divisible by heads={heads}")
+def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Causal mask (query i sees keys j <= i) on attention scores, for the CLIP text tower."""
+    if not causal:
+        return scores
+    N = scores.shape[-1]
+    return scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
 
 
-class _Recordable(nn.Module):
-    """While ``_record`` is a list (inside ``attention_maps``), forward takes the explicit path and records."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, in float32 at least (also under bf16 autocast)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+class _AttentionLayer(nn.Module):
+    """What the three layers share: the checks of dim and heads (``even``: H/2 differential heads), ``qkv``
+    (``qkv_width`` outputs) and ``proj``. While ``_record`` is a list (inside ``attention_maps``), forward
+    takes the explicit path and records."""
     _record: Optional[list] = None
     _name, _retain_grad = "", True
+
+    def __init__(self, dim: int, heads: int, qkv_width: int, qkv_bias: bool, proj_bias: bool, causal: bool,
+                 even: bool = False):
+        super().__init__()
+        layer = type(self).__name__
+        _check(("(dim, heads)", (dim, heads), _int(dim, 1) and _int(heads, 1), "positive integers"))
+        if even and heads % 2:
+            raise ValueError(f"{layer}: heads={heads} is odd; heads counts standard heads H and the "
+                             f"layer has H/2 differential heads, so pass an even number (e.g. {heads + 1})")
+        if dim % heads:
+            raise ValueError(f"{layer}: dim={dim} must be divisible by heads={heads}")
+        self.heads, self.head_dim, self.causal = heads, dim // heads, causal  # H standard heads of size d
+        self.qkv = nn.Linear(dim, qkv_width, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def _store(self, **maps):
         if self._retain_grad and maps["A"].requires_grad:
@@ -93,18 +134,14 @@ class _Recordable(nn.Module):
         self._record.append(AttnMaps(layer=self._name, **maps))
 
 
-class Attention(_Recordable):
+class Attention(_AttentionLayer):
     """Standard multi-head self-attention (timm names: ``qkv``, ``proj``).
 
         A = softmax(Q K^T / sqrt(d)),  out = proj(concat_h(A_h V_h)),  d = dim / heads.
     """
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
-        super().__init__()
-        _check_heads("Attention", dim, heads)
-        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        super().__init__(dim, heads, 3 * dim, qkv_bias, proj_bias, causal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -118,7 +155,7 @@ class Attention(_Recordable):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
-class DiffAttention(_Recordable):
+class DiffAttention(_AttentionLayer):
     """Differential attention (Ye et al. 2024, "Differential Transformer", arXiv 2410.05258).
 
     With H standard heads, d = dim / H, and per differential head h = 0 .. H/2 - 1:
@@ -128,34 +165,22 @@ class DiffAttention(_Recordable):
         head_h = (1 - lambda_init) * RMSNorm((A1 - lambda A2) V_h)              (V_h of width 2d)
         out = proj(concat_h head_h)
 
-    Q1, Q2 (K1, K2) of head h are the standard heads 2h, 2h+1 of ``qkv`` (timm's layout) and V_h their
-    two value heads side by side: the projections of ``Attention(dim, H)``, plus 4d lambda parameters
-    and one RMSNorm(2d) shared by the heads. ``lambda_init``: a number (0.8, as in the paper and in
-    DiffCLIP) or ``"schedule"`` (``lambda_init_schedule(layer_index)``, Ye et al.'s and timm's default).
-
-    Two paths, one formula: fused (``F.scaled_dot_product_attention``, [Q1; Q2] stacked on the batch
-    axis; the default on CUDA) and explicit (the maps materialized; the default elsewhere, since CPU
-    SDPA has no fused kernel for a value width 2d != d, and inside ``attention_maps``).
+    Q1, Q2 (K1, K2) of head h: the standard heads 2h, 2h+1 of ``qkv`` (timm's layout); V_h: their two value
+    heads side by side. ``lambda_init``: a number (0.8, as in the paper and DiffCLIP) or ``"schedule"``
+    (``lambda_init_schedule(layer_index)``, Ye et al.'s and timm's default). Two paths, one formula: fused (SDPA,
+    [Q1; Q2] stacked on the batch axis; the default on CUDA) and explicit (the maps materialized; elsewhere, as
+    CPU SDPA has no fused kernel for a value width 2d != d, and inside ``attention_maps``).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
     def __init__(self, dim: int, heads: int, lambda_init: Union[float, str] = 0.8,
                  layer_index: int = 0, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
-        super().__init__()
-        _expect(_int(heads, 1), "(dim, heads)", (dim, heads), "positive integers")
-        if heads % 2:
-            raise ValueError(f"DiffAttention: heads={heads} is odd; heads counts standard heads H and the "
-                             f"layer has H/2 differential heads, so pass an even number (e.g. {heads + 1})")
-        _check_heads("DiffAttention", dim, heads)
+        super().__init__(dim, heads, 3 * dim, qkv_bias, proj_bias, causal, even=True)
         if lambda_init == "schedule":
             lambda_init = lambda_init_schedule(layer_index)
-        _expect(_real(lambda_init, 0) and lambda_init < 1, "lambda_init", lambda_init,
-                "a number in [0, 1) (the output is scaled by 1 - lambda_init), or 'schedule'")
-        self.lambda_init = float(lambda_init)
-        self.heads, self.head_dim, self.causal = heads, dim // heads, causal  # H standard heads of size d
-        d = self.head_dim
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        _check(("lambda_init", lambda_init, _real(lambda_init, 0) and lambda_init < 1,
+                "a number in [0, 1) (the output is scaled by 1 - lambda_init), or 'schedule'"))
+        self.lambda_init, d = float(lambda_init), self.head_dim
         self.lambda_q1 = nn.Parameter(torch.randn(d) * 0.1)
         self.lambda_k1 = nn.Parameter(torch.randn(d) * 0.1)
         self.lambda_q2 = nn.Parameter(torch.randn(d) * 0.1)
@@ -190,37 +215,201 @@ class DiffAttention(_Recordable):
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
-class DiffAttentionV2(_Recordable):
+@contextmanager
+def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]:
+    """Record the maps of every attention layer of ``model``, one ``AttnMaps`` per layer and pass, in
+    execution order::
+
+        with attention_maps(model) as maps:
+            F.cross_entropy(model(x), y).backward()
+        G, A1, A2, lam = maps[0].A.grad, maps[0].A1, maps[0].A2, maps[0].lam   # G = dL/dA, A = A1 - lam A2
+
+    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms do not allow.
+    """
+    record: list = []
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _AttentionLayer)]
+    for name, m in layers:
+        m._record, m._name, m._retain_grad = record, name, retain_grad
+    try:
+        yield record
+    finally:
+        for _, m in layers:
+            m._record = None
+
+
+# -- Inputs: images in [0, 1], one int64 label per image ---------------------------------
+
+def check_images(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless x holds finite float values in [0, 1]. One host sync: it runs where images
+    enter (``predict``, every attack and metric); a model's forward checks shape and dtype only."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        what = x.dtype if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"expected float images in [0, 1], got {what}; divide uint8 images by 255")
+    tol = 1e-4
+    if ((~torch.isfinite(x)).any() | (x < -tol).any() | (x > 1 + tol).any()).item():
+        if not torch.isfinite(x).all():
+            raise ValueError(f"images contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
+        raise ValueError(f"images must lie in [0, 1] (the model normalizes inside), got range "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}]; pass raw pixels / 255, "
+                         f"not mean/std-normalized images")
+
+
+def _check_shape(x: torch.Tensor, in_chans: int, img_size: int, dtype: torch.dtype) -> None:
+    """Shape and dtype only: metadata, so no host sync and no graph break (a model's forward)."""
+    if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != (in_chans, img_size, img_size):
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"expected images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+    if x.dtype != dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"images are {x.dtype} but the model is {dtype}: pass x.to({dtype}) (or convert the model)")
+
+
+def check_labels(y: torch.Tensor, n_images: int, num_classes: Optional[int] = None) -> None:
+    """Raise ``ValueError`` unless y holds one int64 label per image; with ``num_classes``, also unless
+    each lies in [0, num_classes) (one host sync)."""
+    if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (n_images,):
+        what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y: expected int64 labels of shape ({n_images},), one per image; got {what} (pass y.long())")
+    if num_classes is not None and n_images:
+        low, high = torch.stack(y.aminmax()).tolist()
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"y: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs); "
+                             f"got [{low}, {high}]")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Run a block with ``model`` in eval mode; each submodule's own mode is restored after (a BatchNorm
+    the caller froze in eval stays in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tuple,
+                 amp: Optional[bool] = False) -> torch.Tensor:
+    """The entry check of an attack or metric: images, labels, the arguments (``_check``'s rules), then the
+    labels' range, read off one image's logits: a no-grad, eval-mode forward of x[:1] (it draws no random
+    numbers), under bf16 autocast if ``amp`` (None: on CUDA) as ``pgd``'s own forwards. The loops check nothing.
+    Returns the images detached from the caller's graph (an attack's result is never part of it)."""
+    check_images(x)
+    check_labels(y, len(x))
+    _check(*rules)
+    if len(x):  # an empty batch has no label to range-check
+        autocast = torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda if amp is None else bool(amp))
+        with _eval_mode(model), torch.no_grad(), autocast:
+            try:
+                num_classes = model(x[:1]).shape[1]
+            except ValueError:  # the model's own input check: let it name the whole batch's shape
+                model(x)
+                raise
+        check_labels(y, len(x), num_classes)
+    return x.detach()
+
+
+# -- Branch-gradient alignment (the paper's Lemma 1) -------------------------------------
+
+@dataclass
+class Alignment:
+    """Lemma 1's quantities for one attention layer, per example. With G = dL/dA held fixed, g1 =
+    grad_x <A1(x), G> and g2 = grad_x <A2(x), G>: cos = cos(theta) = cos(g1, g2), rho = ||g2|| / ||g1||,
+    kappa = sqrt(1 + lam^2 rho^2 - 2 lam rho cos) = ||g1 - lam g2|| / ||g1|| (the amplification).
+    ``control``: a standard layer, (A1, A2) its head pairs (2h, 2h+1), each with its own G, lam = 1."""
+    layer: str
+    cos: torch.Tensor
+    rho: torch.Tensor
+    kappa: torch.Tensor
+    g1_norm: torch.Tensor
+    g2_norm: torch.Tensor
+    lam: float
+    control: bool
+
+    @property
+    def frac_negative(self) -> float:
+        """Fraction of examples with cos(theta) < 0 (negative gradient alignment)."""
+        return (self.cos < 0).float().mean().item()
+
+
+def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> list:
+    """One ``Alignment`` per attention layer, in forward order (one forward, two backwards a layer). L: the
+    batch-summed cross-entropy on the true label, or ``loss_fn(logits, y)``; the maps' share of grad_x L is
+    g1 - lambda g2, so Lemma 1 holds exactly. Standard layers give the control. DA V2 (our extension): the
+    gate, held fixed like G, goes into branch 2: g2 = grad_x <A2, diag(gate) G>, lambda = 1."""
+    if loss_fn is None:  # the default loss takes class labels
+        _check_batch(model, x, y)
+    else:
+        check_images(x)
+    out = []
+    with _eval_mode(model):
+        x = x.detach().requires_grad_(True)
+        with attention_maps(model, retain_grad=False) as maps:
+            logits = model(x)
+        if not maps:
+            raise ValueError("branch_gradient_alignment: the model ran no attention layer (Attention, DiffAttention "
+                             "or DiffAttentionV2; a depth-0 ViT has none), so there is nothing to measure")
+        loss = (loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="sum")))(logits, y)
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+            raise ValueError(f"loss_fn returned {shape}; expected a scalar tensor: sum its per-example losses")
+        Gs = torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)
+        for i, (m, G) in enumerate(zip(maps, Gs)):
+            if m.A1 is not None and m.lam.dim():  # V2: the per-token gate, held fixed, goes into branch 2
+                A1, A2, G1, G2, lam = m.A1, m.A2, G, G * m.lam.detach()[..., None], 1.0
+            elif m.A1 is not None:
+                A1, A2, G1, G2, lam = m.A1, m.A2, G, G, m.lam.item()
+            elif m.A.shape[1] % 2:  # the control pairs heads (2h, 2h+1): undefined for an odd count
+                raise ValueError(f"{m.layer} has {m.A.shape[1]} heads: the head-pair control needs an even "
+                                 f"number of standard heads, so it is undefined for this layer")
+            else:
+                A1, A2, G1, G2, lam = m.A[:, 0::2], m.A[:, 1::2], G[:, 0::2], G[:, 1::2], 1.0
+            g1, = torch.autograd.grad((A1 * G1).sum(), x, retain_graph=True)
+            g2, = torch.autograd.grad((A2 * G2).sum(), x, retain_graph=i + 1 < len(maps))
+            g1, g2 = g1.flatten(1), g2.flatten(1)
+            n1, n2 = g1.norm(dim=1), g2.norm(dim=1)
+            cos = (g1 * g2).sum(1) / (n1 * n2).clamp_min(1e-30)
+            rho = n2 / n1.clamp_min(1e-30)
+            kappa = (1 + lam ** 2 * rho ** 2 - 2 * lam * rho * cos).clamp_min(0).sqrt()
+            out.append(Alignment(m.layer, cos.detach(), rho.detach(), kappa.detach(), n1.detach(), n2.detach(),
+                                 lam, m.A1 is None))
+    return out
+
+
+# -- Differential attention V2: the kit's extension, beyond the paper --------------------
+
+class DiffAttentionV2(_AttentionLayer):
     """Differential attention V2 (Ye et al., January 2026; microsoft/unilm, Diff-Transformer-V2).
 
-    With H output heads, d = dim / H, and per head h two query heads sharing one key and one value head:
+    The kit's extension (DA V2), not in the paper, which studies V1 only: ``attn="diff2"`` asks whether V1's
+    findings carry over. With H output heads, d = dim / H, and per head h two query heads sharing one key and
+    one value head:
 
         A1 = softmax(Q_2h K_h^T / sqrt(d)),   A2 = softmax(Q_2h+1 K_h^T / sqrt(d))  (a causal mask only if asked)
         gate_t = sigmoid(w_h . x_t)                          (``lambda_proj``, no bias: per token t and head h)
         head_h = A1 V_h - gate * (A2 V_h) = (A1 - diag(gate) A2) V_h
         out = proj(concat_h head_h)
 
-    Unlike V1, lambda is a per-token gate in (0, 1) rather than one learned scalar, and there is no
-    per-head RMSNorm and no (1 - lambda_init). ``qkv`` is V2's q, k, v projections stacked (queries
-    2 dim wide, heads 2h, 2h+1 = Q1, Q2 of head h; keys and values dim wide): dim^2 (+ dim of bias)
-    + H dim more parameters than ``Attention(dim, H)``. Two paths as in ``DiffAttention`` (fused: SDPA with the
-    query heads grouped on their key and value head).
+    Unlike V1: a per-token gate in (0, 1) for the scalar lambda, no per-head RMSNorm, no (1 - lambda_init).
+    ``lambda_proj`` keeps PyTorch's ``nn.Linear`` init inside a ``ViT`` too, as in the released module (the
+    other linear layers get timm's truncated normal(0.02)).
+    ``qkv`` stacks q (2 dim wide: heads 2h, 2h+1 = Q1, Q2 of head h), k and v (dim wide). Two paths as in
+    ``DiffAttention`` (fused: SDPA with the query heads grouped on their key and value head).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True, causal: bool = False):
-        super().__init__()
-        _check_heads("DiffAttentionV2", dim, heads)
-        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
-        self.qkv = nn.Linear(dim, 4 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        super().__init__(dim, heads, 4 * dim, qkv_bias, proj_bias, causal)
         self.lambda_proj = nn.Linear(dim, heads, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         H, d = self.heads, self.head_dim
         q, k, v = self.qkv(x).split([2 * C, C, C], dim=-1)
-        q = q.view(B, N, 2 * H, d).transpose(1, 2)                            # (B, 2H, N, d): Q1, Q2 of head h at 2h, 2h+1
+        q = q.view(B, N, 2 * H, d).transpose(1, 2)                            # (B, 2H, N, d): Q1, Q2 at 2h, 2h+1
         k, v = (t.view(B, N, H, d).transpose(1, 2) for t in (k, v))           # (B, H, N, d)
         gate = torch.sigmoid(self.lambda_proj(x)).transpose(1, 2)[..., None]   # (B, H, N, 1)
         fused = x.is_cuda if self.fused is None else self.fused
@@ -237,71 +426,7 @@ class DiffAttentionV2(_Recordable):
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
-def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Causal mask (query i sees keys j <= i) on attention scores, for the CLIP text tower."""
-    if not causal:
-        return scores
-    N = scores.shape[-1]
-    return scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis, in float32 at least (also under bf16 autocast)."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
-
-
-@contextmanager
-def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]:
-    """Record the maps of every ``Attention``/``DiffAttention`` layer of ``model``, one ``AttnMaps`` per
-    layer and pass, in execution order::
-
-        with attention_maps(model) as maps:
-            F.cross_entropy(model(x), y).backward()
-        G, A1, A2, lam = maps[0].A.grad, maps[0].A1, maps[0].A2, maps[0].lam   # G = dL/dA, A = A1 - lam A2
-
-    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms do not allow.
-    """
-    record: list = []
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _Recordable)]
-    for name, m in layers:
-        m._record, m._name, m._retain_grad = record, name, retain_grad
-    try:
-        yield record
-    finally:
-        for _, m in layers:
-            m._record = None
-
-
-# ----------------------------------------------------------------------------------------
-# ViT / DiffViT
-# ----------------------------------------------------------------------------------------
-
-def check_images(x: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless x holds finite float values in [0, 1]. One host sync, so it runs where
-    images enter (``predict``, every attack and metric); a model's forward checks shape and dtype only."""
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        what = x.dtype if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"expected float images in [0, 1], got {what}; divide uint8 images by 255")
-    tol = 1e-4
-    if ((~torch.isfinite(x)).any() | (x < -tol).any() | (x > 1 + tol).any()).item():
-        if not torch.isfinite(x).all():
-            raise ValueError(f"images contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
-        raise ValueError(f"images must lie in [0, 1] (the model normalizes inside), got range "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}]; pass raw pixels / 255, "
-                         f"not mean/std-normalized images")
-
-
-def _check_shape(x: torch.Tensor, in_chans: int, img_size: int, dtype: torch.dtype) -> None:
-    """Shape and dtype only: metadata, so no host sync and no graph break."""
-    if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != (in_chans, img_size, img_size):
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"expected images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
-    if x.dtype != dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
-        raise ValueError(f"images are {x.dtype} but the model is {dtype}: pass x.to({dtype}) (or convert the model)")
-
+# -- ViT / DiffViT -----------------------------------------------------------------------
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): OpenAI CLIP's activation (and DiffCLIP's text tower's)."""
@@ -310,34 +435,25 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
-        super().__init__()
-        if act not in ("gelu", "quick_gelu"):
-            raise ValueError(f"act={act!r}; expected 'gelu' or 'quick_gelu'")
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.act = nn.GELU() if act == "gelu" else QuickGELU()
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). Keyword arguments only."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
+    def __init__(self, *, dim: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
                  lambda_init: Union[float, str] = 0.8, layer_index: int = 0, qkv_bias: bool = True,
                  proj_bias: bool = True, causal: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
-        _expect(_real(mlp_ratio) and mlp_ratio > 0, "mlp_ratio", mlp_ratio, "a number > 0")
+        _check(_positive("mlp_ratio", mlp_ratio),
+               _one_of("attn", attn, ("std", "diff", "diff2"), " (differential attention V2)"),
+               _one_of("act", act, ("gelu", "quick_gelu")))
+        shared = dict(qkv_bias=qkv_bias, proj_bias=proj_bias, causal=causal)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if attn not in ("std", "diff", "diff2"):
-            raise ValueError(f"attn={attn!r}; expected 'std', 'diff' or 'diff2' (differential attention V2)")
-        self.attn = (Attention(dim, heads, qkv_bias, proj_bias, causal) if attn == "std" else
-                     DiffAttention(dim, heads, lambda_init, layer_index, qkv_bias, proj_bias, causal) if attn == "diff"
-                     else DiffAttentionV2(dim, heads, qkv_bias, proj_bias, causal))
+        self.attn = (Attention(dim, heads, **shared) if attn == "std" else
+                     DiffAttention(dim, heads, lambda_init, layer_index, **shared) if attn == "diff"
+                     else DiffAttentionV2(dim, heads, **shared))
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(  # timm's Mlp names
+            fc1=nn.Linear(dim, hidden), act=nn.GELU() if act == "gelu" else QuickGELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -354,36 +470,36 @@ class PatchEmbed(nn.Module):
 
 
 def _channels(v, in_chans: int, name: str) -> torch.Tensor:
+    """A per-channel ``mean`` or ``std`` (one value, or one per channel) as a (1, in_chans, 1, 1) buffer."""
     values = torch.as_tensor(v, dtype=torch.float64, device="cpu").flatten().tolist()
     if len(values) not in (1, in_chans):
         raise ValueError(f"{name} has {len(values)} values; expected 1 or in_chans={in_chans}")
-    _expect(all(math.isfinite(u) and (u > 0 or name != "std") for u in values), name, v,
-            "finite values" + (" > 0" if name == "std" else ""))
+    _check((name, v, all(math.isfinite(u) and (u > 0 or name != "std") for u in values),
+            "finite values" + (" > 0" if name == "std" else "")))
     return torch.tensor(values, dtype=torch.float32).expand(in_chans).reshape(1, in_chans, 1, 1).clone()
 
 
 class ViT(nn.Module):
     """Vision Transformer (``attn="std"``) or DiffViT (``attn="diff"``; ``"diff2"``: DA V2) with timm's names.
 
-    Pre-norm blocks, class token, learned position embedding, GELU MLP, final LayerNorm, linear
-    head on the class token; images in [0, 1], normalized inside with ``mean``/``std`` (not in
-    the state dict). timm equivalent: ``VisionTransformer(img_size, patch_size, in_chans,
-    num_classes, embed_dim=dim, depth, num_heads=H, mlp_ratio, qkv_bias=True)``; for DiffViT
-    ``attn_layer="diff"``, ``num_heads=H // 2`` and each block's ``attn.lambda_init`` set to match.
-    ``pre_norm=True`` adds ``norm_pre`` (CLIP's ln_pre) without a patch bias, as timm does for
-    CLIP towers; ``num_classes=0`` leaves the head out.
+    Pre-norm blocks, class token, learned position embedding, final LayerNorm, linear head on the class
+    token; images in [0, 1], normalized inside with ``mean``/``std`` (not in the state dict). timm:
+    ``VisionTransformer(img_size, patch_size, in_chans, num_classes, embed_dim=dim, depth, num_heads=H,
+    mlp_ratio, qkv_bias=True)``; for DiffViT ``attn_layer="diff"``, ``num_heads=H // 2`` and each block's
+    ``attn.lambda_init`` set to match. ``pre_norm=True``: ``norm_pre`` (CLIP's ln_pre), no patch bias, as
+    timm's CLIP towers; ``num_classes=0``: no head. Keyword arguments only.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, dim: int,
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, num_classes: int, dim: int,
                  depth: int, heads: int, mlp_ratio: float = 4.0, attn: str = "std",
                  lambda_init: Union[float, str] = 0.8, mean: Union[float, Sequence[float]] = 0.5,
                  std: Union[float, Sequence[float]] = 0.5, qkv_bias: bool = True, proj_bias: bool = True,
                  pre_norm: bool = False, act: str = "gelu", norm_eps: float = 1e-6):
         super().__init__()
-        _expect(all(_int(v, 1) for v in (img_size, patch_size, in_chans, dim, heads)) and _int(depth, 0)
-                and _int(num_classes, 0), "(img_size, patch_size, in_chans, dim, heads, depth, num_classes)",
-                (img_size, patch_size, in_chans, dim, heads, depth, num_classes),
-                "positive integers (depth and num_classes may be 0)")
+        sizes = (img_size, patch_size, in_chans, dim, heads, depth, num_classes)
+        _check(("(img_size, patch_size, in_chans, dim, heads, depth, num_classes)", sizes,
+                all(_int(v, 1) for v in sizes[:5]) and _int(depth, 0) and _int(num_classes, 0),
+                "positive integers (depth and num_classes may be 0)"))
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         self.img_size, self.in_chans, self.attn_type = img_size, in_chans, attn
@@ -394,17 +510,16 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
         self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else nn.Identity()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, attn, lambda_init, i, qkv_bias, proj_bias,
-                                          act=act, norm_eps=norm_eps) for i in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, attn=attn, lambda_init=lambda_init, layer_index=i,
+                  qkv_bias=qkv_bias, proj_bias=proj_bias, act=act, norm_eps=norm_eps) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self):  # timm's defaults; lambda vectors keep their N(0, 0.1^2) draw
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # timm's init; lambda vectors keep their N(0, 0.1^2) draw
         nn.init.normal_(self.cls_token, std=1e-6)
+        gates = {m.lambda_proj for m in self.modules() if isinstance(m, DiffAttentionV2)}  # as released: torch's init
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in gates:
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -424,33 +539,7 @@ class ViT(nn.Module):
         return self.head(self.forward_features(x)[:, 0])
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Run a block with ``model`` in eval mode; its mode is restored after."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
-def check_labels(y: torch.Tensor, n_images: int, num_classes: Optional[int] = None) -> None:
-    """Raise ``ValueError`` unless y holds one int64 label per image; with ``num_classes`` (the width of
-    logits the caller has computed anyway), also unless each lies in [0, num_classes) (one host sync)."""
-    if not torch.is_tensor(y) or y.dtype != torch.int64 or tuple(y.shape) != (n_images,):
-        what = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
-        raise ValueError(f"y: expected int64 labels of shape ({n_images},), one per image; got {what} (pass y.long())")
-    if num_classes is not None and n_images:
-        low, high = torch.stack(y.aminmax()).tolist()
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"y: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs); "
-                             f"got [{low}, {high}]")
-
-
-# ----------------------------------------------------------------------------------------
-# CLIP / DiffCLIP
-# ----------------------------------------------------------------------------------------
+# -- CLIP / DiffCLIP ---------------------------------------------------------------------
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -467,8 +556,10 @@ class TextTransformer(nn.Module):
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, attn, lambda_init, i, qkv_bias, proj_bias,
-                                          causal=True, act=act, norm_eps=norm_eps) for i in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim=width, heads=heads, mlp_ratio=mlp_ratio, attn=attn, lambda_init=lambda_init, layer_index=i,
+                  qkv_bias=qkv_bias, proj_bias=proj_bias, causal=True, act=act, norm_eps=norm_eps)
+            for i in range(depth))
         self.norm = nn.LayerNorm(width, eps=norm_eps)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -522,10 +613,10 @@ def tokenize(texts, context_length: int = 77) -> torch.Tensor:
 def zero_shot_weights(model: CLIP, classnames: Sequence[str], templates: Sequence[str], tokenizer=tokenize,
                       batch_size: int = 256) -> torch.Tensor:
     """Per class, the mean of the normalized text embeddings of its prompts, normalized: (embed_dim, C)."""
-    _expect(len(classnames) > 0, "classnames", classnames, "one or more class names")
-    _expect(_int(batch_size, 1), "batch_size", batch_size, "an integer >= 1")
-    _expect(len(templates) > 0 and all("{}" in t for t in templates), "templates", templates,
-            "one or more prompt templates, each with a {} for the class name")
+    _check(("classnames", classnames, len(classnames) > 0, "one or more class names"),
+           _integer("batch_size", batch_size, 1),
+           ("templates", templates, len(templates) > 0 and all("{}" in t for t in templates),
+            "one or more prompt templates, each with a {} for the class name"))
     weights = []
     with _eval_mode(model):
         for name in classnames:
@@ -542,8 +633,12 @@ class ZeroShotClassifier(nn.Module):
     def __init__(self, clip: CLIP, weights: torch.Tensor):
         super().__init__()
         d = clip.image_projection.shape[1]
-        _expect(torch.is_tensor(weights) and weights.dim() == 2 and weights.shape[0] == d, "weights.shape",
-                tuple(getattr(weights, "shape", ())), f"({d}, classes): one normalized text embedding per column")
+        dtype = clip.image_projection.dtype
+        _check(("weights.shape", tuple(getattr(weights, "shape", ())),
+                torch.is_tensor(weights) and weights.dim() == 2 and weights.shape[0] == d,
+                f"({d}, classes): one normalized text embedding per column"),
+               ("weights.dtype", getattr(weights, "dtype", None), getattr(weights, "dtype", None) == dtype,
+                f"the CLIP's {dtype}: pass weights.to({dtype})"))
         self.clip = clip
         self.register_buffer("weights", weights, persistent=False)
         self.blocks = clip.visual.blocks
@@ -640,33 +735,53 @@ def _torch_load(path, trust_pickle: bool) -> dict:
         raise damaged(e) from e
 
 
+def _hub_file(repo: str, filename: str) -> str:
+    """The local path of ``filename`` of a Hugging Face hub repo: from the local cache if it is there, else
+    downloaded; ``FileNotFoundError`` within seconds (not after minutes of retries) when it cannot be had."""
+    try:
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    except ImportError as e:
+        raise ImportError(f"{repo!r} looks like a Hugging Face hub id: pip install huggingface_hub") from e
+    fix = (f"fetch it once with a network (or copy the file here) and pass its path, or set HF_HUB_OFFLINE=1 to "
+           f"read only the local cache ({constants.HF_HUB_CACHE})")
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
+    except Exception:  # not in the cache: download it, if the hub answers
+        pass
+    try:
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        get_hf_file_metadata(hf_hub_url(repo, filename), timeout=10)  # one request, no retries: fails fast
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # offline, unknown repo, no such file
+        raise FileNotFoundError(f"cannot get {filename!r} of the Hugging Face hub id {repo!r} ({type(e).__name__}: "
+                                f"{str(e)[:200]}); it is not in the local cache: {fix}") from e
+
+
 def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = False,
               filename: str = "checkpoint_best.pt", image_heads: Optional[int] = None,
               text_heads: Optional[int] = None) -> CLIP:
-    """A kit ``CLIP`` from a checkpoint: a state dict, a local file, or a Hugging Face hub id.
+    """A kit ``CLIP`` from a checkpoint: a state dict, a local file, or a Hugging Face hub id (owner/name; its
+    ``filename``, read from the local hub cache when it is there, else downloaded).
 
-    Layouts: OpenCLIP / OpenAI (``visual.conv1``, ``attn.in_proj_weight``, OpenAI mean/std;
-    ``quick_gelu=True`` for OpenAI's weights), and DiffCLIP (Hammoud & Ghanem 2025, e.g.
-    ``hammh0a/DiffCLIP_ViTB16_CC12M``, ``checkpoint_best.pt``): SLIP-style, keys maybe under
-    ``module.``, a timm ViT image tower with q/k/v projections, ``diff_norm`` and lambda vectors
-    (lambda_init 0.8), a differential QuickGELU text tower, ImageNet mean/std; with standard
-    attention, the matched CLIP baseline. Strict: unused, missing and mis-shaped keys raise, listed.
-    Heads: from the lambda vectors' length (DA), else 64 wide (OpenCLIP's convention), unless given.
-    Files load with weights_only=True (DiffCLIP's pickled argparse arguments allowed); anything else
-    in a pickle needs ``trust_pickle=True``.
+    Layouts: OpenCLIP / OpenAI (``visual.conv1``, ``attn.in_proj_weight``, OpenAI mean/std; ``quick_gelu=True``
+    for OpenAI's weights), and DiffCLIP (Hammoud & Ghanem 2025, e.g. ``hammh0a/DiffCLIP_ViTB16_CC12M``):
+    SLIP-style, keys maybe under ``module.``, a timm ViT image tower with q/k/v projections, ``diff_norm`` and
+    lambda vectors (lambda_init 0.8), a differential QuickGELU text tower, ImageNet mean/std; with standard
+    attention, the matched CLIP baseline. Strict: unused, missing and mis-shaped keys raise, listed. Heads: from
+    the lambda vectors' length (DA), else 64 wide (OpenCLIP's), unless given. Files load with weights_only=True
+    (DiffCLIP's pickled argparse arguments allowed); other pickles need ``trust_pickle=True``.
     """
     if isinstance(source, dict):
         src = source
-    elif os.path.isfile(str(source)):
-        src = _torch_load(source, trust_pickle)
-    elif isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/")):
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError as e:
-            raise ImportError(f"{source!r} looks like a Hugging Face hub id: pip install huggingface_hub") from e
-        src = _torch_load(hf_hub_download(source, filename), trust_pickle)
+    elif os.path.isfile(os.path.expanduser(str(source))):
+        src = _torch_load(os.path.expanduser(str(source)), trust_pickle)
+    elif (not isinstance(source, str) or source.startswith((".", "/", "~")) or source.count("/") != 1
+          or source.endswith((".pt", ".pth", ".bin", ".safetensors"))):  # a path, not a hub id (owner/name)
+        raise FileNotFoundError(f"no checkpoint file at {os.path.abspath(os.path.expanduser(str(source)))} (current "
+                                f"directory {os.getcwd()}): check the path, or pass a hub id owner/name")
     else:
-        raise FileNotFoundError(f"{source!r} is neither a file nor a hub id (owner/name)")
+        src = _torch_load(_hub_file(source, filename), trust_pickle)
     for key in ("state_dict", "model"):
         if isinstance(src.get(key), dict):
             src = src[key]
@@ -684,9 +799,7 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------
-# Attacks
-# ----------------------------------------------------------------------------------------
+# -- Attacks -----------------------------------------------------------------------------
 
 @dataclass
 class AttackResult:
@@ -735,36 +848,57 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     return (x + delta).clamp(0, 1)
 
 
+def _ascend(model: nn.Module, iterate, move, y: torch.Tensor, best_margin: torch.Tensor, best_x: torch.Tensor,
+            steps: int, loss: str, targeted: bool, early_stop: bool, amp: bool = False) -> None:
+    """The loop of ``pgd`` and ``patch_attack``: ``steps`` gradient steps on ``loss`` (summed over the rows),
+    ``iterate(rows)`` the current inputs of those rows and ``move(rows, xa, g)`` the step. Per example the
+    strongest of the steps + 1 points (lowest margin) goes into ``best_margin``, ``best_x`` (in place);
+    ``early_stop``: fooled rows leave the attack."""
+    act = torch.arange(len(y), device=y.device)  # rows still attacked (all, unless early_stop)
+    for step in range(steps + 1):
+        last = step == steps
+        xa = iterate(act).requires_grad_(not last)
+        with torch.set_grad_enabled(not last), torch.autocast(xa.device.type, torch.bfloat16, enabled=amp):
+            logits = model(xa)
+        m = _margin(logits.detach().float(), y[act], targeted)
+        better = m < best_margin[act]
+        best_margin[act] = torch.where(better, m, best_margin[act])
+        best_x[act] = torch.where(_rows(better, xa), xa.detach(), best_x[act])
+        if last:
+            break
+        g, = torch.autograd.grad(_attack_loss(logits.float(), y[act], loss, targeted).sum(), xa)
+        with torch.no_grad():
+            move(act, xa, g)
+        if early_stop:  # drop the rows already fooled at the point just evaluated
+            act = act[best_margin[act] >= 0]
+            if act.numel() == 0:
+                break
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", steps: int = 10,
         alpha: Optional[float] = None, random_start: bool = True, restarts: int = 1, loss: str = "ce",
         targeted: bool = False, amp: Optional[bool] = None, early_stop: bool = False) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018) in the Linf (``norm="inf"``) or L2 ball of radius eps.
 
-    Step: Linf ``x + alpha sign(g)``, L2 ``x + alpha g / ||g||_2`` (alpha = 2.5 eps / steps by
-    default), then projection onto the eps-ball and [0, 1]. Per example the strongest iterate over
-    all steps and restarts is kept (lowest margin z_y - max_{j != y} z_j; y is the target if
-    ``targeted``); restarts attack only the examples not yet fooled. ``loss="logit"`` descends the
-    true class's logit: on a ``ZeroShotClassifier`` that is the paper's CLIP attack (lower the
-    cosine to the prompt). ``amp`` (default on CUDA) takes the steps under bf16 autocast and
-    decides success in float32. ``early_stop`` stops attacking fooled examples: the same success
-    flags for fewer passes, x_adv then the first fooled iterate. The model runs in eval mode.
+    Step: Linf ``x + alpha sign(g)``, L2 ``x + alpha g / ||g||_2`` (alpha = 2.5 eps / steps by default),
+    then projection onto the eps-ball and [0, 1]. Per example the strongest iterate over all steps and
+    restarts is kept (lowest margin z_y - max_{j != y} z_j; y the target if ``targeted``); restarts attack
+    only the examples not yet fooled. ``loss="logit"`` descends the true class's logit (on a
+    ``ZeroShotClassifier``: the paper's CLIP attack). ``amp`` (default on CUDA): bf16 autocast steps,
+    success decided in float32. ``early_stop``: fooled examples leave the attack (the same success flags
+    for fewer passes; x_adv the first fooled iterate). The model runs in eval mode.
     """
-    check_images(x)
-    check_labels(y, len(x))  # and their range at the first forward
-    _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
-    _expect(_real(eps, 0), "eps", eps, "a finite number >= 0")
-    _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
-    _expect(_int(restarts, 1), "restarts", restarts, "an integer >= 1")
-    _expect(alpha is None or _real(alpha, 0), "alpha", alpha, "None or a number >= 0")
-    _expect(loss in ("ce", "margin", "logit"), "loss", loss, "'ce', 'margin' or 'logit'")
-    for name, v in (("random_start", random_start), ("targeted", targeted), ("early_stop", early_stop), ("amp", amp)):
-        _expect(v in (True, False) or (name == "amp" and v is None), name, v, "True or False")
+    x = _check_batch(model, x, y, _one_of("norm", norm, _NORMS), _budget(eps, x),
+                     _integer("steps", steps, 0), _integer("restarts", restarts, 1),
+                     ("alpha", alpha, alpha is None or _real(alpha, 0), "None or a number >= 0"),
+                     _one_of("loss", loss, _LOSSES), _one_of("random_start", random_start, (True, False)),
+                     _one_of("targeted", targeted, (True, False)), _one_of("early_stop", early_stop, (True, False)),
+                     ("amp", amp, amp is None or amp in (True, False), "True or False"), amp=amp)
     amp = x.is_cuda if amp is None else amp
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
     if eps == 0 or steps == 0:
         with _eval_mode(model), torch.no_grad():
             logits = model(x).float()
-        check_labels(y, len(x), logits.shape[1])
         return AttackResult(x.clone(), _margin(logits, y, targeted) < 0, x.new_zeros(len(x)))
     best_x = x.clone()
     best_margin = torch.full((len(x),), float("inf"), device=x.device)  # float32, also for a bf16 model
@@ -779,30 +913,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                 if norm == "2":
                     noise *= _rows(eps * torch.rand(len(x0), device=x.device) / _per_example_norm(noise, "2"), x)
                 xa = _project(x0 + noise, x0, eps, norm)
+
+            def move(rows, xr, g):
+                step_dir = g.sign() if norm == "inf" else g / _rows(_per_example_norm(g, "2").clamp_min(1e-12), g)
+                xa[rows] = _project(xr + alpha * step_dir, x0[rows], eps, norm)
             bm, bx = best_margin[idx], best_x[idx]
-            act = torch.arange(len(idx), device=x.device)  # rows still attacked (all, unless early_stop)
-            for step in range(steps + 1):
-                last = step == steps
-                xa.requires_grad_(not last)
-                with torch.set_grad_enabled(not last), torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-                    logits = model(xa)
-                if r == step == 0:
-                    check_labels(y, len(x), logits.shape[1])
-                m = _margin(logits.detach().float(), y0[act], targeted)
-                better = m < bm[act]
-                bm[act] = torch.where(better, m, bm[act])
-                bx[act] = torch.where(_rows(better, x), xa.detach(), bx[act])
-                if last:
-                    break
-                g, = torch.autograd.grad(_attack_loss(logits.float(), y0[act], loss, targeted).sum(), xa)
-                with torch.no_grad():
-                    step_dir = g.sign() if norm == "inf" else g / _rows(_per_example_norm(g, "2").clamp_min(1e-12), x)
-                    xa = _project(xa + alpha * step_dir, x0[act], eps, norm)
-                if early_stop:  # drop the rows already fooled at the point just evaluated
-                    keep = bm[act] >= 0
-                    act, xa = act[keep], xa[keep]
-                    if act.numel() == 0:
-                        break
+            _ascend(model, lambda rows: xa[rows], move, y0, bm, bx, steps, loss, targeted, early_stop, amp)
             if amp:  # the iterates were ranked in bf16; success is decided in float32
                 with torch.no_grad():
                     bm = _margin(model(bx).float(), y0, targeted)
@@ -818,52 +934,32 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: s
 def patch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, steps: int = 100,
                  step_size: float = 1 / 16, location: str = "random", loss: str = "ce",
                  early_stop: bool = False) -> AttackResult:
-    """An adversarial patch: a ``size`` x ``size`` square of each image replaced by pixels free in
-    [0, 1] (every channel; no norm bound), at one place per image (``location="random"``: uniform
-    over the positions where it fits, from torch's global RNG; ``"center"``), started from uniform
-    noise and optimised by ``steps`` signed-gradient steps of ``step_size`` on ``loss``. Per example
-    the strongest iterate is kept (lowest margin, as in ``pgd``); only the patch's pixels differ
-    from x. ``early_stop`` stops attacking fooled examples: the same success flags for fewer passes,
-    x_adv then the first fooled iterate.
-    ``norm`` holds the patch side. The model runs in eval mode.
-    """
-    check_images(x)
-    check_labels(y, len(x))
+    """An adversarial patch: a ``size`` x ``size`` square of each image replaced by pixels free in [0, 1]
+    (no norm bound), at one place per image (``location="random"``: uniform where it fits, from torch's
+    global RNG; ``"center"``), from uniform noise by ``steps`` signed-gradient steps of ``step_size`` on
+    ``loss``. The strongest iterate and ``early_stop`` as in ``pgd``; ``norm`` holds the patch side."""
+    check_images(x)  # before x.shape is read
     B, C, H, W = x.shape
-    _expect(_int(size, 1) and size <= min(H, W), "size", size, f"an integer in [1, {min(H, W)}] (pixels)")
-    _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
-    _expect(_real(step_size) and step_size > 0, "step_size", step_size, "a number > 0")
-    _expect(location in ("random", "center"), "location", location, "'random' or 'center'")
-    _expect(loss in ("ce", "margin", "logit"), "loss", loss, "'ce', 'margin' or 'logit'")
-    _expect(early_stop in (True, False), "early_stop", early_stop, "True or False")
+    x = _check_batch(model, x, y, ("size", size, _int(size, 1) and size <= min(H, W),
+                                   f"an integer in [1, {min(H, W)}] (pixels)"),
+                     _integer("steps", steps, 0), _positive("step_size", step_size),
+                     _one_of("location", location, ("random", "center")), _one_of("loss", loss, _LOSSES),
+                     _one_of("early_stop", early_stop, (True, False)))
     if location == "center":
         top, left = torch.full((B,), (H - size) // 2), torch.full((B,), (W - size) // 2)
     else:
         top, left = torch.randint(0, H - size + 1, (B,)), torch.randint(0, W - size + 1, (B,))
-    inside = lambda start, n: (torch.arange(n)[None] >= start[:, None]) & (torch.arange(n)[None] < start[:, None] + size)
+    inside = lambda start, n: ((torch.arange(n)[None] >= start[:, None])  # (B, n): in [start, start + size)
+                               & (torch.arange(n)[None] < start[:, None] + size))
     mask = (inside(top, H)[:, :, None] & inside(left, W)[:, None, :])[:, None].to(x.device)  # (B, 1, H, W)
     patch = torch.rand_like(x)
+
+    def move(rows, xa, g):
+        patch[rows] = (patch[rows] + step_size * g.sign()).clamp(0, 1)
     best_x, best_margin = x.clone(), torch.full((B,), float("inf"), device=x.device)
-    act = torch.arange(B, device=x.device)  # rows still attacked (all, unless early_stop)
     with _eval_mode(model):
-        for step in range(steps + 1):
-            xa = torch.where(mask[act], patch[act], x[act]).requires_grad_(step < steps)
-            with torch.set_grad_enabled(step < steps):
-                logits = model(xa)
-            if step == 0:
-                check_labels(y, len(x), logits.shape[1])
-            m = _margin(logits.detach().float(), y[act], False)
-            better = m < best_margin[act]
-            best_margin[act] = torch.where(better, m, best_margin[act])
-            best_x[act] = torch.where(_rows(better, x), xa.detach(), best_x[act])
-            if step == steps:
-                break
-            g, = torch.autograd.grad(_attack_loss(logits.float(), y[act], loss, False).sum(), xa)
-            patch[act] = (patch[act] + step_size * g.sign()).clamp(0, 1)
-            if early_stop:
-                act = act[best_margin[act] >= 0]
-                if act.numel() == 0:
-                    break
+        _ascend(model, lambda rows: torch.where(mask[rows], patch[rows], x[rows]), move, y, best_margin, best_x,
+                steps, loss, False, early_stop)
     return AttackResult(best_x, best_margin < 0, x.new_full((B,), float(size)))
 
 
@@ -871,35 +967,27 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
           steps: int = 100, lr: float = 0.01, kappa: float = 0.0, targeted: bool = False) -> AttackResult:
     """Carlini & Wagner (2017) L2 attack, with a per-example binary search over the constant c.
 
-    Minimizes ||x' - x||_2^2 + c max(m(x'), -kappa) over x' = (tanh(w) + 1) / 2 with Adam, m the
-    margin z_y - max_{j != y} z_j (reversed if ``targeted``). After each of ``search_steps`` runs
-    of ``steps`` iterations, c is bisected where an adversarial example was found and grows x10
-    (until bounded) where none was. Returns the smallest-L2 adversarial example seen and its L2
-    distortion in ``norm`` (inf where the attack failed), so quantiles read off directly.
+    Minimizes ||x' - x||_2^2 + c max(m(x'), -kappa) over x' = (tanh(w) + 1) / 2 with Adam, m the margin
+    z_y - max_{j != y} z_j (reversed if ``targeted``). After each of ``search_steps`` runs of ``steps``
+    iterations, c is bisected where an adversarial example was found and grows x10 (until bounded) where
+    none was. x_adv: the smallest-L2 adversarial example seen; ``norm``: its L2 distortion (inf: failed).
     """
-    check_images(x)
-    check_labels(y, len(x))  # and their range at the first forward
-    for name, v in (("c_init", c_init), ("lr", lr)):
-        _expect(_real(v) and v > 0, name, v, "a number > 0")
-    for name, v in (("search_steps", search_steps), ("steps", steps)):
-        _expect(_int(v, 1), name, v, "an integer >= 1")
-    _expect(_real(kappa, 0), "kappa", kappa, "a number >= 0")
+    x = _check_batch(model, x, y, _positive("c_init", c_init), _positive("lr", lr),
+                     _integer("search_steps", search_steps, 1), _integer("steps", steps, 1),
+                     ("kappa", kappa, _real(kappa, 0), "a number >= 0"))
     B = len(x)
     lo, hi = x.new_zeros(B), x.new_full((B,), float("inf"))
     c = x.new_full((B,), c_init)
     best_l2, best_x = x.new_full((B,), float("inf")), x.clone()
     w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
     with _eval_mode(model):
-        for search in range(search_steps):
+        for _ in range(search_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=lr)
             found = torch.zeros(B, dtype=torch.bool, device=x.device)
-            for step in range(steps):
+            for _ in range(steps):
                 xa = (torch.tanh(w) + 1) / 2
-                logits = model(xa).float()
-                if search == step == 0:
-                    check_labels(y, len(x), logits.shape[1])
-                m = _margin(logits, y, targeted)
+                m = _margin(model(xa).float(), y, targeted)
                 l2sq = (xa - x).flatten(1).pow(2).sum(1)
                 w.grad, = torch.autograd.grad((l2sq + c * (m + kappa).clamp_min(0)).sum(), w)
                 with torch.no_grad():  # judge the point the gradient was taken at
@@ -917,18 +1005,19 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c_init: float = 1.
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf",
                version: str = "standard", batch_size: int = 250, seed: int = 0) -> AttackResult:
-    """AutoAttack (Croce & Hein 2020), the reference implementation (PyPI: ``pyautoattack``).
-
-    ``version="standard"``: APGD-CE, APGD-T, FAB-T and Square as on RobustBench (torchattacks'
-    ``AutoAttack`` is not this: fewer iterations, other target counts). ``norm``: "inf" or "2".
-    """
-    check_images(x)
-    with _eval_mode(model), torch.no_grad():  # one image's logits for the labels' range: AutoAttack costs 1000s
-        check_labels(y, len(x), model(x[:1]).shape[1])
-    _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
-    _expect(_real(eps) and eps > 0, "eps", eps, "a number > 0")
-    _expect(version in ("standard", "plus", "rand"), "version", version, "'standard', 'plus' or 'rand'")
-    _expect(_int(batch_size, 1), "batch_size", batch_size, "an integer >= 1")
+    """AutoAttack (Croce & Hein 2020), the reference implementation (PyPI: ``pyautoattack``). ``"standard"``:
+    APGD-CE, APGD-T, FAB-T and Square as on RobustBench (torchattacks' ``AutoAttack`` is not this). Its
+    targeted attacks aim at the 9 most likely other classes, so "standard" and "plus" need >= 10 classes;
+    "rand" (APGD-CE and APGD-DLR) needs 3."""
+    x = _check_batch(model, x, y, _one_of("norm", norm, _NORMS), _budget(eps, x, "a number > 0", strict=True),
+                     _one_of("version", version, ("standard", "plus", "rand")), _integer("batch_size", batch_size, 1))
+    if not len(x):
+        raise ValueError("autoattack: x holds no images; the reference AutoAttack needs one or more")
+    with _eval_mode(model), torch.no_grad():
+        classes, need = model(x[:1]).shape[1], 3 if version == "rand" else 10
+    if classes < need:
+        raise ValueError(f"autoattack version={version!r} needs a model with >= {need} classes, this one has "
+                         f"{classes}: use version='rand' (>= 3 classes) or pgd(..., loss='margin', restarts=5)")
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:
@@ -941,23 +1030,20 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     return AttackResult(x_adv, pred.to(y.device) != y, _per_example_norm(x_adv - x, norm))
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------
+# -- Metrics -----------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted labels in eval mode (the mode is restored)."""
     check_images(x)
-    _expect(_int(batch_size, 1), "batch_size", batch_size, "an integer >= 1")
+    _check(_integer("batch_size", batch_size, 1))
     with _eval_mode(model):
         return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
 
 
 def _same_shape(y: torch.Tensor, *preds: torch.Tensor) -> None:
-    for p in preds:
-        _expect(torch.is_tensor(p) and p.shape == y.shape, "predictions", tuple(getattr(p, "shape", ())),
-                f"one per label, shape {tuple(y.shape)}")
+    _check(*(("predictions", tuple(getattr(p, "shape", ())), torch.is_tensor(p) and p.shape == y.shape,
+              f"one per label, shape {tuple(y.shape)}") for p in preds))
 
 
 def clean_accuracy(y: torch.Tensor, clean_pred: torch.Tensor) -> float:
@@ -993,113 +1079,55 @@ def attack_success_rate(y: torch.Tensor, clean_pred: torch.Tensor, *adv_preds: t
 def input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf") -> torch.Tensor:
     """||grad_x L|| per example in the dual norm of the threat model: L1 for Linf ("inf"), L2 for L2 ("2").
     L is the batch-summed cross-entropy on the true label, so no gradient depends on its batch."""
-    check_images(x)
-    check_labels(y, len(x))
-    _expect(norm in ("inf", "2"), "norm", norm, "'inf' or '2'")
-    dual = {"inf": "1", "2": "2"}[norm]
+    x = _check_batch(model, x, y, _one_of("norm", norm, _NORMS))
     with _eval_mode(model):
-        x = x.detach().requires_grad_(True)
-        logits = model(x)
-        check_labels(y, len(x), logits.shape[1])
-        g, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
-    return _per_example_norm(g, dual)
+        x = x.requires_grad_(True)
+        g, = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return _per_example_norm(g, {"inf": "1", "2": "2"}[norm])
 
 
-@dataclass
-class Alignment:
-    """Branch-gradient alignment of one attention layer, per example (paper symbols).
-
-    g1 = grad_x <A1(x), G>, g2 = grad_x <A2(x), G>, G = dL/dA held fixed; cos = cos(theta) =
-    cos(g1, g2); rho = ||g2|| / ||g1||; kappa = sqrt(1 + lam^2 rho^2 - 2 lam rho cos) =
-    ||g1 - lam g2|| / ||g1||, Lemma 1's amplification. ``control``: a standard layer, (A1, A2) its
-    head pairs (2h, 2h+1), each with its own G, and lam = 1. DA V2: g2 = grad_x <A2, diag(gate) G>, lam = 1.
-    """
-    layer: str
-    cos: torch.Tensor
-    rho: torch.Tensor
-    kappa: torch.Tensor
-    g1_norm: torch.Tensor
-    g2_norm: torch.Tensor
-    lam: float
-    control: bool
-
-    @property
-    def frac_negative(self) -> float:
-        """Fraction of examples with cos(theta) < 0 (negative gradient alignment)."""
-        return (self.cos < 0).float().mean().item()
+class _Stop(Exception):
+    """Ends a forward pass at a module, carrying the module's output."""
 
 
-def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> list:
-    """Per attention layer and per example: how the input gradients of DA's two maps align.
-
-    For a DiffAttention layer, A = A1 - lambda A2 and G = dL/dA (L: batch-summed cross-entropy on
-    the true label, or ``loss_fn(logits, y)``). With G held fixed, g1 = grad_x <A1(x), G>, g2 =
-    grad_x <A2(x), G>, and the maps' share of grad_x L is g1 - lambda g2: Lemma 1 holds exactly
-    with cos(theta) = cos(g1, g2), rho = ||g2|| / ||g1||. Standard layers give the control (head
-    pairs, lambda = 1). DA V2 (``DiffAttentionV2``, our extension): A = A1 - diag(gate) A2 with a
-    per-token gate; the gate is held fixed like G and folded into branch 2, g2 = grad_x <A2, diag(gate) G>,
-    so the share is g1 - g2 and lambda = 1 in kappa. One ``Alignment`` per layer in forward order; one
-    forward, two backwards a layer.
-    """
-    check_images(x)
-    if loss_fn is None:
-        check_labels(y, len(x))
-    out = []
-    with _eval_mode(model):
-        x = x.detach().requires_grad_(True)
-        with attention_maps(model, retain_grad=False) as maps:
-            logits = model(x)
-        if loss_fn is None:  # the default loss takes class labels
-            check_labels(y, len(x), logits.shape[1])
-        loss = (loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="sum")))(logits, y)
-        Gs = torch.autograd.grad(loss, [m.A for m in maps], retain_graph=True)
-        for i, (m, G) in enumerate(zip(maps, Gs)):
-            if m.A1 is not None and m.lam.dim():  # V2: the per-token gate, held fixed, goes into branch 2
-                A1, A2, G1, G2, lam = m.A1, m.A2, G, G * m.lam.detach()[..., None], 1.0
-            elif m.A1 is not None:
-                A1, A2, G1, G2, lam = m.A1, m.A2, G, G, m.lam.item()
-            elif m.A.shape[1] % 2:  # the control pairs heads (2h, 2h+1): undefined for an odd count
-                raise ValueError(f"{m.layer} has {m.A.shape[1]} heads: the head-pair control needs an even "
-                                 f"number of standard heads, so it is undefined for this layer")
-            else:
-                A1, A2, G1, G2, lam = m.A[:, 0::2], m.A[:, 1::2], G[:, 0::2], G[:, 1::2], 1.0
-            g1, = torch.autograd.grad((A1 * G1).sum(), x, retain_graph=True)
-            g2, = torch.autograd.grad((A2 * G2).sum(), x, retain_graph=i + 1 < len(maps))
-            g1, g2 = g1.flatten(1), g2.flatten(1)
-            n1, n2 = g1.norm(dim=1), g2.norm(dim=1)
-            cos = (g1 * g2).sum(1) / (n1 * n2).clamp_min(1e-30)
-            rho = n2 / n1.clamp_min(1e-30)
-            kappa = (1 + lam ** 2 * rho ** 2 - 2 * lam * rho * cos).clamp_min(0).sqrt()
-            out.append(Alignment(m.layer, cos.detach(), rho.detach(), kappa.detach(), n1.detach(), n2.detach(),
-                                 lam, m.A1 is None))
-    return out
+def _output_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``module`` in ``model(x)``; the layers after it never run."""
+    def stop(_module, _inputs, output):
+        raise _Stop(output)
+    hook = module.register_forward_hook(stop)
+    try:
+        model(x)
+    except _Stop as s:
+        return s.args[0]
+    finally:
+        hook.remove()
+    raise RuntimeError("local_lipschitz: the module was not called in the model's forward pass")
 
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 10, step_size: float = 0.003,
                     modules: Optional[Sequence[nn.Module]] = None) -> dict:
     """Local Lipschitz estimates around x (Yang et al. 2020): attained ratios, so lower bounds.
 
-    ``"logits"``: max over the Linf eps-ball of ||f(x) - f(x')||_1 / ||x - x'||_inf by signed-gradient
-    ascent on the ratio (``steps`` of ``step_size`` from x + 0.001 N(0, 1), projected onto the ball
-    and [0, 1]), the largest seen per example. ``"layers"``: the same ascent on ||h(x') - h(x)||_2 /
-    ||x' - x||_2 for the output h of each module in ``modules`` (default ``model.blocks``).
+    ``"logits"``: max over the Linf eps-ball of ||f(x) - f(x')||_1 / ||x - x'||_inf by signed-gradient ascent
+    on the ratio (``steps`` of ``step_size`` from x + 0.001 N(0, 1), projected onto the ball and [0, 1]), the
+    largest seen per example. ``"layers"``: the same on ||h(x') - h(x)||_2 / ||x' - x||_2, h the output of
+    each module in ``modules`` (default ``model.blocks``).
     """
     check_images(x)
-    _expect(_real(eps) and eps > 0, "eps", eps, "a number > 0 (the radius of the Linf ball)")
-    _expect(_int(steps, 0), "steps", steps, "an integer >= 0")
-    _expect(_real(step_size) and step_size > 0, "step_size", step_size, "a number > 0")
-    _expect(modules is not None or hasattr(model, "blocks"), "modules", modules,
-            "the modules to measure (the model has no .blocks)")
+    _check(_budget(eps, x, "a number > 0 (the radius of the Linf ball)", strict=True), _integer("steps", steps, 0),
+           _positive("step_size", step_size),
+           ("modules", modules, modules is not None or hasattr(model, "blocks"),
+            "the modules to measure (the model has no .blocks)"))
 
     def ascend(ratio_fn):
         with torch.no_grad():
             xp = _project(x + 0.001 * torch.randn_like(x), x, eps, "inf")
         best = x.new_full((len(x),), 0.0)
-        for _ in range(steps + 1):
+        for step in range(steps + 1):
             xp.requires_grad_(True)
             r = ratio_fn(xp)
             best = torch.maximum(best, r.detach())
-            if _ == steps:
+            if step == steps:
                 break
             g, = torch.autograd.grad(r.sum(), xp)
             with torch.no_grad():
@@ -1122,35 +1150,13 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 
     return res
 
 
-class _Stop(Exception):
-    """Ends a forward pass at a module, carrying the module's output."""
-
-
-def _output_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``module`` in ``model(x)``; the layers after it never run."""
-    def stop(_module, _inputs, output):
-        raise _Stop(output)
-    hook = module.register_forward_hook(stop)
-    try:
-        model(x)
-    except _Stop as s:
-        return s.args[0]
-    finally:
-        hook.remove()
-    raise RuntimeError("local_lipschitz: the module was not called in the model's forward pass")
-
-
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
                   large_eps: float = 0.5, steps: int = 10, norm: str = "inf") -> dict:
-    """Sanity checks of an evaluation (Carlini et al. 2019, "On Evaluating Adversarial Robustness"):
-    ASR rises with eps and nears 100 % at ``large_eps``; doubling PGD's steps moves it <= 5 points;
-    FGSM is no stronger than PGD; no input gradient is exactly zero (masking). Numbers, a boolean
-    per check, and ``ok``, their conjunction.
-    """
-    _expect(len(eps_list) > 0 and all(_real(e, 0) for e in eps_list), "eps_list", eps_list,
-            "one or more numbers >= 0")
-    _expect(_real(large_eps) and large_eps > 0, "large_eps", large_eps, "a number > 0")
-    _expect(_int(steps, 1), "steps", steps, "an integer >= 1")
+    """Sanity checks of an evaluation (Carlini et al. 2019, "On Evaluating Adversarial Robustness"): ASR
+    rises with eps and nears 100 % at ``large_eps``; doubling PGD's steps moves it <= 5 points; FGSM is no
+    stronger than PGD; no input gradient is exactly zero (masking). Numbers, a boolean per check, ``ok``."""
+    _check(("eps_list", eps_list, len(eps_list) > 0 and all(_real(e, 0) for e in eps_list),
+            "one or more numbers >= 0"), _positive("large_eps", large_eps), _integer("steps", steps, 1))
     clean = predict(model, x)
     asr = lambda res: attack_success_rate(y, clean, predict(model, res.x_adv))
     r = {"eps": list(eps_list), "pgd_asr": [asr(pgd(model, x, y, e, norm, steps=steps)) for e in eps_list],

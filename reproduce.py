@@ -78,8 +78,49 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode()))
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+def content_hash(obj) -> str:
+    """sha256 of nested dicts, lists and tensors (dtype, shape and bytes) and JSON values: what a cache
+    file holds, as written and as read back."""
+    h = hashlib.sha256()
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            h.update(f"tensor {o.dtype} {tuple(o.shape)}:".encode())
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(f"dict {len(o)}:".encode())
+            for k in sorted(o, key=repr, reverse=True):  # popped in sorted order
+                todo += [o[k], repr(k)]
+        elif isinstance(o, (list, tuple)):
+            h.update(f"list {len(o)}:".encode())
+            todo += reversed(o)
+        else:
+            h.update(f"{json.dumps(o, default=repr)};".encode())
+    return h.hexdigest()[:16]
+
+
+def sealed(obj: dict) -> dict:
+    """``obj`` with the content hash of its values, to be written with it."""
+    return {**obj, "sha256": content_hash(obj)}
+
+
+def unsealed(obj: dict) -> dict:
+    """The contents of a ``sealed`` file as written, or ``ValueError`` (an edited value, a flipped bit:
+    ``read_cached`` then moves the file aside and the number is computed again)."""
+    body = {k: v for k, v in obj.items() if k != "sha256"} if isinstance(obj, dict) else None
+    if body is None or obj.get("sha256") != content_hash(body):
+        raise ValueError("its contents do not match the content hash written with them (edited or damaged)")
+    return body
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    _atomic(path, lambda f: torch.save(sealed(obj), f))
+
+
+def torch_load_checked(path: Path) -> dict:
+    """What ``atomic_torch_save`` wrote, on the CPU, or ``ValueError``."""
+    return unsealed(torch.load(path, map_location="cpu", weights_only=True))
 
 
 MACHINE_ERRNOS = {errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ENOSPC}
@@ -87,7 +128,7 @@ MACHINE_ERRNOS = {errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAC
 
 def read_cached(path: Path, read):
     """``read(path)`` of a cache file, or None when it is absent or damaged: a damaged file (truncated,
-    not what it should hold) is moved aside to ``<name>.corrupt-<time>-<pid>`` with a warning."""
+    edited, not what it should hold) is moved aside to ``<name>.corrupt-<time>-<pid>`` with a warning."""
     if not path.is_file():
         return None
     try:
@@ -101,8 +142,8 @@ def read_cached(path: Path, read):
             os.replace(path, aside)
         except FileNotFoundError:  # another process moved it first
             pass
-        print(f"warning: {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); moved it to {aside} and "
-              f"computing it again", file=sys.stderr)
+        print(f"warning: {path} is unreadable or damaged ({type(e).__name__}: {str(e)[:200]}); moved it to "
+              f"{aside} and computing it again", file=sys.stderr)
         return None
 
 
@@ -130,22 +171,18 @@ def cached(cache: Path, name: str, cfg: dict, compute):
     """Evaluate a cell once: ``compute()``'s JSON-able result is kept in <cache>/cells/<name>-<hash>.json,
     keyed by everything in ``cfg``."""
     path = Path(cache) / "cells" / f"{name}-{config_hash(cfg)}.json"
-    result = read_cached(path, lambda p: json.loads(p.read_text())["result"])
+    result = read_cached(path, lambda p: unsealed(json.loads(p.read_text()))["result"])
     if result is not None:
         return result
-    result = compute()
+    cell = json.loads(json.dumps({"config": cfg, "result": compute()}, default=float))  # as it reads back
     WORK["cells"] += 1
-    atomic_write_text(path, json.dumps({"config": cfg, "result": result}, indent=1, default=float) + "\n")
-    return result
+    atomic_write_text(path, json.dumps(sealed(cell), indent=1) + "\n")
+    return cell["result"]
 
 
 def weights_key(model: nn.Module) -> str:
     """sha256 of a model's weights (names, dtypes, shapes, values): a retrained model is another model."""
-    h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # buffers: mean/std are not in state_dict
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return content_hash(dict([*model.named_parameters(), *model.named_buffers()]))  # mean/std: not in state_dict
 
 
 def file_sha256(path) -> str:
@@ -156,10 +193,24 @@ def file_sha256(path) -> str:
     return h.hexdigest()[:16]
 
 
+UNKEYED = ("WORK",)  # module-level values that are state, not settings: never part of a key
+
+
+def _value_key(v) -> str:
+    """A module-level value as text for ``code_key``: data as JSON, dataclasses as their fields, a
+    function inside them by its name (it is keyed itself where a function reaches it by name)."""
+    def as_data(o):
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        return sorted(map(repr, o)) if isinstance(o, (set, frozenset)) else getattr(o, "__qualname__", repr(type(o)))
+    return json.dumps(v, sort_keys=True, default=as_data)
+
+
 def code_key(fn: Callable) -> str:
     """sha256 of the code ``fn`` runs: its bytecode, constants, names and defaults, and those of every
-    function of this file it reaches by name, as loaded now (line numbers left out), so editing any
-    of them recomputes the cells that ran it and no others."""
+    function of this file it reaches by name, as loaded now (line numbers left out), with the values of
+    the module-level names they read (``EPS_LINF``, ``DATASETS``, ...), so editing any of them recomputes
+    the cells that ran it and no others."""
     digests, todo = {}, [fn]
     while todo:
         f = inspect.unwrap(todo.pop())
@@ -170,8 +221,12 @@ def code_key(fn: Callable) -> str:
             parts += [code.co_code.hex(), repr(code.co_names)]
             parts += [repr(c) for c in code.co_consts if not inspect.iscode(c)]
             codes += [c for c in code.co_consts if inspect.iscode(c)]
-            todo += [g for name in code.co_names if callable(g := globals().get(name))
-                     and getattr(inspect.unwrap(g), "__module__", None) == __name__]
+            for name in code.co_names:
+                g = globals().get(name)
+                if callable(g) or inspect.ismodule(g) or name in UNKEYED or name not in globals():
+                    todo += [g] if getattr(inspect.unwrap(g), "__module__", None) == __name__ else []
+                else:
+                    parts.append(f"{name}={_value_key(g)}")
         digests[f] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     return hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()[:16]
 
@@ -290,6 +345,9 @@ def read_mnist_like(name: str, root: Path, train: bool, download: bool):
         return read_mnist_like(name, root, train, download=False)
     x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(lab).astype(np.int64))
+    if len(x) != len(y):
+        raise DatasetMissing(f"{img} holds {len(x)} images but {lab} holds {len(y)} labels: one of them belongs to "
+                             "another split or is damaged; replace it with the original")
     return x, y, FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
 
 
@@ -311,6 +369,8 @@ def read_cifar(name: str, root: Path, train: bool, download: bool):
         x = torch.from_numpy(np.concatenate([b[b"data"] for b in blobs])).view(-1, 3, 32, 32)
         y = torch.tensor([label for b in blobs for label in b[label_key]], dtype=torch.long)
         classes = [c.decode() for c in pickle.loads((base / meta).read_bytes(), encoding="bytes")[names_key]]
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
     except Exception as e:  # a truncated download: EOFError, UnpicklingError, KeyError, a bad size
         raise _missing(name, root, f"the files in {base} are damaged ({type(e).__name__}): delete {base} and "
                                    "run again to download them") from e
@@ -329,7 +389,7 @@ def read_tiny_imagenet(name: str, root: Path, train: bool, download: bool):
             "http://cs231n.stanford.edu/tiny-imagenet-200.zip", str(root)))
     split = "train" if train else "val"
     cache = base / f"{split}.uint8.pt"
-    blob = read_cached(cache, lambda p: torch.load(p, weights_only=True))
+    blob = read_cached(cache, torch_load_checked)
     if blob is not None:
         return blob["x"], blob["y"], blob["classes"]
     from PIL import Image
@@ -402,6 +462,10 @@ def load_dataset(name: str, root, train: bool, download: bool = True) -> ImageDa
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     info = DATASETS[name]
     x, y, classes = info.read(name, Path(root).expanduser(), train, download)
+    if len(y) and not (0 <= y.min() and y.max() < info.num_classes):
+        raise DatasetMissing(f"dataset {name!r} under --data-root {root}: the {'training' if train else 'test'} "
+                             f"labels run from {int(y.min())} to {int(y.max())}, but {name} has labels 0 to "
+                             f"{info.num_classes - 1}: a file of another dataset? replace it with the original")
     return ImageData(x, y, classes, info.mean, info.std, augment=info.augment and train)
 
 
@@ -441,7 +505,8 @@ def load_coco_captions(root, n: int, size: int = 224) -> tuple:
     ann = base / "annotations" / "captions_val2017.json"
     if not ann.is_file() or not (base / "val2017").is_dir():
         raise DatasetMissing(f"COCO captions not found under {base}. To get it: download val2017.zip and "
-                             f"annotations_trainval2017.zip from cocodataset.org and unzip both under <data-root>/coco/")
+                             "annotations_trainval2017.zip from cocodataset.org and unzip both under "
+                             "<data-root>/coco/")
     meta = json.loads(ann.read_text())
     first = {}
     for a in sorted(meta["annotations"], key=lambda a: a["id"]):
@@ -497,11 +562,22 @@ class TrainConfig:
     init: Optional[dict] = None         # the TrainConfig (as a dict) of the checkpoint to start from; None: scratch
 
 
-def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig) -> Path:
-    """<cache>/checkpoints/[clip-]<attn>-<hash of the model and training configs>.pt"""
-    kind = "clip-" if model_cfg.get("kind") == "clip" else ""
-    key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg)})
-    return Path(cache) / "checkpoints" / f"{kind}{model_cfg.get('attn', 'std')}-{key}.pt"
+@functools.lru_cache(maxsize=None)
+def data_key(name: str, root: Path) -> str:
+    """Content hash of a dataset's training split as read (once per process): a model trained on other
+    images under the same file names is another model."""
+    d = load_dataset(name, root, train=True)
+    return content_hash({"x": d.x, "y": d.y, "classes": d.classes})
+
+
+def model_name(model_cfg: dict) -> str:
+    return ("clip-" if model_cfg.get("kind") == "clip" else "") + model_cfg.get("attn", "std")
+
+
+def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig, data: str) -> Path:
+    """<cache>/checkpoints/[clip-]<attn>-<hash of the model and training configs and the data key>.pt"""
+    key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg), "data": data})
+    return Path(cache) / "checkpoints" / f"{model_name(model_cfg)}-{key}.pt"
 
 
 def steps_per_epoch(cfg: TrainConfig) -> int:
@@ -620,7 +696,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
                 progress: bool = True, stop_after_epoch: Optional[int] = None, amp: Optional[bool] = None):
     """Train (or load, or resume) a model; returns (model in eval mode, record dict).
 
-    The checkpoint ``checkpoint_path(cache, ...)`` is rewritten atomically after every epoch;
+    The checkpoint ``checkpoint_path(cache, ...)``, named by the configs and the training data's
+    ``data_key``, is rewritten atomically after every epoch;
     ``record["done"]`` marks a finished run; ``record["history"]`` holds each epoch's losses and the
     learned lambda of every differential layer. ``cfg.init`` starts from another checkpoint's weights
     (trained first if need be; a fresh optimizer) and ``cfg.adv_eps`` trains on ``fgsm_rs`` examples:
@@ -635,15 +712,16 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     if cfg.init is not None and cfg.init.get("dataset") != cfg.dataset:
         raise ValueError(f"init trains on {cfg.init.get('dataset')!r}, this model on {cfg.dataset!r}: fine-tune "
                          "from a checkpoint of the same dataset (its classes and image size)")
-    full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg)}
-    path = checkpoint_path(cache, model_cfg, cfg)
+    data = data_key(cfg.dataset, Path(data_root).expanduser())
+    full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg), "data": data}
+    path = checkpoint_path(cache, model_cfg, cfg, data)
     start = start_key = None
     if cfg.init is not None:  # the checkpoint to fine-tune from: trained first if need be, else read
         start, _ = train_model(model_cfg, TrainConfig(**cfg.init), data_root, cache, device, compile, progress, amp=amp)
         start_key = weights_key(start)
 
     def resume(p):
-        state = torch.load(p, map_location="cpu", weights_only=True)  # copied onto the device by load_state_dict
+        state = torch_load_checked(p)  # copied onto the device by load_state_dict
         if json.loads(json.dumps(state["record"]["config"])) != json.loads(json.dumps(full_cfg)):
             raise ValueError("it holds another model's config")
         if state["record"].get("init_weights") != start_key:  # its start checkpoint was retrained since
@@ -667,7 +745,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     test = load_dataset(cfg.dataset, data_root, train=False)
     step_fn = torch.compile(model) if compile else model
     prompts = prompt_tokens(class_names(cfg.dataset, train)) if isinstance(model, da.CLIP) else None
-    name = f"{model_cfg.get('attn', 'std')}{f' FGSM-RS {cfg.adv_eps * 255:g}/255' if cfg.adv_eps else ''} {cfg.dataset}"
+    name = f"{model_name(model_cfg)}{f' FGSM-RS {cfg.adv_eps * 255:g}/255' if cfg.adv_eps else ''} {cfg.dataset}"
     for epoch in range(record["epoch"], cfg.epochs):
         started = time.perf_counter()
         loss, acc = train_epoch(step_fn, opt, cfg, epoch, train, prompts, device, amp,
@@ -794,13 +872,15 @@ PRESETS = {p.name: p for p in [
            sizes={"main": {"images": 10000, "patch_images": 1000, "patch_steps": 100, "gate_images": 250},
                   "alignment": {"images": 500, "lipschitz_images": 500},
                   "clip": {"images": 1000, "alignment_images": 500, "patch_images": 1000, "patch_steps": 100},
-                  "autoattack": {"images": 1000}, "depth": {"images": 2000, "lipschitz_images": 500, "gate_images": 250},
+                  "autoattack": {"images": 1000},
+                  "depth": {"images": 2000, "lipschitz_images": 500, "gate_images": 250},
                   "cw": {"images": 1000, "steps": 100, "search": 6}, "lambda": {"images": 2000},
                   "advtrain": {"images": 2000, "alignment_images": 250}}),
 ]}
 
 # --dry-run's sizes: a few test images and short attacks in every table
-DRY_SIZES = {"main": {"images": 12, "patch_images": 4, "patch_steps": 3}, "alignment": {"images": 12, "lipschitz_images": 2},
+DRY_SIZES = {"main": {"images": 12, "patch_images": 4, "patch_steps": 3},
+             "alignment": {"images": 12, "lipschitz_images": 2},
              "clip": {"images": 4, "alignment_images": 4, "patch_images": 4, "patch_steps": 3},
              "autoattack": {"images": 4}, "depth": {"images": 8, "lipschitz_images": 2},
              "cw": {"images": 4, "steps": 3, "search": 1}, "lambda": {"images": 8},
@@ -901,8 +981,7 @@ class Table:
 
     - ``entries(run)``: its models, in row order;
     - ``settings(preset)``: everything its evaluation uses; ``images``: how many test images (None:
-      none, the training record suffices). With the model's key, the images, the seed and the code
-      they name the cached cell;
+      all). With the model's key, the images, the seed and the code they name the cached cell;
     - ``evaluate(model, data, settings, record)``: one cell, a JSON-able dict;
     - ``about(run, settings, rows)``: what the table shows and how it was measured, one paragraph;
     - ``group`` and ``columns(settings, rows)``: the per-seed table (a row per seed, then mean ± std) of
@@ -956,7 +1035,7 @@ EVAL_SEED = 0  # the test images' permutation: every training seed is evaluated 
 
 
 def eval_data(run: Run, name: str, n: int) -> EvalData:
-    """The first ``n`` test images of a fixed permutation (COCO: the first n by image id)."""
+    """The first ``n`` test images of a fixed permutation (COCO: the first n by image id); None: all."""
     device = run.device
     if name == "coco":
         x, captions = load_coco_captions(run.data_root, n)
@@ -964,8 +1043,8 @@ def eval_data(run: Run, name: str, n: int) -> EvalData:
                         "the first by image id, each with its first caption", captions=captions)
     d = (load_imagenet_val(run.data_root, n, EVAL_SEED) if name == "imagenet" else
          load_dataset(name, run.data_root, train=False).subset(n, EVAL_SEED))
-    return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), f"a fixed permutation, seed {EVAL_SEED}",
-                    classes=d.classes)
+    chosen = "the whole test set" if n is None else f"a fixed permutation, seed {EVAL_SEED}"
+    return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), chosen, classes=d.classes)
 
 
 def obtain_model(entry: Entry, run: Run, loaded: dict):
@@ -990,6 +1069,8 @@ def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
     ``only`` (torchrun): the indices of the entries whose cells to compute, and no table written."""
     rows, loaded, datas = [], {}, {}
     entries, settings = table.entries(run), table.settings(run.preset)
+    env = environment(run.device)
+    computed_on = {k: env[k] for k in ("device", "torch", "git_commit")}  # kept in the cell with its numbers
     code = {"library": file_sha256(da.__file__), "evaluation": code_key(table.evaluate), "device": run.device.type,
             **{name: version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
     for i, entry in enumerate(entries):
@@ -998,19 +1079,16 @@ def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
         model, record = obtain_model(entry, run, loaded)
         s = {**settings, "seed": entry.labels.get("seed", 0)}
         row = {**entry.labels, "model_key": record["key"]}
-        if s.get("images") is None:
-            rows.append({**row, **table.evaluate(model, None, s, record)})
-            continue
         data_name = entry.data or entry.train.dataset
         if data_name not in datas:
             datas[data_name] = eval_data(run, data_name, s["images"])
         data = datas[data_name]
-        cell = {"table": table.name, "model_key": record["key"], "weights": weights_key(model), "data": data_name,
-                "n_images": len(data.y), "images": data.key, **code, **s}
+        cell = {**s, **code, "table": table.name, "model_key": record["key"], "weights": weights_key(model),
+                "data": data_name, "n_images": len(data.y), "images": data.key}  # the images, not their number
 
         def compute():
             torch.manual_seed(s["seed"])
-            return table.evaluate(model, data, s, record)
+            return {**table.evaluate(model, data, s, record), "computed_on": computed_on}
         rows.append({**row, **cached(run.cache, table.name, cell, compute)})
     if only is None:
         render(table, run, settings, entries, rows, datas)
@@ -1028,12 +1106,13 @@ def render(table: Table, run: Run, s: dict, entries: list, rows: list, datas: di
     env = environment(run.device)
     dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
     seeds = sorted({e.labels["seed"] for e in entries if "seed" in e.labels})
-    seen = "; ".join(f"{n}, {len(d.y)} test images ({d.chosen})" for n, d in datas.items()) or \
-        f"{dataset}, the full test set"
+    seen = "; ".join(f"{n}, {len(d.y)} test images ({d.chosen})" for n, d in datas.items())
+    made = dict.fromkeys(f"device {c['device']}; torch {c['torch']}; commit {c['git_commit']}"
+                         for c in (r["computed_on"] for r in rows))  # by the cells, not by this process
     trained = (f"Training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (each model's attacks "
                "seeded by its training seed)") if seeds else "Pretrained models (no training seed)"
     md = [f"# {table.name}: {table.title} ({run.preset.name} preset)", "",
-          f"Data: {seen}. {trained}; device {env['device']}; torch {env['torch']}; commit {env['git_commit']}. "
+          f"Data: {seen}. {trained}. Computed on {' / '.join(made)}. "
           "Settings and every number: the .json beside this file.", "", table.about(run, s, rows), "",
           *seed_table(table.shown(rows), table.group, table.columns(s, rows))]
     more, extra, draw = table.more(run, s, rows, entries) if table.more else ([], {}, None)
@@ -1272,8 +1351,9 @@ def lipschitz_about(s: dict) -> str:
 # --- clean: accuracy after training, and lambda through it
 
 def evaluate_clean(model, data, s, record) -> dict:
-    return {"test_acc": record["test_acc"], "history": record["history"], "train_seconds": record.get("train_seconds"),
-            "learned_lambda": learned_lambdas(model)}
+    """Accuracy on the test images this cell is keyed by (the training record's is of the data it had then)."""
+    return {"test_acc": da.clean_accuracy(data.y, da.predict(model, data.x)), "history": record["history"],
+            "train_seconds": record.get("train_seconds"), "learned_lambda": learned_lambdas(model)}
 
 
 def draw_lambda_history(run, s, rows, entries):
@@ -1369,7 +1449,8 @@ def alignment_histograms(run, s, rows, entries):
                 ax.hist([v for a in ms for v in a["cos_values"]], bins=40, range=(-1, 1), alpha=0.5,
                         label=f"{model}{' (head-pair control)' if ms[0]['control'] else ''}: cos<0 {fracs}%")
             ax.axvline(0, color="k", lw=0.8)
-            ax.set(xlabel="cos(g1, g2)", ylabel="examples, all seeds", title=f"depth {depth}, layer {layer} ({run.dataset})")
+            ax.set(xlabel="cos(g1, g2)", ylabel="examples, all seeds",
+                   title=f"depth {depth}, layer {layer} ({run.dataset})")
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
@@ -1583,16 +1664,19 @@ def evaluate_cw(model, data, s, record) -> dict:
 table(name="cw", title="minimal L2 perturbation found by CW-L2, against depth",
       entries=lambda run: depth_entries(run, V1),
       settings=lambda p: {"images": p.sizes["cw"]["images"], "attack": "cw_l2", "steps": p.sizes["cw"]["steps"],
-                          "search": p.sizes["cw"]["search"], "quantiles": "all attacked, failure = inf, nearest rank above"},
+                          "search": p.sizes["cw"]["search"],
+                          "quantiles": "all attacked, failure = inf, nearest rank above"},
       evaluate=evaluate_cw,
-      about=lambda run, s, rows: f"The depth table's models ({recipe(run.preset.depth_model, run.preset.depth_train)}); "
+      about=lambda run, s, rows: "The depth table's models "
+      f"({recipe(run.preset.depth_model, run.preset.depth_train)}); "
       f"CW-L2 ({s['steps']} Adam steps, {s['search']} binary-search steps over c) on the correctly classified images; "
       "L2 in [0, 1] pixel units; quantiles (nearest rank above) over every attacked image, a failed attack counting "
       "as inf.",
       group=("depth", "model"),
       columns=lambda s, rows: [Col("attacked", lambda r: r["n_correct"], 0),
                                Col("success (%)", lambda r: 100 * r["success_rate"])]
-      + [Col(f"L2 {q}", lambda r, i=i: r["l2_q25_50_75_90"][i], 3) for i, q in enumerate(("p25", "median", "p75", "p90"))],
+      + [Col(f"L2 {q}", lambda r, i=i: r["l2_q25_50_75_90"][i], 3)
+         for i, q in enumerate(("p25", "median", "p75", "p90"))],
       panels=lambda run, s, rows: [Lines(list(run.preset.depths),
                                          lambda r, d: r["l2_q25_50_75_90"][1] if r["depth"] == d else None,
                                          f"CW-L2 on {run.dataset}", "depth", "minimal L2 (CW), median", log=True)])
@@ -1602,7 +1686,8 @@ table(name="cw", title="minimal L2 perturbation found by CW-L2, against depth",
 
 LAMBDA_INITS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 # The paper's CIFAR-10 numbers per lambda_init, as quoted in secondary notes on the paper (not re-derived here).
-PAPER_LAMBDA = {"clean_acc": (86.05, 86.97, 87.00, 85.67, 85.24, 84.68), "asr": (40.74, 67.72, 84.98, 75.31, 49.56, 41.64)}
+PAPER_LAMBDA = {"clean_acc": (86.05, 86.97, 87.00, 85.67, 85.24, 84.68),
+                "asr": (40.74, 67.72, 84.98, 75.31, 49.56, 41.64)}
 
 
 def lambda_entries(run: Run) -> list:
@@ -1623,7 +1708,8 @@ def evaluate_lambda(model, data, s, record) -> dict:
 def paper_lambda(run, s, rows, entries):
     other = ", and they are not comparable with this dataset" if run.dataset != "cifar10" else ""
     return (["", f"The paper's CIFAR-10 numbers, as quoted in secondary notes (its attack settings for this table are "
-             f"not stated there{other}):", "", "| lambda_init | paper clean acc (%) | paper ASR (%) |", "|---:|---:|---:|"]
+             f"not stated there{other}):", "", "| lambda_init | paper clean acc (%) | paper ASR (%) |",
+             "|---:|---:|---:|"]
             + [f"| {lam} | {c:.2f} | {a:.2f} |" for lam, c, a in zip(LAMBDA_INITS, *PAPER_LAMBDA.values())],
             {"paper": {"lambda_init": list(LAMBDA_INITS), **PAPER_LAMBDA}}, None)
 
@@ -1737,20 +1823,28 @@ def judge(diffs: list, ses: list) -> dict:
     se = math.sqrt(spread ** 2 / k + statistics.fmean(x * x for x in ses))
     agree = sum(d * mean > 0 for d in diffs)
     outcome = ("higher" if mean > 0 else "lower") if abs(mean) > 2 * se and agree > k / 2 else "within noise"
+    if not (math.isfinite(mean) and math.isfinite(se)):  # e.g. an ASR over no correctly classified image
+        outcome = "not judged"
     return {"outcome": outcome, "mean": mean, "se": se, "diffs": list(diffs), "ses": list(ses)}
 
 
 def verdict(outcomes: list) -> str:
-    if not outcomes:
-        return "not judged"
-    up, down = outcomes.count("higher"), outcomes.count("lower")
-    if up == len(outcomes):
-        return "supported"
-    if up and not down:
-        return "partly supported"
-    if down and not up:
-        return "contradicted" if down == len(outcomes) else "partly contradicted"
-    return "mixed" if up else "not resolved (within noise)"
+    """A claim's verdict over its comparisons by ``RULE``; those without a finite difference are left out
+    and counted, and a claim with none left is not judged."""
+    valid = [o for o in outcomes if o != "not judged"]
+    if not valid:
+        return "not judged (no valid difference: nan in some seed)" if outcomes else "not judged"
+    up, down = valid.count("higher"), valid.count("lower")
+    if up == len(valid):
+        v = "supported"
+    elif up and not down:
+        v = "partly supported"
+    elif down and not up:
+        v = "contradicted" if down == len(valid) else "partly contradicted"
+    else:
+        v = "mixed" if up else "not resolved (within noise)"
+    left_out = len(outcomes) - len(valid)
+    return v + (f" ({left_out} of {len(outcomes)} comparisons not judged: nan)" if left_out else "")
 
 
 def se_rates(p1: float, n1: int, p2: float, n2: int) -> float:
@@ -1906,6 +2000,8 @@ def crossover(rows, model: str) -> Optional[dict]:
     deeper = [d for d in small if d > 1]
     outcome = "higher" if kept else "lower" if deeper and all(small[d]["outcome"] == "higher" for d in deeper) \
         else "within noise"
+    if not kept and deeper and any(small[d]["outcome"] == "not judged" for d in deeper):
+        outcome = "not judged"  # a depth without a finite difference could have held the crossover
     lines = "; ".join(f"depth {d}: " + evidence("1/255", small[d]) + ", " + evidence("4/255", large[d]) for d in small)
     found = f"crossover at depth {', '.join(map(str, kept))}" if kept else \
         f"no depth where {model} is less attackable at 1/255 beyond noise and not at 4/255"
@@ -2004,7 +2100,8 @@ def lambda_gap_points(results: dict, lambda_depth: int) -> list:
 def draw_lambda_gap(plt, points: list, dataset: str):
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for (table_name,), ps in groups(points, "table").items():
-        ax.plot([p["lambda"] for p in ps], [p["gap"] for p in ps], {"main": "o", "depth": "s", "lambda": "^"}[table_name],
+        marker = {"main": "o", "depth": "s", "lambda": "^"}[table_name]
+        ax.plot([p["lambda"] for p in ps], [p["gap"] for p in ps], marker,
                 label=f"{table_name} table ({len(ps)})")
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="learned lambda (mean over layers)", ylabel="DiffViT - ViT ASR at 4/255 (points)")
@@ -2170,7 +2267,7 @@ def planned_models(run: Run, tables) -> list:
             plan += [(e.model, e.train) for e in TABLES[t].entries(run) if e.train is not None]
         except SetupMissing:
             continue  # the table reports what it misses when it runs
-    return list({checkpoint_path("", m, c): (m, c) for m, c in plan}.values())
+    return list({config_hash({"model": m, "train": dataclasses.asdict(c)}): (m, c) for m, c in plan}.values())
 
 
 def step_seconds(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> float:
@@ -2191,16 +2288,22 @@ def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
     epochs left and seconds, from a step time measured on this device (once per config: seeds cost
     the same)."""
     plan, measured = [], {}
+    read = lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"]
     for model_cfg, cfg in planned_models(run, tables):
-        path = checkpoint_path(run.cache, model_cfg, cfg)
-        record = None if cold else read_cached(path, lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"])
+        record = None
+        if not cold:
+            try:
+                data = data_key(cfg.dataset, run.data_root)
+                record = read_cached(checkpoint_path(run.cache, model_cfg, cfg, data), read)
+            except SetupMissing:  # no dataset yet: nothing trained on it
+                pass
         left = cfg.epochs - (record["epoch"] if record else 0)
         if left <= 0:
             continue
-        same = checkpoint_path("", model_cfg, dataclasses.replace(cfg, seed=0, init=None))
+        same = config_hash({"model": model_cfg, "train": {**dataclasses.asdict(cfg), "seed": 0, "init": None}})
         if same not in measured:
             measured[same] = step_seconds(model_cfg, cfg, run.device, steps) * steps_per_epoch(cfg)
-        plan.append({"model": path.stem.rsplit("-", 1)[0], "seed": cfg.seed, "dataset": cfg.dataset,
+        plan.append({"model": model_name(model_cfg), "seed": cfg.seed, "dataset": cfg.dataset,
                      "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
                      "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps,
                      "fine_tune": cfg.init is not None, "epochs_left": left, "seconds_per_epoch": measured[same],
@@ -2248,7 +2351,8 @@ def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
                             str(HERE / "test_diffattn.py")], capture_output=True, text=True, cwd=HERE)
     outcome = (tests.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
     rounds = SPEED_ROUNDS[run.device.type]
-    speed = {name: layer_rows(run.device, *rounds, amp=amp) for name, amp in (("float32", False), ("bf16 autocast", True))}
+    speed = {name: layer_rows(run.device, *rounds, amp=amp)
+             for name, amp in (("float32", False), ("bf16 autocast", True))}
     pgd = pgd_throughput(run, trained=False)
     plan = training_plan(run, list(TABLES), cold=True)
     hours = {n: parallel_hours(plan, n) for n in gpus}
@@ -2264,7 +2368,8 @@ def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
           f"Training of a cold `--table all --preset {run.preset.name}`, measured step times: "
           + "; ".join(f"**{h:.2f} h on {n} GPU{'s' if n > 1 else ''}**" for n, h in hours.items())
           + " (torchrun: the busiest rank's share; evaluation not included).", "",
-          "| model | depth | lambda_init | seed | s / epoch | epochs | minutes |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "| model | depth | lambda_init | seed | s / epoch | epochs | minutes |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {m['model']} | {m['depth']} | {m['lambda_init'] or '-'} | {m['seed']} | {m['seconds_per_epoch']:.1f} | "
            f"{m['epochs_left']} | {m['seconds'] / 60:.1f} |" for m in plan]
     write_table(run.out / "results", "gpu-check", "\n".join(md) + "\n", res)
@@ -2485,7 +2590,8 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
     import resource
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
     gpu = torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else None
-    memory = f"peak resident memory {peak_gib:.2f} GiB" + (f"; peak GPU memory {gpu:.2f} GiB" if gpu is not None else "")
+    memory = f"peak resident memory {peak_gib:.2f} GiB"
+    memory += f"; peak GPU memory {gpu:.2f} GiB" if gpu is not None else ""
     work = f"{WORK['epochs']} training epochs and {WORK['cells']} cells"
     print(f"--table all ({run.preset.name} preset) finished in {total / 60:.1f} min; {memory}; computed {work}\n  "
           + "\n  ".join(f"{name}: {s:.0f} s" for name, s in seconds.items()))
@@ -2496,7 +2602,8 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
     env = environment(run.device)
     seeds, sweep = run.seed_list(), run.seed_list(sweep=True)
     md = [f"# run: wall time of `python reproduce.py --table all --preset {run.preset.name}`", "",
-          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; training seeds 0-{len(seeds) - 1} "
+          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; "
+          f"training seeds 0-{len(seeds) - 1} "
           f"(sweeps: 0-{len(sweep) - 1}). This run computed {work} (the rest, if any, came from the caches in "
           f"<out>/runs). Total {total / 60:.1f} min; {memory}.", "",
           "| table | seconds |", "|---|---:|", *(f"| {n} | {s:.0f} |" for n, s in seconds.items()),
@@ -2504,7 +2611,8 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
                                             if skipped else [])
     write_table(run.results, run.result_name("run"), "\n".join(md) + "\n",
                 {"table": "run", "preset": run.preset.name, "dataset": run.dataset, "seconds": seconds,
-                 "total_seconds": total, "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"],
+                 "total_seconds": total, "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu,
+                 "trained_epochs": WORK["epochs"],
                  "computed_cells": WORK["cells"], "skipped": skipped, "seeds": seeds, "sweep_seeds": sweep,
                  "environment": env})
 

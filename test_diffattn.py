@@ -61,9 +61,9 @@ rho = ||J2|| / ||J1||, gamma = ||J1|| / ||J_base||, kappa = sqrt(1 + lambda^2 rh
   advtrain    test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss,
                 test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes,
                 test_training_configs_refuse_what_cannot_be_trained_before_any_epoch,
-                test_a_checkpoint_is_named_by_its_whole_config
+                test_a_checkpoint_is_named_by_its_whole_config_and_its_training_data
   summary     test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread,
-                test_summary_judges_hand_built_results_over_seeds
+                test_a_difference_that_is_nan_is_not_judged, test_summary_judges_hand_built_results_over_seeds
 """
 import argparse
 import dataclasses
@@ -445,6 +445,17 @@ def test_diff_attention_v2_has_v2s_shapes_and_records_its_gate():
     assert torch.allclose(recorded, vit(x), atol=1e-6)  # the recorded path is the model's own
 
 
+def test_v2_gate_keeps_pytorchs_linear_init_as_released():
+    """microsoft/unilm's multihead_flashdiffv2.py builds lambda_proj as a bias-free nn.Linear with no init
+    of its own: kaiming-uniform(a=sqrt(5)), U(-1/sqrt(dim), 1/sqrt(dim)); the other layers: timm's 0.02."""
+    torch.manual_seed(0)
+    m = da.ViT(**TINY, attn="diff2")
+    bound = TINY["dim"] ** -0.5
+    w = torch.cat([blk.attn.lambda_proj.weight.flatten() for blk in m.blocks])
+    assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    assert all(blk.attn.qkv.weight.std() < 0.025 for blk in m.blocks)
+
+
 # ---------------------------------------------------------------------------- alignment (Lemma 1)
 # branch_gradient_alignment: g1, g2, cos theta and kappa against autograd and Lemma 1.
 
@@ -706,6 +717,9 @@ def _bad_calls():
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 6])
     m = da.ViT(**TINY, attn="diff")
     v = lambda **kw: da.ViT(**{**TINY, **kw})
+    clip = da.CLIP(8, dict(img_size=16, patch_size=4, in_chans=3, dim=16, depth=1, heads=2),
+                   dict(vocab_size=100, context_length=8, width=16, depth=1, heads=2))
+    per_image = lambda z, t: F.cross_entropy(z, t, reduction="none")
     return [
         ("labels float", lambda: da.pgd(m, x, y.float(), 4 / 255), r"y: expected int64 labels.*float32"),
         ("labels int32", lambda: da.pgd(m, x, y.int(), 4 / 255), r"int64 labels.*pass y.long\(\)"),
@@ -718,6 +732,7 @@ def _bad_calls():
         ("labels (autoattack)", lambda: da.autoattack(m, x, y.float(), 4 / 255), "int64 labels"),
         ("labels (sanity)", lambda: da.sanity_checks(m, x, y[:1], [4 / 255]), "one per image"),
         ("pgd eps < 0", lambda: da.pgd(m, x, y, -0.1), r"eps=-0.1; expected a finite number >= 0"),
+        ("images shape (pgd)", lambda: da.pgd(m, torch.rand(2, 3, 8, 8), y, 4 / 255), r"got \(2, 3, 8, 8\)"),
         ("pgd eps nan", lambda: da.pgd(m, x, y, float("nan")), r"eps=nan; expected a finite number"),
         ("pgd steps", lambda: da.pgd(m, x, y, 0.1, steps=-1), r"steps=-1; expected an integer >= 0"),
         ("pgd steps float", lambda: da.pgd(m, x, y, 0.1, steps=2.5), r"steps=2.5; expected an integer"),
@@ -740,6 +755,18 @@ def _bad_calls():
         ("autoattack eps", lambda: da.autoattack(m, x, y, 0.0), r"eps=0.0; expected a number > 0"),
         ("autoattack version", lambda: da.autoattack(m, x, y, 0.1, version="fast"), r"version='fast'"),
         ("autoattack batch", lambda: da.autoattack(m, x, y, 0.1, batch_size=0), r"batch_size=0"),
+        ("autoattack classes", lambda: da.autoattack(m, x, y, 4 / 255),
+         r"version='standard' needs a model with >= 10 classes, this one has 7: use version='rand'"),
+        ("autoattack no images", lambda: da.autoattack(m, x[:0], y[:0], 4 / 255), r"x holds no images"),
+        ("pgd eps overflows", lambda: da.pgd(m, x, y, 1e39, norm="2"),
+         r"eps=1e\+39; expected a finite number >= 0, at most 3.4e\+38 \(torch.float32\)"),
+        ("lipschitz eps overflows", lambda: da.local_lipschitz(m, x, 1e39), r"eps=1e\+39.*at most 3.4e\+38"),
+        ("alignment, no layers", lambda: da.branch_gradient_alignment(v(depth=0), x, y),
+         r"the model ran no attention layer .*depth-0 ViT"),
+        ("alignment loss shape", lambda: da.branch_gradient_alignment(m, x, y, loss_fn=per_image),
+         r"loss_fn returned \(2,\); expected a scalar tensor"),
+        ("zero-shot dtype", lambda: da.ZeroShotClassifier(clip, torch.randn(8, 3, dtype=torch.float64)),
+         r"weights.dtype=torch.float64; expected the CLIP's torch.float32: pass weights.to\(torch.float32\)"),
         ("predict batch", lambda: da.predict(m, x, batch_size=0), r"batch_size=0; expected an integer >= 1"),
         ("gradient norm", lambda: da.input_gradient_norm(m, x, y, norm="1"), r"norm='1'"),
         ("lipschitz eps 0", lambda: da.local_lipschitz(m, x, 0.0), r"eps=0.0; expected a number > 0"),
@@ -786,6 +813,27 @@ BAD_CALLS = _bad_calls()
 def test_every_public_function_refuses_bad_arguments_by_name(what, call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_attacks_take_images_that_require_grad_and_leave_the_callers_graph_alone():
+    m, y = da.ViT(**TINY, attn="diff"), torch.tensor([1, 6])
+    leaf = torch.rand(2, 3, 16, 16).requires_grad_(True)
+    attacks = [lambda z: da.pgd(m, z, y, 4 / 255, steps=2), lambda z: da.fgsm(m, z, y, 4 / 255),
+               lambda z: da.patch_attack(m, z, y, 4, steps=2), lambda z: da.cw_l2(m, z, y, steps=2, search_steps=1)]
+    for attack in attacks:
+        for z in (leaf, leaf * 1.0):  # a leaf, and a tensor inside the caller's graph
+            res = attack(z)
+            assert res.x_adv.grad_fn is None and not res.x_adv.requires_grad
+    assert da.input_gradient_norm(m, leaf * 1.0, y).grad_fn is None and leaf.grad is None
+
+
+def test_attacks_and_metrics_restore_each_submodules_own_mode():
+    m, x, y = da.ViT(**TINY, attn="diff").train(), torch.rand(2, 3, 16, 16), torch.tensor([1, 6])
+    m.blocks[0].eval()  # a part the caller froze, as one freezes a BatchNorm
+    modes = [mod.training for mod in m.modules()]
+    da.pgd(m, x, y, 4 / 255, steps=1), da.predict(m, x), da.input_gradient_norm(m, x, y)
+    da.branch_gradient_alignment(m, x, y), da.local_lipschitz(m, x, 4 / 255, steps=1)
+    assert [mod.training for mod in m.modules()] == modes and not m.blocks[0].training and m.blocks[1].training
 
 
 def test_good_arguments_of_other_number_types_and_edge_values_are_accepted():
@@ -1060,8 +1108,32 @@ def test_load_clip_is_strict_and_says_which_keys(tmp_path):
     with pytest.raises(ValueError, match="PurePosixPath.*trust_pickle=True"):
         da.load_clip(str(path))
     assert isinstance(da.load_clip(str(path), trust_pickle=True), da.CLIP)
-    with pytest.raises(FileNotFoundError, match="neither a file nor a hub id"):
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint file at {tmp_path / 'nope.pt'}"):
         da.load_clip(str(tmp_path / "nope.pt"))
+
+
+def test_load_clip_reads_a_hub_id_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+    """The paper preset's default DiffCLIP, by its hub id, through huggingface_hub's real code path: a made-up
+    cache in the released layout (models--owner--name/snapshots/<rev>/checkpoint_best.pt, refs/main) holding a
+    random-weight checkpoint saved as DiffCLIP's training saves it, with HF_HUB_OFFLINE=1."""
+    import huggingface_hub.constants as hub
+    ckpt = released_clip_checkpoint(timm_image_tower(), da.TextTransformer(49408, 16, 32, 1, 4, attn="diff"), 24)
+    repo, rev = tmp_path / "hub" / "models--hammh0a--DiffCLIP_ViTB16_CC12M", "3f1c0e5d" * 5
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    torch.save({**ckpt, "args": argparse.Namespace(lr=1e-3)}, repo / "snapshots" / rev / "checkpoint_best.pt")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    kit = da.load_clip("hammh0a/DiffCLIP_ViTB16_CC12M")
+    local = da.load_clip(str(repo / "snapshots" / rev / "checkpoint_best.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(kit.state_dict().values(), local.state_dict().values()))
+    assert kit.config["image"]["attn"] == "diff"
+    for source, match in [("hammh0a/NoSuchCheckpoint", "checkpoint_best.pt.*hammh0a/NoSuchCheckpoint.*HF_HUB_OFFLINE"),
+                          ("ckpts/no-such-file.pt", "no checkpoint file at .*ckpts/no-such-file.pt"),
+                          ("./typo", "no checkpoint file at"), ("~/no-such.safetensors", "no checkpoint file at")]:
+        with pytest.raises(FileNotFoundError, match=match):
+            da.load_clip(source)
 
 
 def test_load_clip_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
@@ -1247,7 +1319,8 @@ def test_patch_attack_early_stop_gives_the_same_successes_for_fewer_rows():
     (full, n_full), (fast, n_fast) = results[False], results[True]
     assert 0 < full.success.sum() < 16  # some examples fooled, some not: the test sees both
     assert torch.equal(full.success, fast.success) and torch.equal(fast.success, da.predict(model, fast.x_adv) != y)
-    assert n_fast < n_full == 16 * 9
+    # counted rows: the entry check's one forward of x[:1] (the labels' range), then 16 images x (8 + 1) points
+    assert n_fast < n_full == 1 + 16 * 9
 
 
 def test_cw_l2_finds_the_distance_to_the_hyperplane():
@@ -1474,9 +1547,9 @@ def tiny_preset(monkeypatch):
 
 def perturb_checkpoint(path):
     """Other weights under the same config: what deleting a checkpoint and training it again gives."""
-    state = torch.load(path, weights_only=True)
+    state = R.torch_load_checked(path)
     state["model"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()}
-    torch.save(state, path)
+    R.atomic_torch_save(state, path)  # sealed anew: a retrained checkpoint, not a damaged one
 
 
 # ---------------------------------------------------------------------------- data
@@ -1496,6 +1569,24 @@ def test_mnist_layout_under_data_root_is_found(tmp_path):
     write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(6))
     data = R.load_dataset("mnist", tmp_path, train=False, download=False)
     assert data.x.shape == (6, 1, 28, 28) and data.x.dtype == torch.uint8 and data.y.tolist() == list(range(6))
+
+
+def test_readers_refuse_labels_that_do_not_match_their_images(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((6, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(5))  # one label short: e.g. another split's file
+    with pytest.raises(R.DatasetMissing, match="6 images but .*t10k-labels-idx1-ubyte holds 5 labels"):
+        R.load_dataset("mnist", tmp_path, train=False, download=False)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(6) * 2)  # labels up to 10: not MNIST's
+    with pytest.raises(R.DatasetMissing, match="labels run from 0 to 10, but mnist has labels 0 to 9"):
+        R.load_dataset("mnist", tmp_path, train=False, download=False)
+    write_fake_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    blob = pickle.loads(batch.read_bytes())
+    batch.write_bytes(pickle.dumps({**blob, b"labels": blob[b"labels"][:-1]}))
+    with pytest.raises(R.DatasetMissing, match=r"damaged \(ValueError\)"):
+        R.load_dataset("cifar10", tmp_path, train=False, download=False)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
@@ -1682,7 +1773,8 @@ def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tm
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), full.state_dict().values()))
     # the start checkpoint retrained (other weights, same config): the fine-tune from the old weights is redone
-    perturb_checkpoint(R.checkpoint_path(tmp_path / "b", mc, base))
+    data = R.data_key("fashion-mnist", pathlib.Path("/nonexistent"))
+    perturb_checkpoint(R.checkpoint_path(tmp_path / "b", mc, base, data))
     epochs = R.WORK["epochs"]
     _, redone = R.train_model(mc, tune(), "/nonexistent", tmp_path / "b", "cpu", progress=False)
     assert R.WORK["epochs"] == epochs + 2 and redone["history"] != rec["history"]
@@ -1703,16 +1795,17 @@ def test_training_configs_refuse_what_cannot_be_trained_before_any_epoch(tmp_pat
     assert not (tmp_path / "checkpoints").exists()  # refused before training anything
 
 
-def test_a_checkpoint_is_named_by_its_whole_config():
+def test_a_checkpoint_is_named_by_its_whole_config_and_its_training_data():
     cfg = R.TrainConfig(dataset="cifar10", epochs=3, seed=2)
-    path = R.checkpoint_path("c", {"attn": "diff"}, cfg)
-    assert path == pathlib.Path("c") / "checkpoints" / ("diff-" + R.config_hash({"model": {"attn": "diff"},
-                                                                          "train": dataclasses.asdict(cfg)}) + ".pt")
-    changed = [R.checkpoint_path("c", {"attn": "diff"}, dataclasses.replace(cfg, **{f.name: v}))
+    path = R.checkpoint_path("c", {"attn": "diff"}, cfg, "data0")
+    assert path == pathlib.Path("c") / "checkpoints" / ("diff-" + R.config_hash(
+        {"model": {"attn": "diff"}, "train": dataclasses.asdict(cfg), "data": "data0"}) + ".pt")
+    changed = [R.checkpoint_path("c", {"attn": "diff"}, dataclasses.replace(cfg, **{f.name: v}), "data0")
                for f, v in zip(dataclasses.fields(cfg), ["mnist", 4, 64, 2e-3, 0.1, 2.0, 0.0, 3, 100, 1 / 255, {}])]
     assert len(set(changed) | {path}) == len(dataclasses.fields(cfg)) + 1  # every field renames it
-    assert R.checkpoint_path("c", {"attn": "diff", "depth": 2}, cfg) != path
-    assert R.checkpoint_path("c", {"kind": "clip", "attn": "diff"}, cfg).name.startswith("clip-diff-")
+    assert R.checkpoint_path("c", {"attn": "diff", "depth": 2}, cfg, "data0") != path
+    assert R.checkpoint_path("c", {"attn": "diff"}, cfg, "data1") != path  # other training images
+    assert R.checkpoint_path("c", {"kind": "clip", "attn": "diff"}, cfg, "data0").name.startswith("clip-diff-")
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -1910,6 +2003,84 @@ def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, 
     assert len(list(ckpt.parent.glob(ckpt.name + ".corrupt-*"))) == 1 and ckpt.is_file()
 
 
+def test_an_edited_cell_and_a_flipped_bit_in_a_checkpoint_are_caught_and_recomputed(tmp_path, capsys):
+    write_fake_cifar10(tmp_path / "data")
+    run = tiny_run(tmp_path)
+    R.run_table(R.TABLES["main"], run)
+    reference = (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0]
+    cell = next((tmp_path / "runs" / "cells").glob("main-*.json"))
+    blob = json.loads(cell.read_text())
+    cell.write_text(json.dumps({**blob, "result": {**blob["result"], "clean_acc": 0.123456}}))  # valid, but not written
+    ckpt = next((tmp_path / "runs" / "checkpoints").glob("std-*.pt"))
+    weight = torch.load(ckpt, weights_only=True)["model"]["head.weight"]
+    raw = bytearray(ckpt.read_bytes())
+    at = raw.find(weight.numpy().tobytes())
+    raw[at + 1] ^= 0x10  # one bit of one weight: the file still loads
+    ckpt.write_bytes(bytes(raw))
+    assert at > 0 and not torch.equal(torch.load(ckpt, weights_only=True)["model"]["head.weight"], weight)
+    R.run_table(R.TABLES["main"], run)
+    err = capsys.readouterr().err
+    for path in (cell, ckpt):
+        assert f"{path} is unreadable or damaged (ValueError: its contents do not match the content hash" in err
+        assert len(list(path.parent.glob(path.name + ".corrupt-*"))) == 1
+    assert (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0] == reference
+
+
+def test_code_key_follows_the_module_level_values_a_function_reads(monkeypatch):
+    evaluate = R.TABLES["clip"].evaluate  # reads CLIP_TEMPLATES and DATASETS through classifier and class_names
+    key = R.code_key(evaluate)
+    monkeypatch.setattr(R, "CLIP_TEMPLATES", [*R.CLIP_TEMPLATES, "art of a {}."])
+    assert R.code_key(evaluate) != key
+    monkeypatch.undo()
+    assert R.code_key(evaluate) == key
+    info = R.DATASETS["fashion-mnist"]
+    monkeypatch.setitem(R.DATASETS, "fashion-mnist", dataclasses.replace(info, mean=(0.3,)))  # a dataclass's field
+    assert R.code_key(evaluate) != key
+    key = R.code_key(R.cached)
+    monkeypatch.setitem(R.WORK, "cells", R.WORK["cells"] + 5)  # a counter, not a setting: the key stays
+    assert R.code_key(R.cached) == key
+
+
+def test_other_images_under_the_same_file_names_are_another_model_and_another_cell(tmp_path):
+    write_fake_cifar10(tmp_path / "data")
+    run = tiny_run(tmp_path)
+    R.run_table(R.TABLES["clean"], run)
+    checkpoints = lambda: set((tmp_path / "runs" / "checkpoints").glob("*.pt"))
+    old, epochs, cells = checkpoints(), R.WORK["epochs"], R.WORK["cells"]
+    base = tmp_path / "data" / "cifar-10-batches-py"
+    invert = lambda name: (base / name).write_bytes(pickle.dumps(
+        {**(blob := pickle.loads((base / name).read_bytes())), b"data": 255 - blob[b"data"]}))
+    for i in range(1, 6):  # the training images inverted, the file names kept
+        invert(f"data_batch_{i}")
+    R.data_key.cache_clear()  # computed once per process: a new run would read the files again
+    R.run_table(R.TABLES["clean"], run)
+    assert len(checkpoints()) == 2 * len(old) and old < checkpoints()  # every model trained again, beside the old
+    assert R.WORK["epochs"] - epochs == sum(e.train.epochs for e in R.pair_entries(run))
+    invert("test_batch")  # the test images changed: clean is recomputed on them, no model retrained
+    cells, epochs = R.WORK["cells"], R.WORK["epochs"]
+    R.run_table(R.TABLES["clean"], run)
+    assert R.WORK["cells"] == cells + len(R.pair_entries(run)) and R.WORK["epochs"] == epochs
+    rows = json.loads((tmp_path / "results" / "tiny" / "clean.json").read_text())["rows"]
+    model, _ = R.obtain_model(R.pair_entries(run)[0], run, {})
+    data = R.eval_data(run, "cifar10", None)
+    assert len(data.y) == 40 and rows[0]["test_acc"] == da.clean_accuracy(data.y, da.predict(model, data.x))
+
+
+def test_a_table_names_the_device_and_threads_that_computed_its_cells(tmp_path):
+    write_fake_cifar10(tmp_path / "data")
+    run, threads = tiny_run(tmp_path), torch.get_num_threads()
+    R.run_table(R.TABLES["clean"], run)
+    computed = R.environment(run.device)["device"]  # "<cpu> CPU, <threads> threads"
+    cells = R.WORK["cells"]
+    try:
+        torch.set_num_threads(threads + 1)
+        R.run_table(R.TABLES["clean"], run)  # every cell read from the cache
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / "results" / "tiny" / "clean.md").read_text()
+    assert R.WORK["cells"] == cells and f"Computed on device {computed}; torch" in md and f"{threads + 1} threads" not in md
+
+
 def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
     entry = R.Entry({"model": "CLIP"}, source=str(tmp_path / "absent.pt"), data="imagenet")
     with pytest.raises(R.SetupMissing, match="could not load the CLIP checkpoint"):
@@ -1933,6 +2104,20 @@ def test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread():
     assert R.verdict(["higher", "within noise"]) == "partly supported" and R.verdict(["higher", "lower"]) == "mixed"
     assert R.verdict(["lower", "within noise"]) == "partly contradicted"
     assert R.verdict([]) == "not judged" and R.se_rates(0.0, 1, 1.0, 1) > 0  # pooled: never a zero error
+
+
+def test_a_difference_that_is_nan_is_not_judged():
+    # e.g. an ASR over no correctly classified image (a dry run): "not judged", never "within noise"
+    nan = float("nan")
+    assert R.judge([nan, 2.0], [1.0, 1.0])["outcome"] == "not judged"
+    assert R.judge([nan], [1.0])["outcome"] == "not judged"  # one seed: no spread, but the mean is nan
+    assert R.verdict(["not judged"] * 2) == "not judged (no valid difference: nan in some seed)"
+    assert R.verdict(["higher", "not judged"]) == "supported (1 of 2 comparisons not judged: nan)"
+    claim = R.judged("a claim", "main", [("PGD-10 1/255", [nan, nan], [0.5, 0.5], 1)], None)
+    assert claim["verdict"] == "not judged (no valid difference: nan in some seed)" and "+nan" in claim["evidence"]
+    rows = [{"model": m, "depth": d, "seed": 0, "n_correct": 0 if d == 2 else 100,
+             "asr": {e: nan if d == 2 else 0.5 for e in ("1/255", "4/255")}} for m in ("ViT", "DiffViT") for d in (1, 2)]
+    assert R.crossover(rows, "DiffViT")["verdict"] == "not judged (no valid difference: nan in some seed)"
 
 
 def test_summary_judges_hand_built_results_over_seeds(tmp_path):
