@@ -291,11 +291,12 @@ def _eval_mode(model: nn.Module):
             m.training = was
 
 
-def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tuple,
-                 amp: Optional[bool] = False) -> torch.Tensor:
+def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tuple, amp: Optional[bool] = False,
+                 need: tuple = (0, "")) -> torch.Tensor:
     """The entry check of an attack or metric: images, labels, the arguments (``_check``'s rules), then the
     labels' range, read off one image's logits: a no-grad, eval-mode forward of x[:1] (it draws no random
     numbers), under bf16 autocast if ``amp`` (None: on CUDA) as ``pgd``'s own forwards. The loops check nothing.
+    ``need``: (the fewest classes the caller works with, what to say otherwise; ``{}``: the model's count).
     Returns the images detached from the caller's graph (an attack's result is never part of it)."""
     check_images(x)
     check_labels(y, len(x))
@@ -309,6 +310,8 @@ def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tup
                 model(x)
                 raise
         check_labels(y, len(x), num_classes)
+        if num_classes < need[0]:
+            raise ValueError(need[1].format(num_classes))
     return x.detach()
 
 
@@ -1009,15 +1012,13 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
     APGD-CE, APGD-T, FAB-T and Square as on RobustBench (torchattacks' ``AutoAttack`` is not this). Its
     targeted attacks aim at the 9 most likely other classes, so "standard" and "plus" need >= 10 classes;
     "rand" (APGD-CE and APGD-DLR) needs 3."""
+    need = 3 if version == "rand" else 10
     x = _check_batch(model, x, y, _one_of("norm", norm, _NORMS), _budget(eps, x, "a number > 0", strict=True),
-                     _one_of("version", version, ("standard", "plus", "rand")), _integer("batch_size", batch_size, 1))
+                     _one_of("version", version, ("standard", "plus", "rand")), _integer("batch_size", batch_size, 1),
+                     need=(need, f"autoattack version={version!r} needs a model with >= {need} classes, this one has "
+                                 "{}: use version='rand' (>= 3 classes) or pgd(..., loss='margin', restarts=5)"))
     if not len(x):
         raise ValueError("autoattack: x holds no images; the reference AutoAttack needs one or more")
-    with _eval_mode(model), torch.no_grad():
-        classes, need = model(x[:1]).shape[1], 3 if version == "rand" else 10
-    if classes < need:
-        raise ValueError(f"autoattack version={version!r} needs a model with >= {need} classes, this one has "
-                         f"{classes}: use version='rand' (>= 3 classes) or pgd(..., loss='margin', restarts=5)")
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:
