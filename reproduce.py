@@ -287,8 +287,9 @@ class ImageData:
         return len(self.y)
 
     def subset(self, n: Optional[int], seed: int = 0) -> "ImageData":
-        """The first n of a fixed permutation (so n=500 is a prefix of n=1000); None: all."""
-        if n is None or n >= len(self):
+        """The first n of a fixed permutation (so n=500 is a prefix of n=1000 and of n >= len: all of them,
+        permuted); None: all, as they are."""
+        if n is None:
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return dataclasses.replace(self, x=self.x[idx], y=self.y[idx])
@@ -1041,8 +1042,11 @@ def eval_data(run: Run, name: str, n: int) -> EvalData:
         x, captions = load_coco_captions(run.data_root, n)
         return EvalData(name, x.to(device).float() / 255, torch.arange(len(x), device=device),
                         "the first by image id, each with its first caption", captions=captions)
-    d = (load_imagenet_val(run.data_root, n, EVAL_SEED) if name == "imagenet" else
-         load_dataset(name, run.data_root, train=False).subset(n, EVAL_SEED))
+    if name == "imagenet":
+        d = load_imagenet_val(run.data_root, n, EVAL_SEED)
+    else:  # None: the whole permutation, whose first k are the k images of a table with k
+        test = load_dataset(name, run.data_root, train=False)
+        d = test.subset(len(test) if n is None else n, EVAL_SEED)
     chosen = "the whole test set" if n is None else f"a fixed permutation, seed {EVAL_SEED}"
     return EvalData(name, d.x.to(device).float() / 255, d.y.to(device), chosen, classes=d.classes)
 
@@ -1757,10 +1761,14 @@ def advtrain_entries(run: Run) -> list:
 
 
 def evaluate_advtrain(model, data, s, record) -> dict:
+    """Test accuracy on all the test images; ASR on the first ``attack_images``, alignment on the first
+    ``alignment_images`` of them."""
     x, y = data.x[:s["alignment_images"]], data.y[:s["alignment_images"]]
     layers = alignment_by_layer(model, x, y, s["batch"])
     grad, grad_sem = mean_sem(da.input_gradient_norm(model, x, y, "inf"))
-    return {**asr_row(model, data.x, data.y, s), "test_acc": record["test_acc"],
+    correct = int((da.predict(model, data.x) == data.y).sum())
+    n = s["attack_images"]
+    return {**asr_row(model, data.x[:n], data.y[:n], s), "test_acc": correct / len(data.y),
             "frac_cos_negative": [a["frac_cos_negative"] for a in layers], "n_alignment": len(y),
             "mean_grad_l1": grad, "mean_grad_l1_sem": grad_sem, "learned_lambda": learned_lambdas(model)}
 
@@ -1771,7 +1779,8 @@ def advtrain_about(run, s, rows):
     return (f"Models: {pair_recipes(run)}. eps_train 0: as trained (the main table's models); 1/255, 2/255: "
             f"fine-tuned from them with FGSM-RS adversarial training (Wong et al. 2020; random start, one step of "
             f"1.25 eps) at that Linf budget, {t['epochs']} epoch(s){subset}, AdamW lr {t['lr']}, cosine. Test "
-            f"accuracy: the full test set. ASR: PGD-{s['steps']} over the initially correct test images. cos<0 and "
+            f"accuracy: the full test set. ASR: PGD-{s['steps']} over the initially correct of the first "
+            f"{s['attack_images']} test images. cos<0 and "
             f"grad L1 (input-gradient L1 norm) on the first {rows[0]['n_alignment']} images; ViT: the head-pair "
             "control.")
 
@@ -1788,8 +1797,9 @@ def advtrain_panels(run, s, rows):
 
 table(name="advtrain", title="adversarial fine-tuning (FGSM-RS at 1/255 and 2/255), ViT vs DiffViT",
       entries=advtrain_entries,
-      settings=lambda p: {"images": p.sizes["advtrain"]["images"], "attack": "pgd", "steps": 10, "eps": EPS_LINF,
-                          "batch": 250, "alignment_images": p.sizes["advtrain"]["alignment_images"]},
+      settings=lambda p: {"images": None, "attack_images": p.sizes["advtrain"]["images"], "attack": "pgd",
+                          "steps": 10, "eps": EPS_LINF, "batch": 250,
+                          "alignment_images": p.sizes["advtrain"]["alignment_images"]},
       evaluate=evaluate_advtrain, about=advtrain_about, group=("model", "depth", "eps_train"),
       columns=lambda s, rows: [Col("test acc (%)", lambda r: 100 * r["test_acc"], 2)]
       + [Col(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e]) for e in rows[0]["asr"]]

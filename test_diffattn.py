@@ -2067,6 +2067,10 @@ def test_other_images_under_the_same_file_names_are_another_model_and_another_ce
     model, _ = R.obtain_model(R.pair_entries(run)[0], run, {})
     data = R.eval_data(run, "cifar10", None)
     assert len(data.y) == 40 and rows[0]["test_acc"] == (da.predict(model, data.x) == data.y).sum().item() / 40
+    R.run_table(R.TABLES["advtrain"], run)  # its test accuracy too: of these images, not the training record's
+    adv = json.loads((tmp_path / "results" / "tiny" / "advtrain.json").read_text())["rows"]
+    assert (adv[0]["model"], adv[0]["seed"], adv[0]["eps_train"]) == ("ViT", 0, "0")  # the model of rows[0]
+    assert adv[0]["test_acc"] == rows[0]["test_acc"] and adv[0]["n_correct"] <= TINY_SIZES["advtrain"]["images"]
 
 
 def test_a_table_names_the_device_and_threads_that_computed_its_cells(tmp_path):
