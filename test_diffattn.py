@@ -1919,9 +1919,12 @@ def test_a_table_is_one_block_whose_settings_come_from_the_preset(tmp_path):
     for name, table in R.TABLES.items():
         s = table.settings(TINY_PRESET)
         if name == "clean":
-            assert s["images"] is None  # the training record's accuracy: no test images of its own
+            assert s["images"] is None  # the whole test set
             continue
-        assert s["images"] == TINY_SIZES[name]["images"], name
+        if name == "advtrain":  # test accuracy on the whole test set, the attacks on its first images
+            assert s["images"] is None and s["attack_images"] == TINY_SIZES[name]["images"]
+        else:
+            assert s["images"] == TINY_SIZES[name]["images"], name
         bigger = {t: {k: v + 1 for k, v in sizes.items()} for t, sizes in TINY_SIZES.items()}
         other = table.settings(dataclasses.replace(TINY_PRESET, sizes={**TINY_SIZES, name: bigger[name]}))
         assert other != s, name  # its own sizes reach its settings
