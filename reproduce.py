@@ -2052,9 +2052,11 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
     if points:
         figure(run.results / f"{name}.png", lambda plt: draw_lambda_gap(plt, points, run.dataset))
     env = environment(run.device)
+    made = dict.fromkeys(f"device {c['device']}; torch {c['torch']}; commit {c['git_commit']}"  # by the tables' cells
+                         for r in results.values() for c in (row.get("computed_on") for row in r["rows"]) if c)
     md = [f"# summary: the paper's claims against this run ({run.preset.name} preset)", "",
-          (f"Read from the {run.result_name('*')}.json beside this file; device {env['device']}; commit "
-           f"{env['git_commit']}. "
+          (f"Read from the {run.result_name('*')}.json beside this file, whose cells were computed on "
+           f"{' / '.join(made) or 'unknown'}. "
            + (f"These are small models on {run.dataset} on a CPU, not the paper's CIFAR/ImageNet setting. "
               if run.preset.name == "quick" else "")
            + ("A dry run: 16-wide models trained one epoch on 64 images, so these verdicts mean nothing."

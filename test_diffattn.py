@@ -2082,13 +2082,18 @@ def test_a_table_names_the_device_and_threads_that_computed_its_cells(tmp_path):
     R.run_table(R.TABLES["clean"], run)
     computed = R.environment(run.device)["device"]  # "<cpu> CPU, <threads> threads"
     cells = R.WORK["cells"]
+    R.run_table(R.TABLES["lambda"], run)  # a table the summary reads
     try:
         torch.set_num_threads(threads + 1)
         R.run_table(R.TABLES["clean"], run)  # every cell read from the cache
+        R.table_summary(run)
     finally:
         torch.set_num_threads(threads)
     md = (tmp_path / "results" / "tiny" / "clean.md").read_text()
-    assert R.WORK["cells"] == cells and f"Computed on device {computed}; torch" in md and f"{threads + 1} threads" not in md
+    assert R.WORK["cells"] == cells + len(R.lambda_entries(run)) and f"Computed on device {computed}; torch" in md
+    summary = (tmp_path / "results" / "tiny" / "summary.md").read_text()
+    assert f"cells were computed on device {computed}; torch" in summary
+    assert f"{threads + 1} threads" not in md + summary
 
 
 def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
