@@ -1074,7 +1074,7 @@ def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
     rows, loaded, datas = [], {}, {}
     entries, settings = table.entries(run), table.settings(run.preset)
     env = environment(run.device)
-    computed_on = {k: env[k] for k in ("device", "torch", "git_commit")}  # kept in the cell with its numbers
+    where = {k: env[k] for k in ("device", "torch", "git_commit")}  # kept in the cell with its numbers
     code = {"library": file_sha256(da.__file__), "evaluation": code_key(table.evaluate), "device": run.device.type,
             **{name: version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
     for i, entry in enumerate(entries):
@@ -1092,7 +1092,7 @@ def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
 
         def compute():
             torch.manual_seed(s["seed"])
-            return {**table.evaluate(model, data, s, record), "computed_on": computed_on}
+            return {**table.evaluate(model, data, s, record), "computed_on": where}
         rows.append({**row, **cached(run.cache, table.name, cell, compute)})
     if only is None:
         render(table, run, settings, entries, rows, datas)
@@ -1111,12 +1111,10 @@ def render(table: Table, run: Run, s: dict, entries: list, rows: list, datas: di
     dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
     seeds = sorted({e.labels["seed"] for e in entries if "seed" in e.labels})
     seen = "; ".join(f"{n}, {len(d.y)} test images ({d.chosen})" for n, d in datas.items())
-    made = dict.fromkeys(f"device {c['device']}; torch {c['torch']}; commit {c['git_commit']}"
-                         for c in (r["computed_on"] for r in rows))  # by the cells, not by this process
     trained = (f"Training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (each model's attacks "
                "seeded by its training seed)") if seeds else "Pretrained models (no training seed)"
     md = [f"# {table.name}: {table.title} ({run.preset.name} preset)", "",
-          f"Data: {seen}. {trained}. Computed on {' / '.join(made)}. "
+          f"Data: {seen}. {trained}. Computed on {computed_on(rows)}. "
           "Settings and every number: the .json beside this file.", "", table.about(run, s, rows), "",
           *seed_table(table.shown(rows), table.group, table.columns(s, rows))]
     more, extra, draw = table.more(run, s, rows, entries) if table.more else ([], {}, None)
@@ -1134,6 +1132,13 @@ def render(table: Table, run: Run, s: dict, entries: list, rows: list, datas: di
                 {"table": table.name, "preset": run.preset.name, "dataset": dataset, "seeds": seeds,
                  "n_images": next(iter(n_images.values())) if len(n_images) == 1 else n_images,
                  "settings": s, "models": models, "rows": rows, "environment": env, **extra})
+
+
+def computed_on(rows) -> str:
+    """Where the rows' cells were computed (not where they are rendered): each device, torch and commit once."""
+    made = dict.fromkeys(f"device {c['device']}; torch {c['torch']}; commit {c['git_commit']}"
+                         for c in (r.get("computed_on") for r in rows) if c)
+    return " / ".join(made) or "unknown"
 
 
 def groups(rows, *keys) -> dict:
@@ -1354,11 +1359,14 @@ def lipschitz_about(s: dict) -> str:
 
 # --- clean: accuracy after training, and lambda through it
 
+def test_accuracy(model: nn.Module, data: EvalData) -> float:
+    """Accuracy on all of ``data``, as a ratio of counts (as ``accuracy`` gives it)."""
+    return int((da.predict(model, data.x) == data.y).sum()) / len(data.y)
+
+
 def evaluate_clean(model, data, s, record) -> dict:
-    """Accuracy on the test images this cell is keyed by (the training record's is of the data it had then),
-    as a ratio of counts, as ``accuracy`` gives it."""
-    correct = int((da.predict(model, data.x) == data.y).sum())
-    return {"test_acc": correct / len(data.y), "history": record["history"],
+    """Accuracy on the test images this cell is keyed by (the training record's is of the data it had then)."""
+    return {"test_acc": test_accuracy(model, data), "history": record["history"],
             "train_seconds": record.get("train_seconds"), "learned_lambda": learned_lambdas(model)}
 
 
@@ -1766,9 +1774,8 @@ def evaluate_advtrain(model, data, s, record) -> dict:
     x, y = data.x[:s["alignment_images"]], data.y[:s["alignment_images"]]
     layers = alignment_by_layer(model, x, y, s["batch"])
     grad, grad_sem = mean_sem(da.input_gradient_norm(model, x, y, "inf"))
-    correct = int((da.predict(model, data.x) == data.y).sum())
     n = s["attack_images"]
-    return {**asr_row(model, data.x[:n], data.y[:n], s), "test_acc": correct / len(data.y),
+    return {**asr_row(model, data.x[:n], data.y[:n], s), "test_acc": test_accuracy(model, data),
             "frac_cos_negative": [a["frac_cos_negative"] for a in layers], "n_alignment": len(y),
             "mean_grad_l1": grad, "mean_grad_l1_sem": grad_sem, "learned_lambda": learned_lambdas(model)}
 
@@ -2052,11 +2059,9 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
     if points:
         figure(run.results / f"{name}.png", lambda plt: draw_lambda_gap(plt, points, run.dataset))
     env = environment(run.device)
-    made = dict.fromkeys(f"device {c['device']}; torch {c['torch']}; commit {c['git_commit']}"  # by the tables' cells
-                         for r in results.values() for c in (row.get("computed_on") for row in r["rows"]) if c)
     md = [f"# summary: the paper's claims against this run ({run.preset.name} preset)", "",
           (f"Read from the {run.result_name('*')}.json beside this file, whose cells were computed on "
-           f"{' / '.join(made) or 'unknown'}. "
+           f"{computed_on([row for r in results.values() for row in r['rows']])}. "
            + (f"These are small models on {run.dataset} on a CPU, not the paper's CIFAR/ImageNet setting. "
               if run.preset.name == "quick" else "")
            + ("A dry run: 16-wide models trained one epoch on 64 images, so these verdicts mean nothing."
