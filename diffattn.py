@@ -53,19 +53,19 @@ def _integer(name: str, v, low: int) -> tuple:
     return name, v, _int(v, low), f"an integer >= {low}"
 
 
-def _positive(name: str, v, note: str = "") -> tuple:
-    return name, v, _real(v) and v > 0, "a number > 0" + note
+def _positive(name: str, v) -> tuple:
+    return name, v, _real(v) and v > 0, "a number > 0"
 
 
 def _one_of(name: str, v, options: tuple, note: str = "") -> tuple:
     return name, v, v in options, ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}" + note
 
 
-def _budget(eps, x, expected: str = "a finite number >= 0", low: float = 0.0, strict: bool = False) -> tuple:
-    """An attack's eps: a finite number >= ``low`` (> if ``strict``) that stays finite in the images' dtype
+def _budget(eps, x, expected: str = "a finite number >= 0", strict: bool = False) -> tuple:
+    """An attack's eps: a finite number >= 0 (> 0 if ``strict``) that stays finite in the images' dtype
     (1e39 is finite in Python but inf in float32)."""
     top = torch.finfo(x.dtype).max if torch.is_tensor(x) and x.is_floating_point() else math.inf
-    ok = _real(eps, low) and (eps > low or not strict) and eps <= top
+    ok = _real(eps, 0) and (eps > 0 or not strict) and eps <= top
     return "eps", eps, ok, expected + (f", at most {top:.3g} ({x.dtype})" if top < math.inf else "")
 
 
@@ -108,9 +108,8 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 class _AttentionLayer(nn.Module):
-    """What the three layers share: the checks of dim and heads (``even``: H/2 differential heads), ``qkv``
-    (``qkv_width`` outputs) and ``proj``. While ``_record`` is a list (inside ``attention_maps``), forward
-    takes the explicit path and records."""
+    """What the three layers share: the checks of dim and heads (``even``: H/2 differential heads), ``qkv``, ``proj``.
+    While ``_record`` is a list (inside ``attention_maps``), forward takes the explicit path and records."""
     _record: Optional[list] = None
     _name, _retain_grad = "", True
 
@@ -224,17 +223,19 @@ def attention_maps(model: nn.Module, retain_grad: bool = True) -> Iterator[list]
             F.cross_entropy(model(x), y).backward()
         G, A1, A2, lam = maps[0].A.grad, maps[0].A1, maps[0].A2, maps[0].lam   # G = dL/dA, A = A1 - lam A2
 
-    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms do not allow.
+    ``retain_grad=False`` skips ``A.retain_grad()``, which torch.func transforms do not allow. Recordings nest:
+    on exit every layer records as on entry (``branch_gradient_alignment`` inside one leaves it recording).
     """
     record: list = []
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _AttentionLayer)]
+    outer = [(m._record, m._name, m._retain_grad) for _, m in layers]
     for name, m in layers:
         m._record, m._name, m._retain_grad = record, name, retain_grad
     try:
         yield record
     finally:
-        for _, m in layers:
-            m._record = None
+        for (_, m), state in zip(layers, outer):
+            m._record, m._name, m._retain_grad = state
 
 
 # -- Inputs: images in [0, 1], one int64 label per image ---------------------------------
@@ -293,11 +294,10 @@ def _eval_mode(model: nn.Module):
 
 def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tuple, amp: Optional[bool] = False,
                  need: tuple = (0, "")) -> torch.Tensor:
-    """The entry check of an attack or metric: images, labels, the arguments (``_check``'s rules), then the
-    labels' range, read off one image's logits: a no-grad, eval-mode forward of x[:1] (it draws no random
-    numbers), under bf16 autocast if ``amp`` (None: on CUDA) as ``pgd``'s own forwards. The loops check nothing.
-    ``need``: (the fewest classes the caller works with, what to say otherwise; ``{}``: the model's count).
-    Returns the images detached from the caller's graph (an attack's result is never part of it)."""
+    """The entry check of an attack or metric (the loops check nothing): images, labels, ``_check``'s rules, then
+    the labels' range, read off the logits of a no-grad, eval-mode forward of x[:1] (no random numbers drawn),
+    under bf16 autocast if ``amp`` (None: on CUDA) as ``pgd``'s forwards. ``need``: (the fewest classes the caller
+    works with, what to say otherwise; ``{}``: the model's count). Returns x detached: no result joins its graph."""
     check_images(x)
     check_labels(y, len(x))
     _check(*rules)
@@ -382,24 +382,20 @@ def branch_gradient_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return out
 
 
-# -- Differential attention V2: the kit's extension, beyond the paper --------------------
+# -- Differential attention V2: the kit's extension; the paper studies V1 only -----------
 
 class DiffAttentionV2(_AttentionLayer):
-    """Differential attention V2 (Ye et al., January 2026; microsoft/unilm, Diff-Transformer-V2).
-
-    The kit's extension (DA V2), not in the paper, which studies V1 only: ``attn="diff2"`` asks whether V1's
-    findings carry over. With H output heads, d = dim / H, and per head h two query heads sharing one key and
-    one value head:
+    """Differential attention V2 (Ye et al., January 2026; microsoft/unilm, Diff-Transformer-V2): ``attn="diff2"``
+    asks whether V1's findings carry over. With H output heads, d = dim / H, and per head h two query heads
+    sharing one key and one value head:
 
         A1 = softmax(Q_2h K_h^T / sqrt(d)),   A2 = softmax(Q_2h+1 K_h^T / sqrt(d))  (a causal mask only if asked)
         gate_t = sigmoid(w_h . x_t)                          (``lambda_proj``, no bias: per token t and head h)
         head_h = A1 V_h - gate * (A2 V_h) = (A1 - diag(gate) A2) V_h
         out = proj(concat_h head_h)
 
-    Unlike V1: a per-token gate in (0, 1) for the scalar lambda, no per-head RMSNorm, no (1 - lambda_init).
-    ``lambda_proj`` keeps PyTorch's ``nn.Linear`` init inside a ``ViT`` too, as in the released module (the
-    other linear layers get timm's truncated normal(0.02)).
-    ``qkv`` stacks q (2 dim wide: heads 2h, 2h+1 = Q1, Q2 of head h), k and v (dim wide). Two paths as in
+    Unlike V1: a per-token gate in (0, 1) for the scalar lambda, no per-head RMSNorm, no (1 - lambda_init);
+    ``lambda_proj`` keeps PyTorch's ``nn.Linear`` init inside a ``ViT`` too, as released. Two paths as in
     ``DiffAttention`` (fused: SDPA with the query heads grouped on their key and value head).
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
@@ -411,7 +407,7 @@ class DiffAttentionV2(_AttentionLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         H, d = self.heads, self.head_dim
-        q, k, v = self.qkv(x).split([2 * C, C, C], dim=-1)
+        q, k, v = self.qkv(x).split([2 * C, C, C], dim=-1)                  # q 2 dim wide, k and v dim wide
         q = q.view(B, N, 2 * H, d).transpose(1, 2)                            # (B, 2H, N, d): Q1, Q2 at 2h, 2h+1
         k, v = (t.view(B, N, H, d).transpose(1, 2) for t in (k, v))           # (B, H, N, d)
         gate = torch.sigmoid(self.lambda_proj(x)).transpose(1, 2)[..., None]   # (B, H, N, 1)
@@ -485,12 +481,11 @@ def _channels(v, in_chans: int, name: str) -> torch.Tensor:
 class ViT(nn.Module):
     """Vision Transformer (``attn="std"``) or DiffViT (``attn="diff"``; ``"diff2"``: DA V2) with timm's names.
 
-    Pre-norm blocks, class token, learned position embedding, final LayerNorm, linear head on the class
-    token; images in [0, 1], normalized inside with ``mean``/``std`` (not in the state dict). timm:
-    ``VisionTransformer(img_size, patch_size, in_chans, num_classes, embed_dim=dim, depth, num_heads=H,
-    mlp_ratio, qkv_bias=True)``; for DiffViT ``attn_layer="diff"``, ``num_heads=H // 2`` and each block's
-    ``attn.lambda_init`` set to match. ``pre_norm=True``: ``norm_pre`` (CLIP's ln_pre), no patch bias, as
-    timm's CLIP towers; ``num_classes=0``: no head. Keyword arguments only.
+    Images in [0, 1], normalized inside with ``mean``/``std`` (not in the state dict). timm's equivalent:
+    ``VisionTransformer(img_size, patch_size, in_chans, num_classes, embed_dim=dim, depth, num_heads=H, mlp_ratio,
+    qkv_bias=True)``; for DiffViT ``attn_layer="diff"``, ``num_heads=H // 2`` and each block's ``attn.lambda_init``
+    set to match. ``pre_norm=True``: ``norm_pre`` (CLIP's ln_pre), no patch bias, as timm's CLIP towers;
+    ``num_classes=0``: no head. Keyword arguments only.
     """
 
     def __init__(self, *, img_size: int, patch_size: int, in_chans: int, num_classes: int, dim: int,
@@ -508,10 +503,9 @@ class ViT(nn.Module):
         self.img_size, self.in_chans, self.attn_type = img_size, in_chans, attn
         self.register_buffer("mean", _channels(mean, in_chans, "mean"), persistent=False)
         self.register_buffer("std", _channels(std, in_chans, "std"), persistent=False)
-        n_tokens = (img_size // patch_size) ** 2 + 1
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim, bias=not pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, dim))  # patches + class
         self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(
             Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio, attn=attn, lambda_init=lambda_init, layer_index=i,
@@ -635,8 +629,7 @@ class ZeroShotClassifier(nn.Module):
 
     def __init__(self, clip: CLIP, weights: torch.Tensor):
         super().__init__()
-        d = clip.image_projection.shape[1]
-        dtype = clip.image_projection.dtype
+        d, dtype = clip.image_projection.shape[1], clip.image_projection.dtype
         _check(("weights.shape", tuple(getattr(weights, "shape", ())),
                 torch.is_tensor(weights) and weights.dim() == 2 and weights.shape[0] == d,
                 f"({d}, classes): one normalized text embedding per column"),
@@ -788,7 +781,7 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
     for key in ("state_dict", "model"):
         if isinstance(src.get(key), dict):
             src = src[key]
-    src = {k[len("module."):] if k.startswith("module.") else k: v for k, v in src.items()}
+    src = {k.removeprefix("module."): v for k, v in src.items()}
     sd, config, layout = clip_state_dict_to_kit(src, quick_gelu, image_heads, text_heads)
     model = CLIP(**config)
     own = model.state_dict()
@@ -903,8 +896,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
         with _eval_mode(model), torch.no_grad():
             logits = model(x).float()
         return AttackResult(x.clone(), _margin(logits, y, targeted) < 0, x.new_zeros(len(x)))
-    best_x = x.clone()
-    best_margin = torch.full((len(x),), float("inf"), device=x.device)  # float32, also for a bf16 model
+    best_x, best_margin = x.clone(), torch.full((len(x),), float("inf"), device=x.device)  # float32, also for bf16
     with _eval_mode(model):
         for r in range(restarts):
             idx = (best_margin >= 0).nonzero().squeeze(1) if r else torch.arange(len(x), device=x.device)

@@ -1,14 +1,12 @@
 """reproduce.py: data, training and every table of the diffattn kit.
 
-    python reproduce.py --table all               # every table of the paper, then the summary
+    python reproduce.py --table all               # every table, then the summary
     python reproduce.py --table main --preset quick --seeds 5
-    python reproduce.py --table speed             # timings (not one of the paper's tables)
-    python reproduce.py --preset paper --dry-run  # every table shrunk to minutes on a CPU
-    python reproduce.py --gpu-check               # what only a GPU shows, in minutes
-    torchrun --nproc-per-node 8 reproduce.py --table all
+    python reproduce.py --preset paper --dry-run  # every table shrunk to minutes: data and checkpoints
+    python reproduce.py --estimate                # the training time still to do
 
 Read top to bottom: files and keys -> data -> training -> presets -> the tables (a block each in
-``TABLES``, one loop ``run_table``, one renderer) -> the summary -> speed and estimates -> torchrun -> main.
+``TABLES``, one loop ``run_table``, one renderer) -> the summary -> the estimate -> main.
 A model is cached under a hash of its model and training configs and rewritten atomically after every
 epoch (a killed run resumes); a cell (one model in one table) under a hash of the model's weights, the
 images, the settings and seed, the code that ran and the versions (an edit recomputes exactly its cells);
@@ -50,9 +48,7 @@ import diffattn as da
 HERE = Path(__file__).resolve().parent
 WORK = {"epochs": 0, "cells": 0}  # what this process computed rather than read from the caches (run.md)
 
-# ----------------------------------------------------------------------------------------
-# Files and keys: atomic writes, cached reads, cells, and what a number was computed from
-# ----------------------------------------------------------------------------------------
+# ==== Files and keys: atomic writes, cached reads, cells, and what a number was computed from
 
 
 def _atomic(path: Path, write) -> None:
@@ -79,8 +75,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def content_hash(obj) -> str:
-    """sha256 of nested dicts, lists and tensors (dtype, shape and bytes) and JSON values: what a cache
-    file holds, as written and as read back."""
+    """sha256 of nested dicts, lists, tensors (dtype, shape and bytes) and JSON values: what a cache file holds."""
     h = hashlib.sha256()
     todo = [obj]
     while todo:
@@ -101,13 +96,11 @@ def content_hash(obj) -> str:
 
 
 def sealed(obj: dict) -> dict:
-    """``obj`` with the content hash of its values, to be written with it."""
     return {**obj, "sha256": content_hash(obj)}
 
 
 def unsealed(obj: dict) -> dict:
-    """The contents of a ``sealed`` file as written, or ``ValueError`` (an edited value, a flipped bit:
-    ``read_cached`` then moves the file aside and the number is computed again)."""
+    """The contents of a ``sealed`` file as written, or ``ValueError`` (an edited value, a flipped bit)."""
     body = {k: v for k, v in obj.items() if k != "sha256"} if isinstance(obj, dict) else None
     if body is None or obj.get("sha256") != content_hash(body):
         raise ValueError("its contents do not match the content hash written with them (edited or damaged)")
@@ -119,7 +112,6 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
 
 
 def torch_load_checked(path: Path) -> dict:
-    """What ``atomic_torch_save`` wrote, on the CPU, or ``ValueError``."""
     return unsealed(torch.load(path, map_location="cpu", weights_only=True))
 
 
@@ -168,8 +160,7 @@ def config_hash(cfg) -> str:
 
 
 def cached(cache: Path, name: str, cfg: dict, compute):
-    """Evaluate a cell once: ``compute()``'s JSON-able result is kept in <cache>/cells/<name>-<hash>.json,
-    keyed by everything in ``cfg``."""
+    """``compute()``'s JSON-able result, computed once and kept in <cache>/cells/<name>-<hash of cfg>.json."""
     path = Path(cache) / "cells" / f"{name}-{config_hash(cfg)}.json"
     result = read_cached(path, lambda p: unsealed(json.loads(p.read_text()))["result"])
     if result is not None:
@@ -197,8 +188,7 @@ UNKEYED = ("WORK",)  # module-level values that are state, not settings: never p
 
 
 def _value_key(v) -> str:
-    """A module-level value as text for ``code_key``: data as JSON, dataclasses as their fields, a
-    function inside them by its name (it is keyed itself where a function reaches it by name)."""
+    """A module-level value as text for ``code_key``: data as JSON, dataclasses as their fields, a function by name."""
     def as_data(o):
         if dataclasses.is_dataclass(o):
             return dataclasses.asdict(o)
@@ -207,10 +197,9 @@ def _value_key(v) -> str:
 
 
 def code_key(fn: Callable) -> str:
-    """sha256 of the code ``fn`` runs: its bytecode, constants, names and defaults, and those of every
-    function of this file it reaches by name, as loaded now (line numbers left out), with the values of
-    the module-level names they read (``EPS_LINF``, ``DATASETS``, ...), so editing any of them recomputes
-    the cells that ran it and no others."""
+    """sha256 of the code ``fn`` runs: the bytecode, constants, names and defaults of it and of every function of
+    this file it reaches by name (line numbers left out), with the values of the module-level names they read
+    (``EPS_LINF``, ``DATASETS``, ...): editing any of them recomputes the cells that ran it and no others."""
     digests, todo = {}, [fn]
     while todo:
         f = inspect.unwrap(todo.pop())
@@ -252,7 +241,6 @@ def git_commit() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """Where a number came from: device, CPU threads, library versions, commit."""
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
     else:
@@ -262,9 +250,12 @@ def environment(device: torch.device) -> dict:
             "git_commit": git_commit()}
 
 
-# ----------------------------------------------------------------------------------------
-# Data: whole datasets as uint8 tensors, one reader each; batches made and augmented on the device
-# ----------------------------------------------------------------------------------------
+def provenance(env: dict) -> str:
+    """One line of an ``environment``, or of the part of it a cell keeps."""
+    return f"device {env['device']}; torch {env['torch']}; commit {env['git_commit']}"
+
+
+# ==== Data: whole datasets as uint8 tensors, one reader each; batches made and augmented on the device
 
 class SetupMissing(FileNotFoundError):
     """Something a table needs is not here (a dataset, a checkpoint); the message says how to get it."""
@@ -301,8 +292,17 @@ def _missing(name: str, root: Path, why: str = "") -> DatasetMissing:
                           f"To get it: {DATASETS[name].how_to_get}.")
 
 
-def _download(name: str, root: Path, fetch) -> None:
-    """``fetch()`` (a torchvision download), or the dataset's own "how to get it" if it fails (offline)."""
+TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def _download(name: str, root: Path, train: bool, download: bool, fetch=None) -> None:
+    """``fetch()`` (default: torchvision's download, into its layout), or the dataset's own "how to get it" when
+    ``download`` is off or the download fails (offline)."""
+    if not download:
+        raise _missing(name, root)
+    if fetch is None:
+        import torchvision
+        fetch = functools.partial(getattr(torchvision.datasets, TORCHVISION[name]), str(root), train, download=True)
     try:
         fetch()
     except Exception as e:  # offline: URLError, RuntimeError, ...
@@ -330,19 +330,14 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 def read_mnist_like(name: str, root: Path, train: bool, download: bool):
     """MNIST or Fashion-MNIST from the four idx files (gzipped or not): under <root>/MNIST/raw (or
     FashionMNIST/raw, torchvision's layout), <root>/<name>, or Debian's dataset-fashion-mnist."""
-    folder = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
-    dirs = [root / folder / "raw", root / name] + ([DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else [])
+    dirs = [root / TORCHVISION[name] / "raw", root / name] + ([DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else [])
     split = "train" if train else "t10k"
 
     def find(stem):
         return next((Path(d) / f for d in dirs for f in (stem, stem + ".gz") if (Path(d) / f).is_file()), None)
     img, lab = find(f"{split}-images-idx3-ubyte"), find(f"{split}-labels-idx1-ubyte")
     if img is None or lab is None:
-        if not download:
-            raise _missing(name, root)
-        import torchvision
-        cls = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
-        _download(name, root, lambda: cls(str(root), train=train, download=True))
+        _download(name, root, train, download)
         return read_mnist_like(name, root, train, download=False)
     x = torch.from_numpy(read_idx(img).copy()).unsqueeze(1)
     y = torch.from_numpy(read_idx(lab).astype(np.int64))
@@ -360,11 +355,7 @@ def read_cifar(name: str, root: Path, train: bool, download: bool):
         ("cifar-100-python", ["train" if train else "test"], b"fine_labels", "meta", b"fine_label_names"))
     base = root / folder
     if not all((base / f).is_file() for f in files + [meta]):
-        if not download:
-            raise _missing(name, root)
-        import torchvision
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        _download(name, root, lambda: cls(str(root), train=train, download=True))
+        _download(name, root, train, download)
     try:
         blobs = [pickle.loads((base / f).read_bytes(), encoding="bytes") for f in files]
         x = torch.from_numpy(np.concatenate([b[b"data"] for b in blobs])).view(-1, 3, 32, 32)
@@ -383,11 +374,10 @@ def read_tiny_imagenet(name: str, root: Path, train: bool, download: bool):
     decoded images are cached beside them as <split>.uint8.pt (100k JPEGs take minutes)."""
     base = root / "tiny-imagenet-200"
     if not (base / "wnids.txt").is_file():
-        if not download:
-            raise _missing(name, root)
-        from torchvision.datasets.utils import download_and_extract_archive
-        _download(name, root, lambda: download_and_extract_archive(
-            "http://cs231n.stanford.edu/tiny-imagenet-200.zip", str(root)))
+        def fetch():
+            from torchvision.datasets.utils import download_and_extract_archive
+            download_and_extract_archive("http://cs231n.stanford.edu/tiny-imagenet-200.zip", str(root))
+        _download(name, root, train, download, fetch)
     split = "train" if train else "val"
     cache = base / f"{split}.uint8.pt"
     blob = read_cached(cache, torch_load_checked)
@@ -518,18 +508,6 @@ def load_coco_captions(root, n: int, size: int = 224) -> tuple:
     return x, [first[im["id"]] for im in images]
 
 
-def batches(data: ImageData, batch_size: int, device, shuffle: bool = False,
-            generator: Optional[torch.Generator] = None):
-    """Yield (images in [0, 1] on ``device``, labels); training augmentation runs on the device."""
-    order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        x = data.x[idx].to(device, non_blocking=True).float().div_(255)
-        if data.augment and shuffle:
-            x = random_crop_flip(x, pad=4, generator=generator)
-        yield x, data.y[idx].to(device, non_blocking=True)
-
-
 def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding ``pad`` and a horizontal flip with probability 1/2, per image."""
     B, C, H, W = x.shape
@@ -543,9 +521,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return xp.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
 
-# ----------------------------------------------------------------------------------------
-# Training: one config names one checkpoint; a run resumes it or starts it, an epoch at a time
-# ----------------------------------------------------------------------------------------
+# ==== Training: one config names one checkpoint; a run resumes it or starts it, an epoch at a time
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -581,16 +557,11 @@ def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig, data: str) -> Path
     return Path(cache) / "checkpoints" / f"{model_name(model_cfg)}-{key}.pt"
 
 
-def steps_per_epoch(cfg: TrainConfig) -> int:
-    return math.ceil(min(cfg.train_subset or math.inf, DATASETS[cfg.dataset].train_size) / cfg.batch_size)
-
-
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
-    """FGSM with a random start (Wong, Rice and Kolter 2020, "Fast is better than free"), the attack
-    inside adversarial training: delta ~ U(-eps, eps) (kept inside [0, 1]), one signed step of
-    1.25 eps on the cross-entropy, projected back onto the eps-ball and [0, 1]. It costs one extra
-    forward and backward per batch (PGD-k: k), and at eps <= 8/255 they saw no catastrophic
-    overfitting, so PGD's extra steps buy nothing at these budgets. Noise from ``gen``: resume-safe."""
+    """FGSM with a random start (Wong, Rice and Kolter 2020), the attack inside adversarial training:
+    delta ~ U(-eps, eps) (kept inside [0, 1]), one signed step of 1.25 eps on the cross-entropy, projected back onto
+    the eps-ball and [0, 1]. One extra forward and backward per batch (PGD-k: k), and at eps <= 8/255 they saw no
+    catastrophic overfitting, so PGD's extra steps buy nothing here. Noise from ``gen``: resume-safe."""
     delta = (x + (2 * torch.rand(x.shape, generator=gen) - 1).to(x.device) * eps).clamp(0, 1) - x
     xa = (x + delta).requires_grad_(True)
     g, = torch.autograd.grad(F.cross_entropy(model(xa).float(), y), xa)
@@ -638,11 +609,9 @@ def classifier(model: nn.Module, classes: list) -> nn.Module:
 
 
 def clip_loss(model: da.CLIP, x: torch.Tensor, y: torch.Tensor, prompts: torch.Tensor, gen: torch.Generator):
-    """Symmetric contrastive loss on (image, caption of its class) pairs, a random template each.
-
-    Captions of the same class are all positives (soft targets), since a batch holds many
-    images of each class. Returns (image-to-caption logits, loss).
-    """
+    """Symmetric contrastive loss on (image, caption of its class) pairs, a random template each; captions of the
+    same class are all positives (soft targets), since a batch holds many images of each class. Returns
+    (image-to-caption logits, loss)."""
     t = torch.randint(prompts.shape[1], (len(y),), generator=gen).to(y.device)
     logits = model(x, prompts.to(y.device)[y, t])
     same = (y[:, None] == y[None]).float()
@@ -655,26 +624,6 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def autocast(device, amp: Optional[bool] = None):
-    """bf16 autocast, on CUDA by default (``amp`` forces it either way, e.g. on a CPU to test the CUDA set-up)."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: ImageData, device, batch_size: int = 512, amp: Optional[bool] = None) -> float:
-    """Test accuracy; for a CLIP, zero-shot accuracy with the class prompts."""
-    was_training = model.training
-    model.eval()
-    predict = classifier(model, class_names("", data))
-    correct = 0
-    for x, y in batches(data, batch_size, device):
-        with autocast(device, amp):
-            correct += (predict(x).argmax(1) == y).sum().item()
-    model.train(was_training)
-    return correct / len(data)
 
 
 @torch.no_grad()
@@ -697,12 +646,11 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
                 progress: bool = True, stop_after_epoch: Optional[int] = None, amp: Optional[bool] = None):
     """Train (or load, or resume) a model; returns (model in eval mode, record dict).
 
-    The checkpoint ``checkpoint_path(cache, ...)``, named by the configs and the training data's
-    ``data_key``, is rewritten atomically after every epoch;
-    ``record["done"]`` marks a finished run; ``record["history"]`` holds each epoch's losses and the
-    learned lambda of every differential layer. ``cfg.init`` starts from another checkpoint's weights
-    (trained first if need be; a fresh optimizer) and ``cfg.adv_eps`` trains on ``fgsm_rs`` examples:
-    together, adversarial fine-tuning. ``stop_after_epoch`` ends early (as an interruption would), for
+    The checkpoint ``checkpoint_path(cache, ...)``, named by the configs and the training data's ``data_key``, is
+    rewritten atomically after every epoch; ``record["done"]`` marks a finished run; ``record["history"]`` holds
+    each epoch's losses and the learned lambda of every differential layer. ``cfg.init`` starts from another
+    checkpoint's weights (trained first if need be; a fresh optimizer) and ``cfg.adv_eps`` trains on ``fgsm_rs``
+    examples: together, adversarial fine-tuning. ``stop_after_epoch`` ends early (as an interruption would), for
     tests of the resume path; ``amp`` forces bf16 autocast on or off (default: on CUDA).
     """
     device = torch.device(device)
@@ -743,7 +691,6 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     if record["done"]:
         return model.eval(), record
     train = load_dataset(cfg.dataset, data_root, train=True).subset(cfg.train_subset, cfg.seed)
-    test = load_dataset(cfg.dataset, data_root, train=False)
     step_fn = torch.compile(model) if compile else model
     prompts = prompt_tokens(class_names(cfg.dataset, train)) if isinstance(model, da.CLIP) else None
     name = f"{model_name(model_cfg)}{f' FGSM-RS {cfg.adv_eps * 255:g}/255' if cfg.adv_eps else ''} {cfg.dataset}"
@@ -752,27 +699,24 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         loss, acc = train_epoch(step_fn, opt, cfg, epoch, train, prompts, device, amp,
                                 desc=f"{name} epoch {epoch + 1}/{cfg.epochs}" if progress else None)
         record["epoch"], record["done"] = epoch + 1, epoch + 1 == cfg.epochs
-        # the full test set after the last epoch only: on the small presets a test pass per epoch costs a
-        # third of an epoch of training
-        test_acc = accuracy(model, test, device, amp=amp) if record["done"] else None
-        record["history"].append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc, "test_acc": test_acc,
+        record["history"].append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
                                   "lambda": learned_lambdas(model)})
-        record["test_acc"] = test_acc
         record["train_seconds"] = record.get("train_seconds", 0.0) + time.perf_counter() - started
         WORK["epochs"] += 1
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "record": record}, path)
         if progress:
-            tqdm.write(f"{name} epoch {epoch + 1}: train loss {loss:.4f}, train acc {acc:.4f}"
-                       + (f", test acc {test_acc:.4f}" if record["done"] else ""))
+            tqdm.write(f"{name} epoch {epoch + 1}: train loss {loss:.4f}, train acc {acc:.4f}")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not record["done"]:
             break
     return model.eval(), record
 
 
 def train_step(model, opt, cfg: TrainConfig, x, y, prompts, gen, device, amp) -> tuple:
-    """One AdamW step on a batch (on ``fgsm_rs`` examples when ``cfg.adv_eps``); returns (logits, loss). For a
-    CLIP the logits are one-hot of the class of the caption each image picked, so accuracy reads as for a ViT."""
-    with autocast(device, amp):
+    """One AdamW step on a batch (on ``fgsm_rs`` examples when ``cfg.adv_eps``), in bf16 autocast on CUDA (``amp``
+    forces it either way, e.g. on a CPU to test the CUDA set-up); returns (logits, loss). For a CLIP the logits
+    are one-hot of the class of the caption each image picked, so accuracy reads as for a ViT."""
+    device = torch.device(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp):
         if cfg.adv_eps:
             x = fgsm_rs(model, x, y, cfg.adv_eps, gen)
         if prompts is None:
@@ -795,10 +739,14 @@ def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prom
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     n_steps = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * n_steps, int(cfg.warmup_epochs * n_steps)
-    bar = tqdm(batches(train, cfg.batch_size, device, shuffle=True, generator=gen), total=n_steps, desc=desc,
-               disable=desc is None, leave=False)
+    bar = tqdm(torch.randperm(len(train), generator=gen).split(cfg.batch_size), desc=desc, disable=desc is None,
+               leave=False)
     loss_sum = correct = seen = 0
-    for i, (x, y) in enumerate(bar):
+    for i, idx in enumerate(bar):  # batches made and augmented on the device
+        x = train.x[idx].to(device, non_blocking=True).float().div_(255)
+        if train.augment:
+            x = random_crop_flip(x, pad=4, generator=gen)
+        y = train.y[idx].to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch * n_steps + i, total, warmup, cfg.lr)
         logits, loss = train_step(model, opt, cfg, x, y, prompts, gen, device, amp)
@@ -809,9 +757,7 @@ def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prom
     return loss_sum / seen, correct / seen
 
 
-# ----------------------------------------------------------------------------------------
-# Presets, and one invocation resolved once
-# ----------------------------------------------------------------------------------------
+# ==== Presets, and one invocation resolved once
 
 @dataclass(frozen=True)
 class Preset:
@@ -889,10 +835,9 @@ DRY_SIZES = {"main": {"images": 12, "patch_images": 4, "patch_steps": 3},
 
 
 def dry_run(preset: Preset) -> Preset:
-    """``preset`` shrunk to minutes on a CPU with every table, dataset reader, model class, depth,
-    seed and attack of a real run: 16-wide models, one epoch on 64 training images, a few test
-    images, short attacks. It checks a set-up (data formats, checkpoints) before a GPU sees it; its
-    numbers mean nothing and go to results/<preset>-dry-run/. Pretrained CLIPs keep their size."""
+    """``preset`` shrunk to minutes on a CPU (--dry-run), with every table, dataset reader, model class, depth, seed
+    and attack of a real run: 16-wide models trained one epoch on 64 images, a few test images, short attacks.
+    Pretrained CLIPs keep their size."""
     narrow = lambda m: {**m, "dim": 16, "heads": 2, "mlp_ratio": 1.0}
     short = lambda t: {**t, "epochs": 1, "batch_size": 32, "warmup_epochs": 0.5, "train_subset": 64}
     clip = preset.clip and {**preset.clip, "embed_dim": 8, "image": narrow(preset.clip["image"]),
@@ -935,15 +880,12 @@ class Run:
         return table if self.dataset == self.preset.dataset else f"{table}-{self.dataset}"
 
 
-# ----------------------------------------------------------------------------------------
-# The tables: one block each (its models, settings, evaluation, columns and figure), one loop
-# ----------------------------------------------------------------------------------------
+# ==== The tables: one block each (its models, settings, evaluation, columns and figure), one loop
 
 @dataclass(frozen=True)
 class Entry:
-    """One model of a table: the labels of its row, how to get the model (trained here from
-    ``model`` and ``train``, or a pretrained CLIP loaded from ``source``), and its evaluation data
-    (``data``; None: the test set of ``train.dataset``)."""
+    """One model of a table: the labels of its row, the model (trained here from ``model`` and ``train``, or a
+    pretrained CLIP loaded from ``source``), its evaluation data (``data``; None: the test set of ``train.dataset``)."""
     labels: dict
     model: Optional[dict] = None
     train: Optional[TrainConfig] = None
@@ -978,33 +920,20 @@ class Lines:
 
 @dataclass(frozen=True)
 class Table:
-    """One table of the paper, as data for ``run_table``:
-
-    - ``entries(run)``: its models, in row order;
-    - ``settings(preset)``: everything its evaluation uses; ``images``: how many test images (None:
-      all). With the model's key, the images, the seed and the code they name the cached cell;
-    - ``evaluate(model, data, settings, record)``: one cell, a JSON-able dict;
-    - ``about(run, settings, rows)``: what the table shows and how it was measured, one paragraph;
-    - ``group`` and ``columns(settings, rows)``: the per-seed table (a row per seed, then mean ± std) of
-      ``shown(rows)`` (the rows themselves, or e.g. a row per layer);
-    - ``panels(run, settings, rows)``: the figure, as ``Lines`` panels;
-    - ``more(run, settings, rows, entries)``: only where a table differs, (markdown lines after the
-      table, extra JSON, a figure drawn by hand or None).
-
-    ``run_table`` adds the model's training ``seed`` to the settings: it seeds the evaluation's
-    randomness (PGD's random starts, AutoAttack's seed), so each seed is a whole independent repeat.
-    """
+    """One table of the paper, as data for ``run_table``, which adds each model's training ``seed`` to the settings:
+    it seeds the evaluation (PGD's random starts, AutoAttack's seed), so each seed is a whole independent repeat."""
     name: str
     title: str
-    entries: Callable
-    settings: Callable
-    evaluate: Callable
-    about: Callable
-    group: tuple
-    columns: Callable
-    shown: Callable = lambda rows: rows
-    panels: Callable = lambda run, s, rows: []
-    more: Optional[Callable] = None
+    entries: Callable   # run -> its models (``Entry``), in row order
+    settings: Callable  # preset -> all its evaluation uses, in its cells' keys ("images": test images; None: all)
+    evaluate: Callable  # (model, data, settings, record) -> one cell, a JSON-able dict
+    about: Callable     # (run, settings, rows) -> what the table shows and how it was measured, one paragraph
+    group: tuple        # the per-seed table: a row per seed of shown(rows), then mean ± std per group
+    columns: Callable   # (settings, rows) -> its ``Col``s
+    shown: Callable = lambda rows: rows         # the rows themselves, or e.g. a row per layer
+    panels: Callable = lambda run, s, rows: []  # the figure, as ``Lines`` panels
+    more: Optional[Callable] = None  # only where a table differs: (run, settings, rows, entries) -> (markdown lines
+    #                                  after the table, extra JSON, a figure drawn by hand or None)
 
 
 TABLES: dict = {}
@@ -1026,10 +955,8 @@ class EvalData:
 
     @functools.cached_property
     def key(self) -> str:
-        """sha256 of the images, labels, class names and captions: another copy of the data is another cell."""
-        h = hashlib.sha256(self.x.cpu().numpy().tobytes() + self.y.cpu().numpy().tobytes())
-        h.update(json.dumps([self.classes, self.captions]).encode())
-        return h.hexdigest()[:16]
+        """``content_hash`` of the images, labels, class names and captions: other data is another cell."""
+        return content_hash({"x": self.x, "y": self.y, "classes": self.classes, "captions": self.captions})
 
 
 EVAL_SEED = 0  # the test images' permutation: every training seed is evaluated on the same images
@@ -1067,22 +994,20 @@ def obtain_model(entry: Entry, run: Run, loaded: dict):
     return loaded[entry.source]
 
 
-def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
+def run_table(table: Table, run: Run) -> None:
     """The one loop: for each entry, get the model, evaluate its cell (or read it from the cache),
-    then write ``<out>/results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance.
-    ``only`` (torchrun): the indices of the entries whose cells to compute, and no table written."""
+    then write ``<out>/results/<preset>/<table>.md``, ``.json`` and the figure, all with provenance."""
     rows, loaded, datas = [], {}, {}
     entries, settings = table.entries(run), table.settings(run.preset)
+    eps = settings.get("eps", [])  # budgets that would share a column: refused before any work
+    eps_names(eps if isinstance(eps, list) else [eps])
     env = environment(run.device)
     where = {k: env[k] for k in ("device", "torch", "git_commit")}  # kept in the cell with its numbers
     code = {"library": file_sha256(da.__file__), "evaluation": code_key(table.evaluate), "device": run.device.type,
             **{name: version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
-    for i, entry in enumerate(entries):
-        if only is not None and i not in only:
-            continue
+    for entry in entries:
         model, record = obtain_model(entry, run, loaded)
         s = {**settings, "seed": entry.labels.get("seed", 0)}
-        row = {**entry.labels, "model_key": record["key"]}
         data_name = entry.data or entry.train.dataset
         if data_name not in datas:
             datas[data_name] = eval_data(run, data_name, s["images"])
@@ -1093,22 +1018,17 @@ def run_table(table: Table, run: Run, only: Optional[list] = None) -> None:
         def compute():
             torch.manual_seed(s["seed"])
             return {**table.evaluate(model, data, s, record), "computed_on": where}
-        rows.append({**row, **cached(run.cache, table.name, cell, compute)})
-    if only is None:
-        render(table, run, settings, entries, rows, datas)
+        rows.append({**entry.labels, "model_key": record["key"], **cached(run.cache, table.name, cell, compute)})
+    render(table, run, settings, entries, rows, datas, env)
 
 
-# ----------------------------------------------------------------------------------------
-# The one renderer: a row per seed and a mean ± std row per group, a line-plot figure, provenance
-# ----------------------------------------------------------------------------------------
+# ==== The one renderer: a row per seed and a mean ± std row per group, a line-plot figure, provenance
 
 NAMES = {"std": "ViT", "diff": "DiffViT", "diff2": "DiffViT-V2"}
 STYLE = {"ViT": "o-", "DiffViT": "s-", "DiffViT-V2": "^-", "CLIP": "o-", "DiffCLIP": "s-"}
 
 
-def render(table: Table, run: Run, s: dict, entries: list, rows: list, datas: dict) -> None:
-    env = environment(run.device)
-    dataset = "+".join(dict.fromkeys(e.data or e.train.dataset for e in entries))
+def render(table: Table, run: Run, s: dict, entries: list, rows: list, datas: dict, env: dict) -> None:
     seeds = sorted({e.labels["seed"] for e in entries if "seed" in e.labels})
     seen = "; ".join(f"{n}, {len(d.y)} test images ({d.chosen})" for n, d in datas.items())
     trained = (f"Training seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (each model's attacks "
@@ -1128,16 +1048,14 @@ def render(table: Table, run: Run, s: dict, entries: list, rows: list, datas: di
                                       {"model_config": e.model, "train_config": dataclasses.asdict(e.train)})}
               for e in entries]
     n_images = {n: len(d.y) for n, d in datas.items()}
-    write_table(run.results, name, "\n".join(md + more) + "\n",
-                {"table": table.name, "preset": run.preset.name, "dataset": dataset, "seeds": seeds,
-                 "n_images": next(iter(n_images.values())) if len(n_images) == 1 else n_images,
-                 "settings": s, "models": models, "rows": rows, "environment": env, **extra})
+    write_table(run, table.name, md + more, env, {"dataset": "+".join(datas), "seeds": seeds, "settings": s,
+                "n_images": next(iter(n_images.values())) if len(n_images) == 1 else n_images, "models": models,
+                "rows": rows, **extra})
 
 
 def computed_on(rows) -> str:
     """Where the rows' cells were computed (not where they are rendered): each device, torch and commit once."""
-    made = dict.fromkeys(f"device {c['device']}; torch {c['torch']}; commit {c['git_commit']}"
-                         for c in (r.get("computed_on") for r in rows) if c)
+    made = dict.fromkeys(provenance(c) for c in (r.get("computed_on") for r in rows) if c)
     return " / ".join(made) or "unknown"
 
 
@@ -1193,7 +1111,6 @@ def draw_panels(plt, panels: list, rows: list):
 
 
 def figure(path: Path, draw) -> None:
-    """A matplotlib figure, drawn by ``draw(plt)`` and saved atomically as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1203,11 +1120,14 @@ def figure(path: Path, draw) -> None:
     plt.close(fig)
 
 
-def write_table(out: Path, name: str, markdown: str, payload: dict) -> None:
-    atomic_write_text(out / f"{name}.md", markdown)
-    atomic_write_text(out / f"{name}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def write_table(run: Run, table: str, lines: list, env: dict, payload: dict) -> None:
+    """<results>/<table>.md of ``lines``, and .json of ``payload`` with the table's name, preset and ``env``."""
+    name, markdown = run.result_name(table), "\n".join(lines) + "\n"
+    payload = {"table": table, "preset": run.preset.name, "environment": env, **payload}
+    atomic_write_text(run.results / f"{name}.md", markdown)
+    atomic_write_text(run.results / f"{name}.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(markdown)
-    print(f"wrote {out / name}.md and .json")
+    print(f"wrote {run.results / name}.md and .json")
 
 
 # --- what the tables share: models, attacks, the lambda column
@@ -1217,7 +1137,17 @@ EPS_LINF = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
 
 
 def eps_name(eps: float) -> str:
-    return f"{eps * 255:.0f}/255"
+    """A budget's column name: 4/255 -> "4/255", 1.5/255 -> "1.5/255" (six significant digits)."""
+    return f"{eps * 255:g}/255"
+
+
+def eps_names(budgets) -> list:
+    """The column names of ``budgets``; refused when two would share a name (one would overwrite the other)."""
+    names = [eps_name(e) for e in budgets]
+    if len(set(names)) < len(names):
+        raise ValueError(f"the budgets {list(budgets)} give the column names {names}, two of them the same: "
+                         "use budgets that differ in the first six significant digits of eps * 255")
+    return names
 
 
 def eps_value(name: str) -> float:
@@ -1360,12 +1290,11 @@ def lipschitz_about(s: dict) -> str:
 # --- clean: accuracy after training, and lambda through it
 
 def test_accuracy(model: nn.Module, data: EvalData) -> float:
-    """Accuracy on all of ``data``, as a ratio of counts (as ``accuracy`` gives it)."""
+    """Accuracy on all of ``data``, as a ratio of counts: the kit's one test accuracy (training reports none)."""
     return int((da.predict(model, data.x) == data.y).sum()) / len(data.y)
 
 
 def evaluate_clean(model, data, s, record) -> dict:
-    """Accuracy on the test images this cell is keyed by (the training record's is of the data it had then)."""
     return {"test_acc": test_accuracy(model, data), "history": record["history"],
             "train_seconds": record.get("train_seconds"), "learned_lambda": learned_lambdas(model)}
 
@@ -1511,10 +1440,8 @@ def clip_entries(run: Run) -> list:
 
 
 def evaluate_clip(model, data, s, record) -> dict:
-    """The zero-shot classifier of a CLIP over ``data``: class prompts (this kit's templates for the
-    small CLIPs trained here, OpenAI's 80 for pretrained ones) or, for COCO, the images' captions;
-    its accuracy, the ASR of PGD on the zero-shot cross-entropy and of the cosine attack at every eps,
-    patches, and the branch-gradient alignment of the image tower."""
+    """A CLIP as a zero-shot classifier over the class prompts (this kit's templates for the small CLIPs trained
+    here, OpenAI's 80 for pretrained ones) or, for COCO, over the images' captions."""
     if data.captions is not None:
         with torch.no_grad():
             caps = torch.cat([model.encode_text(t.to(data.x.device), normalize=True)
@@ -1626,19 +1553,6 @@ def evaluate_depth(model, data, s, record) -> dict:
     return {**row, "learned_lambda": learned_lambdas(model), "mean_gate": mean_gates(model, data.x[:s["gate_images"]])}
 
 
-def depth_gaps(run, s, rows, entries):
-    """Each DA model minus ViT, per depth and eps, per seed."""
-    lines, gap = [], {}
-    for m in [m for m in dict.fromkeys(r["model"] for r in rows) if m in RIVAL]:
-        gap[m] = {e: {d: rate_gap(pairs, lambda r, e=e: r["asr"][e])[0]
-                      for d, pairs in seed_pairs(rows, lambda r: r["depth"], m).items()} for e in rows[0]["asr"]}
-        lines += ["", f"{m} minus ViT ASR (points; per seed in brackets when several):"]
-        lines += [f"- eps {e}: " + ", ".join(f"depth {d} {statistics.fmean(g):+.1f}"
-                                             + (f" [{', '.join(f'{x:+.1f}' for x in g)}]" if len(g) > 1 else "")
-                                             for d, g in by_depth.items()) for e, by_depth in gap[m].items()]
-    return lines, {"minus_vit_asr_points": gap}, None
-
-
 def depth_panels(run, s, rows):
     return [Lines(list(run.preset.depths), lambda r, d, e=e: 100 * r["asr"][e] if r["depth"] == d else None,
                   f"PGD-{s['steps']}, eps {e} ({run.dataset})", "depth", "ASR (%)", log=True)
@@ -1657,7 +1571,7 @@ table(name="depth", title="ASR against depth", entries=depth_entries,
       + [Col(f"ASR {e} (%)", lambda r, e=e: 100 * r["asr"][e]) for e in rows[0]["asr"]]
       + [Col("Lip. logits", lambda r: r["lipschitz_logits"]),
          Col("Lip. last layer (L2)", lambda r: r["lipschitz_layers"][-1], 2), LAMBDA_COL],
-      panels=depth_panels, more=depth_gaps)
+      panels=depth_panels)
 
 
 # --- cw: the minimal L2 perturbation CW-L2 finds, against depth
@@ -1753,18 +1667,17 @@ ADV_EPS = (1 / 255, 2 / 255)
 
 
 def advtrain_entries(run: Run) -> list:
-    """The ViT/DiffViT pairs as trained (eps_train 0: the main table's models), and fine-tuned from them
-    with FGSM-RS at each of ``ADV_EPS`` (``Preset.advtrain``). Fine-tuning rather than training from
-    scratch: a small fraction of the cost (quick: one FGSM-RS epoch on 10k images, where training from
-    scratch would take three on 60k at twice the cost each), and it asks the question of a trained DA
-    model, which is what a reader holds."""
+    """The ViT/DiffViT pairs as trained (eps_train 0: the main table's models), and fine-tuned from them with
+    FGSM-RS at each of ``ADV_EPS`` (``Preset.advtrain``). Fine-tuning rather than training from scratch: a small
+    fraction of the cost (quick: one FGSM-RS epoch on 10k images, where training from scratch would take three on
+    60k at twice the cost each), and it asks the question of a trained DA model, which is what a reader holds."""
     out = []
     for e in pair_entries(run, V1):
         out.append(Entry({**e.labels, "eps_train": "0"}, e.model, e.train))
-        out += [Entry({**e.labels, "eps_train": eps_name(eps)}, e.model,
+        out += [Entry({**e.labels, "eps_train": name}, e.model,
                       TrainConfig(dataset=run.dataset, seed=e.train.seed, **run.preset.advtrain, adv_eps=eps,
                                   init=dataclasses.asdict(e.train)))
-                for eps in ADV_EPS]
+                for eps, name in zip(ADV_EPS, eps_names(ADV_EPS))]
     return out
 
 
@@ -1787,9 +1700,8 @@ def advtrain_about(run, s, rows):
             f"fine-tuned from them with FGSM-RS adversarial training (Wong et al. 2020; random start, one step of "
             f"1.25 eps) at that Linf budget, {t['epochs']} epoch(s){subset}, AdamW lr {t['lr']}, cosine. Test "
             f"accuracy: the full test set. ASR: PGD-{s['steps']} over the initially correct of the first "
-            f"{s['attack_images']} test images. cos<0 and "
-            f"grad L1 (input-gradient L1 norm) on the first {rows[0]['n_alignment']} images; ViT: the head-pair "
-            "control.")
+            f"{s['attack_images']} test images. cos<0 and grad L1 (input-gradient L1 norm) on the first "
+            f"{rows[0]['n_alignment']} images; ViT: the head-pair control.")
 
 
 def advtrain_panels(run, s, rows):
@@ -1815,9 +1727,7 @@ table(name="advtrain", title="adversarial fine-tuning (FGSM-RS at 1/255 and 2/25
       panels=advtrain_panels)
 
 
-# ----------------------------------------------------------------------------------------
-# The summary: the paper's claims, each judged by one rule that holds training seeds and test images
-# ----------------------------------------------------------------------------------------
+# ==== The summary: the paper's claims, each judged by one rule that holds training seeds and test images
 
 RULE = ("A difference (DiffViT minus ViT, or what the claim names) counts (higher or lower) when its mean over the K "
         "training seeds exceeds 2 standard errors, SE = sqrt(s^2 / K + mean(se_i^2)), and its sign holds in more than "
@@ -1848,8 +1758,7 @@ def judge(diffs: list, ses: list) -> dict:
 
 
 def verdict(outcomes: list) -> str:
-    """A claim's verdict over its comparisons by ``RULE``; those without a finite difference are left out
-    and counted, and a claim with none left is not judged."""
+    """A claim's verdict over its comparisons' outcomes by ``RULE``, counting those not judged (nan) aside."""
     valid = [o for o in outcomes if o != "not judged"]
     if not valid:
         return "not judged (no valid difference: nan in some seed)" if outcomes else "not judged"
@@ -2008,26 +1917,29 @@ def judged(text: str, table: str, comparisons: list, lam) -> dict:
 
 
 def crossover(rows, model: str) -> Optional[dict]:
-    """The depth claim, one outcome: at some depth above 1 the DA model is lower beyond noise at 1/255 and
-    its mean gap at 4/255 is not below 0 (the damping faded)."""
+    """The depth claim, one outcome by ``RULE``, at the depth table's smallest budget (the paper's 1/255) and
+    largest (4/255)."""
     by_depth = seed_pairs(rows, lambda r: r["depth"], model)
     if not by_depth:
         return None
-    small = {d: judge(*rate_gap(p, lambda r: r["asr"]["1/255"])) for d, p in by_depth.items()}
-    large = {d: judge(*rate_gap(p, lambda r: r["asr"]["4/255"])) for d, p in by_depth.items()}
+    lo, hi = min(rows[0]["asr"], key=eps_value), max(rows[0]["asr"], key=eps_value)
+    small = {d: judge(*rate_gap(p, lambda r: r["asr"][lo])) for d, p in by_depth.items()}
+    large = {d: judge(*rate_gap(p, lambda r: r["asr"][hi])) for d, p in by_depth.items()}
     kept = [d for d in small if d > 1 and small[d]["outcome"] == "lower" and large[d]["mean"] >= 0]
     deeper = [d for d in small if d > 1]
     outcome = "higher" if kept else "lower" if deeper and all(small[d]["outcome"] == "higher" for d in deeper) \
         else "within noise"
     if not kept and deeper and any(small[d]["outcome"] == "not judged" for d in deeper):
         outcome = "not judged"  # a depth without a finite difference could have held the crossover
-    lines = "; ".join(f"depth {d}: " + evidence("1/255", small[d]) + ", " + evidence("4/255", large[d]) for d in small)
+    lines = "; ".join(f"depth {d}: " + evidence(lo, small[d]) + ", " + evidence(hi, large[d]) for d in small)
     found = f"crossover at depth {', '.join(map(str, kept))}" if kept else \
-        f"no depth where {model} is less attackable at 1/255 beyond noise and not at 4/255"
-    return {"claim": f"a depth crossover: deeper {model} is less attackable than ViT at 1/255 but not at 4/255 (ASR "
+        f"no depth where {model} is less attackable at {lo} beyond noise and not at {hi}"
+    if lo == hi:
+        outcome, found = "not judged", f"the depth table has one budget ({lo}); the crossover needs two"
+    return {"claim": f"a depth crossover: deeper {model} is less attackable than ViT at {lo} but not at {hi} (ASR "
                      "points)", "table": "depth", "verdict": verdict([outcome]), "outcomes": [outcome],
             "seeds": len(next(iter(by_depth.values()))), "learned_lambda": {d: lambdas(p) for d, p in by_depth.items()},
-            "comparisons": {f"depth {d} {e}": j[d] for e, j in (("1/255", small), ("4/255", large)) for d in j},
+            "comparisons": {f"depth {d} {e}": j[d] for e, j in ((lo, small), (hi, large)) for d in j},
             "evidence": f"{lines}; {found}"}
 
 
@@ -2035,10 +1947,9 @@ SUMMARY_INPUTS = ("main", "alignment", "depth", "clip", "autoattack", "lambda", 
 
 
 def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
-    """Claim by claim (``CLAIMS``, and the depth crossover): what this preset's tables (already in
-    results/) support and what they do not, by ``RULE``, with the DA model's lambda beside each verdict;
-    and a figure of the DiffViT-minus-ViT ASR gap at 4/255 against learned lambda. A table skipped by the
-    --table all that runs this summary is not judged (an older file may be on disk)."""
+    """Claim by claim (``CLAIMS``, and the depth crossover), by ``RULE``: what this preset's tables in results/
+    support, with the DA model's lambda beside each verdict; and a figure of the ASR gap against learned lambda.
+    The tables ``skipped`` by the --table all that runs it are not judged (an older file may be on disk)."""
     skipped = skipped or {}
     results = {t: r for t in SUMMARY_INPUTS if t not in skipped and
                (r := read_cached(run.results / f"{run.result_name(t)}.json", lambda p: json.loads(p.read_text())))}
@@ -2054,11 +1965,10 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
                         claims.append(judged(c.text.format(model=model, key=key), t, comparisons, c.lam(pairs[key])))
         if t == "depth":
             claims += [x for x in (crossover(results[t]["rows"], m) for m in ("DiffViT", "DiffViT-V2")) if x]
-    points = lambda_gap_points(results, run.preset.lambda_depth)
+    budget, points = lambda_gap_points(results, run.preset.lambda_depth)
     name = run.result_name("summary")
     if points:
-        figure(run.results / f"{name}.png", lambda plt: draw_lambda_gap(plt, points, run.dataset))
-    env = environment(run.device)
+        figure(run.results / f"{name}.png", lambda plt: draw_lambda_gap(plt, points, budget, run.dataset))
     md = [f"# summary: the paper's claims against this run ({run.preset.name} preset)", "",
           (f"Read from the {run.result_name('*')}.json beside this file, whose cells were computed on "
            f"{computed_on([row for r in results.values() for row in r['rows']])}. "
@@ -2072,9 +1982,9 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
     md += [f"| {c['claim']} | {c['table']} | {c['verdict']} | {c['seeds']} | {c['evidence']} | "
            f"{lambda_cell(c['learned_lambda'])} |" for c in claims]
     if points:
-        md += ["", f"Figure {name}.png: the DiffViT-minus-ViT ASR gap at 4/255 against the learned lambda (mean over "
-               f"layers) of every DiffViT of the main, depth and lambda tables ({len(points)} models; each against the "
-               "ViT of its depth and seed)."]
+        md += ["", f"Figure {name}.png: the DiffViT-minus-ViT ASR gap at {budget} against the learned lambda (mean "
+               f"over layers) of every DiffViT of the main, depth and lambda tables ({len(points)} models; each "
+               "against the ViT of its depth and seed)."]
     missing = [t for t in ("main", "alignment", "depth", "clip", "advtrain") if t not in results and t not in skipped]
     if missing:
         md += ["", f"Not judged (no results yet): {', '.join(missing)}."]
@@ -2082,11 +1992,11 @@ def table_summary(run: Run, skipped: Optional[dict] = None) -> None:
              if t in SUMMARY_INPUTS and (run.results / f"{run.result_name(t)}.json").is_file()}
     if stale:
         md += ["", "Not judged: " + "; ".join(f"{t} ({why})" for t, why in stale.items()) + "."]
-    write_table(run.results, name, "\n".join(md) + "\n",
-                {"table": "summary", "preset": run.preset.name, "dataset": run.dataset, "rule": RULE, "claims": claims,
-                 "not_judged": stale, "lambda_gap": points,
+    write_table(run, "summary", md, environment(run.device),
+                {"dataset": run.dataset, "rule": RULE, "claims": claims, "not_judged": stale,
+                 "lambda_gap": {"budget": budget, "points": points},
                  "inputs": {t: {"seeds": r.get("seeds"), "commit": r.get("environment", {}).get("git_commit")}
-                            for t, r in results.items()}, "environment": env})
+                            for t, r in results.items()}})
 
 
 def lambda_cell(lam) -> str:
@@ -2095,188 +2005,44 @@ def lambda_cell(lam) -> str:
     return ", ".join(f"{v:.2f}" for v in lam) if lam else "-"
 
 
-def lambda_gap_points(results: dict, lambda_depth: int) -> list:
-    """(table, learned lambda, DiffViT minus ViT ASR at 4/255 in points) of every DiffViT with a ViT of
-    the same depth and seed on the same images: the main and depth tables' pairs, and the lambda
-    table's DiffViTs against the depth table's ViT of their depth."""
-    points = []
-    for name in ("main", "depth"):
-        for pairs in seed_pairs(results[name]["rows"], lambda r: r["depth"], "DiffViT").values() \
-                if name in results else []:
-            points += [{"table": name, "lambda": mean_lambda(d), "gap": 100 * (d["asr"]["4/255"] - v["asr"]["4/255"]),
-                        "model_key": d["model_key"]} for d, v in pairs if "4/255" in d["asr"]]
-    if "lambda" in results and "depth" in results:
+def lambda_gap_points(results: dict, lambda_depth: int) -> tuple:
+    """(budget, points): every DiffViT with a ViT of the same depth and seed on the same images (the main and depth
+    tables' pairs; the lambda table's DiffViTs against the depth table's ViT), as its table, learned lambda and ASR
+    gap in points at ``budget``, the largest budget all these tables attack at (None and no points when none)."""
+    pairs_of = [t for t in ("main", "depth") if t in results]  # their own DiffViT-ViT pairs
+    tables = pairs_of + (["lambda"] if {"lambda", "depth"} <= set(results) else [])
+    shared = set.intersection(*(set(results[t]["rows"][0]["asr"]) for t in tables)) if tables else set()
+    if not shared:
+        return None, []
+    e, points = max(shared, key=eps_value), []
+    for name in pairs_of:
+        for pairs in seed_pairs(results[name]["rows"], lambda r: r["depth"], "DiffViT").values():
+            points += [{"table": name, "lambda": mean_lambda(d), "gap": 100 * (d["asr"][e] - v["asr"][e]),
+                        "model_key": d["model_key"]} for d, v in pairs]
+    if "lambda" in tables:
         vit = {r["seed"]: r for r in results["depth"]["rows"] if r["model"] == "ViT" and r["depth"] == lambda_depth}
         points += [{"table": "lambda", "lambda": mean_lambda(r), "lambda_init": r["lambda_init"],
-                    "gap": 100 * (r["asr"]["4/255"] - vit[r["seed"]]["asr"]["4/255"]), "model_key": r["model_key"]}
-                   for r in results["lambda"]["rows"] if r["seed"] in vit and "4/255" in r["asr"]]
+                    "gap": 100 * (r["asr"][e] - vit[r["seed"]]["asr"][e]), "model_key": r["model_key"]}
+                   for r in results["lambda"]["rows"] if r["seed"] in vit]
     unique = {}  # a model in two tables (the lambda table's default, a depth-sweep DiffViT) is one point
     for p in points:
         unique.setdefault(p["model_key"], p)
-    return list(unique.values())
+    return e, list(unique.values())
 
 
-def draw_lambda_gap(plt, points: list, dataset: str):
+def draw_lambda_gap(plt, points: list, budget: str, dataset: str):
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for (table_name,), ps in groups(points, "table").items():
         marker = {"main": "o", "depth": "s", "lambda": "^"}[table_name]
-        ax.plot([p["lambda"] for p in ps], [p["gap"] for p in ps], marker,
-                label=f"{table_name} table ({len(ps)})")
+        ax.plot([p["lambda"] for p in ps], [p["gap"] for p in ps], marker, label=f"{table_name} table ({len(ps)})")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xlabel="learned lambda (mean over layers)", ylabel="DiffViT - ViT ASR at 4/255 (points)")
+    ax.set(xlabel="learned lambda (mean over layers)", ylabel=f"DiffViT - ViT ASR at {budget} (points)")
     ax.set_title(f"ASR gap against learned lambda ({dataset})", fontsize=9)
     ax.legend(fontsize=8)
     return fig
 
 
-# ----------------------------------------------------------------------------------------
-# Speed (--table speed), the training estimate (--estimate), and --gpu-check
-# ----------------------------------------------------------------------------------------
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_of(fn, reps: int, device) -> list:
-    """Wall time of ``fn()``, ``reps`` times, the device synchronized around each."""
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def bench_pair(make_a, make_b, x: torch.Tensor, device, rounds: int, reps: int, desc: str, amp: bool = False) -> dict:
-    """Forward+backward of two modules: medians over rounds of a and b (ms), the median of the per-round
-    ratios b/a, and their quartiles (how much one round's ratio moves on this machine). Each round times a
-    and b back to back (median of ``reps`` each), alternating which goes first, after two warm-up passes:
-    the per-round ratio cancels the slow drift of a shared machine."""
-    a, b = make_a().to(device), make_b().to(device)
-
-    def step(m):
-        with autocast(device, amp):
-            out = m(x)
-        out.float().square().mean().backward()
-    for m in (a, b):
-        seconds_of(lambda: step(m), 2, device)
-    ta, tb = [], []
-    for i in tqdm(range(rounds), desc=desc, leave=False):
-        for m, times in ((a, ta), (b, tb))[::1 if i % 2 == 0 else -1]:
-            times.append(statistics.median(seconds_of(lambda: step(m), reps, device)))
-    ratios = [q / p for p, q in zip(ta, tb)]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return {"std_ms": statistics.median(ta) * 1e3, "diff_ms": statistics.median(tb) * 1e3,
-            "ratio": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2]}
-
-
-# rounds and reps of the layers, then of the ViTs: on a shared 2-core VM one round's layer ratio moves by
-# +-5 % (interquartile range; a ViT round +-10 %), so the CPU medians are over 30 and 12 rounds
-SPEED_ROUNDS = {"cpu": (30, 3, 12, 1), "cuda": (20, 20, 20, 10)}
-SPEED_SHAPE = (64, 65, 384, 6)  # batch, tokens (32x32 at patch 4, + class token), width, standard heads
-
-
-def layer_rows(device, rounds: int, reps: int, vit_rounds: int, vit_reps: int, amp: bool = False) -> list:
-    """Attention vs DiffAttention (and timm's pair, when installed) and ViT vs DiffViT, by ``bench_pair``."""
-    B, N, dim, heads = SPEED_SHAPE
-    torch.manual_seed(0)
-    x = torch.randn(B, N, dim, device=device, requires_grad=True)
-    pairs = [(f"attention layer, dim {dim}, {heads} heads, {N} tokens, batch {B}",
-              lambda: da.Attention(dim, heads), lambda: da.DiffAttention(dim, heads), x, rounds, reps)]
-    try:  # reference point: timm's own pair on the same input, when timm is installed
-        from timm.layers import Attention as TimmAttention, DiffAttention as TimmDiffAttention
-        pairs.append(("timm Attention vs timm DiffAttention (reference), same shapes",
-                      lambda: TimmAttention(dim, heads, qkv_bias=True),
-                      lambda: TimmDiffAttention(dim, heads // 2, qkv_bias=True), x, rounds, reps))
-    except ImportError:
-        pass
-    side = 4 * math.isqrt(N - 1)  # patch 4
-    vit = dict(img_size=side, patch_size=4, in_chans=3, num_classes=10, dim=dim, depth=6, heads=heads)
-    pairs.append((f"ViT depth 6, dim {dim}, {heads} heads, {side}x{side} patch 4 ({N} tokens), batch {B}",
-                  lambda: da.ViT(**vit, attn="std"), lambda: da.ViT(**vit, attn="diff"),
-                  torch.rand(B, 3, side, side, device=device), vit_rounds, vit_reps))
-    return [{"what": what, **bench_pair(a, b, inp, device, n, r, what.split(",")[0], amp)}
-            for what, a, b, inp, n, r in pairs]
-
-
-def pgd_throughput(run: Run, trained: bool = True, batch: int = 256, rounds: int = 3) -> list:
-    """Images/s of the kit's PGD-10 (with and without early_stop) and of torchattacks' PGD (when installed) on
-    the preset's first ViT/DiffViT pair: trained, on test images, or untrained on random images (the same
-    computation without training or data)."""
-    info, gen = DATASETS[run.dataset], torch.Generator().manual_seed(0)
-    if trained:
-        x, y = next(batches(load_dataset(run.dataset, run.data_root, train=False).subset(batch), batch, run.device))
-    else:
-        x = torch.rand(batch, info.in_chans, info.img_size, info.img_size, generator=gen).to(run.device)
-        y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(run.device)
-    rows = []
-    for entry in pair_entries(run)[:2]:  # the first depth's ViT and DiffViT, seed 0
-        torch.manual_seed(0)
-        model = obtain_model(entry, run, {})[0] if trained else build_model(entry.model, run.dataset).to(run.device)
-        attacks = {"diffattn.pgd": lambda: da.pgd(model, x, y, 8 / 255, steps=10),
-                   "diffattn.pgd early_stop": lambda: da.pgd(model, x, y, 8 / 255, steps=10, early_stop=True)}
-        try:
-            import torchattacks
-            ta = torchattacks.PGD(model.eval(), eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
-            attacks[f"torchattacks {torchattacks.__version__} PGD"] = lambda: ta(x, y)
-        except ImportError:
-            print("torchattacks is not installed: its PGD row is skipped (pip install torchattacks)")
-        times = {name: [] for name in attacks}
-        for _ in tqdm(range(rounds), desc=f"PGD throughput ({entry.labels['model']})", leave=False):
-            for name, attack in attacks.items():  # alternating, as bench_pair does
-                times[name] += seconds_of(attack, 1, run.device)
-        rows += [{"model": entry.labels["model"], "attack": name, "dataset": "test images" if trained else
-                  "random images", "batch": batch, "rounds": rounds, "images_per_s": batch / statistics.median(ts)}
-                 for name, ts in times.items()]
-    return rows
-
-
-def measure_speed(run: Run) -> dict:
-    rounds = SPEED_ROUNDS[run.device.type]
-    return {"rows": layer_rows(run.device, *rounds), "pgd": pgd_throughput(run), "rounds": list(rounds),
-            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def table_speed(run: Run) -> None:
-    """Forward+backward time of Attention vs DiffAttention and ViT vs DiffViT at equal width, and PGD-10
-    throughput on the preset's models. The measurement is a cell keyed by the device, the versions and
-    the code (diffattn.py and ``measure_speed``'s functions): delete <out>/runs/cells/speed-*.json to
-    measure again on unchanged code."""
-    env = environment(run.device)
-    cell = {"table": "speed", "device": env["device"], "torch": env["torch"], "library": file_sha256(da.__file__),
-            "code": code_key(measure_speed), "rounds": SPEED_ROUNDS[run.device.type], "shape": list(SPEED_SHAPE),
-            "pgd_models": run.preset.models[0], "dataset": run.dataset}
-    res = cached(run.cache, "speed", cell, lambda: measure_speed(run))
-    r0, v0 = res["rounds"], res["pgd"][0]
-    md = ["# speed: forward+backward time, standard vs differential attention at equal width", "",
-          f"Median over alternating rounds after warm-up ({r0[0]} rounds of {r0[1]} for the layers, {r0[2]} of "
-          f"{r0[3]} for the ViTs); diff / std is the median of per-round ratios, and the last column their "
-          "interquartile range (the round-to-round noise).", "",
-          f"Device: {env['device']}; torch {env['torch']}; commit {env['git_commit']}; fp32; measured "
-          f"{res['measured_at']}.", "", *speed_lines(res["rows"]), "",
-          f"## PGD-10 throughput, Linf eps 8/255 ({run.preset.name} preset models, {v0['dataset']} test images, "
-          f"batch {v0['batch']}; median of {v0['rounds']} alternating rounds)", "", *pgd_lines(res["pgd"])]
-    write_table(run.results, run.result_name("speed"), "\n".join(md) + "\n",
-                {"table": "speed", "preset": run.preset.name, "dataset": run.dataset, **res, "environment": env})
-
-
-def speed_lines(rows: list, precision: str = "") -> list:
-    head = "| what | " + ("precision | " if precision else "") + "standard (ms) | differential (ms) | diff / std | " \
-        "per-round IQR |"
-    return [head, "|---|" + ("---|" if precision else "") + "---:|" * 4] + [
-        f"| {r['what']} | " + (f"{precision} | " if precision else "") + f"{r['std_ms']:.2f} | {r['diff_ms']:.2f} | "
-        f"{r['ratio']:.3f} | {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} |" for r in rows]
-
-
-def pgd_lines(rows: list) -> list:
-    ref = {r["model"]: r["images_per_s"] for r in rows if r["attack"].startswith("torchattacks")}
-    return ["| model | attack | images/s | vs torchattacks |", "|---|---|---:|---:|"] + [
-        f"| {r['model']} | {r['attack']} | {r['images_per_s']:.0f} | "
-        + (f"{r['images_per_s'] / ref[r['model']]:.2f}x |" if r["model"] in ref else "- |") for r in rows]
-
+# ==== The training estimate (--estimate): measured step times, evaluation not included
 
 def planned_models(run: Run, tables) -> list:
     """(model config, TrainConfig) of every model the given tables train, without duplicates."""
@@ -2290,49 +2056,53 @@ def planned_models(run: Run, tables) -> list:
 
 
 def step_seconds(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> float:
-    """Median seconds of a training step (random inputs, ``cfg.batch_size``) after two warm-up steps."""
+    """Median seconds of a training step (``train_step`` on random inputs of ``cfg.batch_size``), after two
+    warm-up steps, the device synchronized around each."""
     info = DATASETS[cfg.dataset]
     model = build_model(model_cfg, cfg.dataset).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     x = torch.rand(cfg.batch_size, info.in_chans, info.img_size, info.img_size, device=device)
     y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
     prompts = prompt_tokens(class_names(cfg.dataset)) if isinstance(model, da.CLIP) else None
-    gen = torch.Generator().manual_seed(0)
-    step = lambda: train_step(model, opt, cfg, x, y, prompts, gen, device, None)
-    return statistics.median(seconds_of(step, steps + 2, device)[2:])
+    gen, times = torch.Generator().manual_seed(0), []
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    for _ in range(steps + 2):
+        sync()
+        started = time.perf_counter()
+        train_step(model, opt, cfg, x, y, prompts, gen, device, None)
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
 
 
-def training_plan(run: Run, tables, steps: int = 5, cold: bool = False) -> list:
-    """Per model that ``tables`` train and that is unfinished (``cold``: every one, as for a fresh --out):
-    epochs left and seconds, from a step time measured on this device (once per config: seeds cost
-    the same)."""
+def training_plan(run: Run, tables, steps: int = 5) -> list:
+    """Per model that ``tables`` train and that is unfinished: epochs left and seconds, from a step time
+    measured on this device (once per config: seeds cost the same)."""
     plan, measured = [], {}
     read = lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"]
     for model_cfg, cfg in planned_models(run, tables):
-        record = None
-        if not cold:
-            try:
-                data = data_key(cfg.dataset, run.data_root)
-                record = read_cached(checkpoint_path(run.cache, model_cfg, cfg, data), read)
-            except SetupMissing:  # no dataset yet: nothing trained on it
-                pass
+        try:
+            data = data_key(cfg.dataset, run.data_root)
+            record = read_cached(checkpoint_path(run.cache, model_cfg, cfg, data), read)
+        except SetupMissing:  # no dataset yet: nothing trained on it
+            record = None
         left = cfg.epochs - (record["epoch"] if record else 0)
         if left <= 0:
             continue
         same = config_hash({"model": model_cfg, "train": {**dataclasses.asdict(cfg), "seed": 0, "init": None}})
         if same not in measured:
-            measured[same] = step_seconds(model_cfg, cfg, run.device, steps) * steps_per_epoch(cfg)
+            per_epoch = math.ceil(min(cfg.train_subset or math.inf, DATASETS[cfg.dataset].train_size) / cfg.batch_size)
+            measured[same] = step_seconds(model_cfg, cfg, run.device, steps) * per_epoch
         plan.append({"model": model_name(model_cfg), "seed": cfg.seed, "dataset": cfg.dataset,
                      "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
-                     "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps,
-                     "fine_tune": cfg.init is not None, "epochs_left": left, "seconds_per_epoch": measured[same],
-                     "seconds": measured[same] * left})
+                     "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps, "epochs_left": left,
+                     "seconds_per_epoch": measured[same], "seconds": measured[same] * left})
     return plan
 
 
 def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
-    """Print and return the hours of training still to do for ``tables`` on this device (evaluation not
-    included); under torchrun the ranks share them (``parallel_hours``)."""
+    """Print and return the hours of training still to do for ``tables`` on this device. Evaluation (the
+    attacks) is not included: it is not a training step and has no step time to measure in advance."""
     plan = training_plan(run, tables, steps)
     total = sum(m["seconds"] for m in plan)
     print(f"training still to do on {run.device}, from measured step times: {total / 3600:.2f} h "
@@ -2345,160 +2115,20 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
     return total / 3600
 
 
-def parallel_hours(plan: list, world: int) -> float:
-    """Hours of ``training_plan``'s models on ``world`` ranks as ``share_work`` runs them: two rounds (the
-    fine-tunes second), each as long as its busiest rank after the longest-first ``split``."""
-    total = 0.0
-    for fine_tune in (False, True):
-        seconds = [m["seconds"] for m in plan if m["fine_tune"] == fine_tune]
-        owner = split(seconds, world)
-        total += max((sum(t for t, r in zip(seconds, owner) if r == q) for q in range(world)), default=0.0)
-    return total / 3600
+# ==== main: set-up checked before any work, then the tables, the summary and the record of the run
 
-
-GPU_TESTS = "cuda and not cpu"  # pytest -k: the tests that test_diffattn.py parametrizes with device "cuda"
-
-
-def gpu_check(run: Run, gpus: tuple = (1, 8)) -> dict:
-    """What only a GPU shows, into <out>/results/gpu-check.md and .json: (1) the CUDA tests (``pytest -k
-    GPU_TESTS``: the fused path, bf16 autocast in training and PGD, torch.compile); (2) forward+backward time
-    of the attention layers and ViTs in float32 and bf16; (3) PGD-10 images/s of the kit and torchattacks
-    on the first pair, untrained, on random images; (4) the measured time of a training epoch of every
-    model ``--table all`` trains, and the hours of a cold run on 1 GPU and on 8 (the busiest rank)."""
-    env, started = environment(run.device), time.perf_counter()
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", GPU_TESTS,
-                            str(HERE / "test_diffattn.py")], capture_output=True, text=True, cwd=HERE)
-    outcome = (tests.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
-    rounds = SPEED_ROUNDS[run.device.type]
-    speed = {name: layer_rows(run.device, *rounds, amp=amp)
-             for name, amp in (("float32", False), ("bf16 autocast", True))}
-    pgd = pgd_throughput(run, trained=False)
-    plan = training_plan(run, list(TABLES), cold=True)
-    hours = {n: parallel_hours(plan, n) for n in gpus}
-    res = {"tests": {"returncode": tests.returncode, "summary": outcome, "selection": GPU_TESTS}, "speed": speed,
-           "pgd": pgd, "training": plan, "training_hours": hours, "preset": run.preset.name,
-           "seconds": time.perf_counter() - started, "environment": env}
-    md = [f"# gpu-check: {env['device']}", "", f"torch {env['torch']}; commit {env['git_commit']}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; took {res['seconds'] / 60:.1f} min.", "",
-          f"CUDA tests (`pytest -k \"{GPU_TESTS}\"`): **{outcome}** (exit code {tests.returncode}).", "",
-          *speed_lines(speed["float32"], "float32"), *speed_lines(speed["bf16 autocast"], "bf16 autocast")[2:], "",
-          f"PGD-10, Linf 8/255, {pgd[0]['batch']} random images, untrained models of the {run.preset.name} preset's "
-          "first pair:", "", *pgd_lines(pgd), "",
-          f"Training of a cold `--table all --preset {run.preset.name}`, measured step times: "
-          + "; ".join(f"**{h:.2f} h on {n} GPU{'s' if n > 1 else ''}**" for n, h in hours.items())
-          + " (torchrun: the busiest rank's share; evaluation not included).", "",
-          "| model | depth | lambda_init | seed | s / epoch | epochs | minutes |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {m['model']} | {m['depth']} | {m['lambda_init'] or '-'} | {m['seed']} | {m['seconds_per_epoch']:.1f} | "
-           f"{m['epochs_left']} | {m['seconds'] / 60:.1f} |" for m in plan]
-    write_table(run.out / "results", "gpu-check", "\n".join(md) + "\n", res)
-    return res
-
-
-# ----------------------------------------------------------------------------------------
-# torchrun: the ranks share the models and cells through the caches; rank 0 writes the tables
-# ----------------------------------------------------------------------------------------
-
-def join_torchrun(device: str) -> tuple:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) this process joins the group (NCCL on CUDA, else
-    gloo) with a week's timeout, since a rank waits at a barrier while the others train; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        import datetime
-        if "cuda" in device and torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if "cuda" in device else "gloo",
-                                             timeout=datetime.timedelta(days=7))
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
-
-
-def training_cost(model_cfg: dict, cfg: TrainConfig) -> float:
-    """About the FLOPs of training a model (6 x parameters x tokens per example, twice with FGSM-RS; the
-    attention maps' N^2 term left out): enough to order the models longest first."""
-    patch = model_cfg.get("patch_size") or model_cfg["image"]["patch_size"]
-    tokens = (DATASETS[cfg.dataset].img_size // patch) ** 2 + 1
-    params = sum(p.numel() for p in build_model(model_cfg, cfg.dataset).parameters())
-    return 6 * params * tokens * cfg.batch_size * steps_per_epoch(cfg) * cfg.epochs * (2 if cfg.adv_eps else 1)
-
-
-def split(costs: list, world: int) -> list:
-    """The rank of each item: longest first, each to the least loaded rank so far."""
-    load, owner = [0.0] * world, [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        r = min(range(world), key=load.__getitem__)
-        owner[i], load[r] = r, load[r] + costs[i]
-    return owner
-
-
-def share_work(run: Run, tables: list, rank: int, world: int) -> None:
-    """torchrun: spread the work of ``tables`` over the ranks. Rank 0 reads the datasets once (a download
-    happens once), lists every model to train and every cell to evaluate, and broadcasts the list; the
-    models go to the ranks longest first (``split``; the fine-tunes in a second round, after the models
-    they start from), the cells in turn. Each model and cell is computed by exactly one rank and lands in
-    the shared caches, from which rank 0 then writes every table; the ranks' ``WORK`` counts are added to
-    rank 0's. A set-up problem skips the item on its rank: rank 0 meets it again while writing the table."""
-    dist = torch.distributed
-    box = [None]
-    if rank == 0:
-        try:
-            for train in (True, False):
-                load_dataset(run.dataset, run.data_root, train=train)
-        except SetupMissing:
-            pass  # the tables that need it say so when rank 0 writes them
-        cells = []
-        for name in tables:
-            try:
-                cells += [(name, i) for i in range(len(TABLES[name].entries(run)))]
-            except SetupMissing:
-                continue
-        models = planned_models(run, tables)
-        rounds = [[(m, c) for m, c in models if (c.init is not None) == fine_tune] for fine_tune in (False, True)]
-        owners = [split([training_cost(m, c) for m, c in ms], world) for ms in rounds]
-        box = [(rounds, owners, cells)]
-    dist.broadcast_object_list(box, src=0)
-    rounds, owners, cells = box[0]
-    for models, owner in zip(rounds, owners):
-        mine = [m for m, r in zip(models, owner) if r == rank]
-        for model_cfg, cfg in tqdm(mine, desc=f"rank {rank}: training", disable=rank != 0):
-            try:
-                train_model(model_cfg, cfg, run.data_root, run.cache, run.device, compile=run.compile)
-            except SetupMissing:
-                pass
-        dist.barrier()
-    mine = cells[rank::world]
-    for name in tqdm(tables, desc=f"rank {rank}: cells", disable=rank != 0):
-        try:
-            run_table(TABLES[name], run, only=[i for t, i in mine if t == name])
-        except SetupMissing:
-            pass  # e.g. a checkpoint that does not load: rank 0 reports it with its table
-    # the counts go through files, not all_gather_object: a gloo worker thread that frees that call's
-    # Python-made tensors while the interpreter exits aborts the process (seen in 1 of 7 runs)
-    atomic_write_text(run.cache / f"work-rank{rank}.json", json.dumps(WORK))
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank == 0:
-        counts = [json.loads((run.cache / f"work-rank{r}.json").read_text()) for r in range(world)]
-        for key in WORK:
-            WORK[key] = sum(c[key] for c in counts)
-
-
-# ----------------------------------------------------------------------------------------
-# main: set-up checked before any work, then the tables, the summary and the record of the run
-# ----------------------------------------------------------------------------------------
-
-def check_setup(args, world: int) -> Run:
+def check_setup(args) -> Run:
     """The command line as a ``Run``, or ``SetupMissing`` with what to do, before any work: the device, the
     seeds and threads, the preset's patch sizes against the dataset, --out writable, --data-root a folder."""
-    name = args.device if world == 1 or "cuda" not in args.device else f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
-        device = torch.device(name)
+        device = torch.device(args.device)
     except RuntimeError as e:
-        raise SetupMissing(f"--device {name!r} is not a device torch knows ({e}); pass cpu or cuda") from e
+        raise SetupMissing(f"--device {args.device!r} is not a device torch knows ({e}); pass cpu or cuda") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupMissing(f"--device {name}: no CUDA device is visible here (torch.cuda.is_available() is False); "
-                           "pass --device cpu, or check the driver with nvidia-smi")
+        raise SetupMissing(f"--device {args.device}: no CUDA device is visible here (torch.cuda.is_available() is "
+                           "False); pass --device cpu, or check the driver with nvidia-smi")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SetupMissing(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise SetupMissing(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     for flag, value in (("--seeds", args.seeds), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise SetupMissing(f"{flag} {value}: pass a number >= 1")
@@ -2535,8 +2165,8 @@ def check_setup(args, world: int) -> Run:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", default="all", choices=list(TABLES) + ["summary", "speed", "all"],
-                   help="all: every table of the paper, then the summary (speed runs only when asked)")
+    p.add_argument("--table", default="all", choices=list(TABLES) + ["summary", "all"],
+                   help="all: every table, then the summary")
     p.add_argument("--preset", default="auto", choices=["auto"] + sorted(PRESETS),
                    help="auto: paper on a CUDA device, quick elsewhere")
     p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="default: the preset's")
@@ -2554,35 +2184,24 @@ def main(argv=None) -> int:
     p.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load run the pickles of CLIP checkpoints that hold more than tensors and "
                         "argparse arguments")
-    p.add_argument("--estimate", action="store_true", help="print the training time still to do, then stop")
-    p.add_argument("--gpu-check", action="store_true",
-                   help="CUDA tests, speed in float32 and bf16, PGD throughput and the measured training time of "
-                        "the preset, into results/gpu-check.md (a few minutes on one GPU)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the training time still to do (measured step times; evaluation not included), then stop")
     p.add_argument("--dry-run", action="store_true",
                    help="the preset shrunk to minutes on a CPU, every table and code path kept, into "
                         "results/<preset>-dry-run/: check data and checkpoints before a long run")
     args = p.parse_args(argv)
-    rank, world = join_torchrun(args.device)
     tables = list(TABLES) if args.table == "all" else [args.table] if args.table in TABLES else []
     try:
-        run = check_setup(args, world)
-        if rank == 0:
-            remove_leftovers(run.cache, run.results)
-        if args.gpu_check or args.estimate or args.table == "speed":
-            if rank == 0:  # under torchrun too: one device's measurements
-                (gpu_check(run) if args.gpu_check else estimate_training_hours(run, tables or ["clean"])
-                 if args.estimate else table_speed(run))
+        run = check_setup(args)
+        remove_leftovers(run.cache, run.results)
+        if args.estimate or args.table == "all":
+            estimate_training_hours(run, tables or ["clean"])
+        if args.estimate:
             return 0
-        if args.table == "all" and rank == 0:
-            estimate_training_hours(run, tables)
     except SetupMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     started, seconds, skipped = time.perf_counter(), {}, {}  # skipped: tables --table all could not run, and why
-    if world > 1:
-        share_work(run, tables, rank, world)
-        if rank != 0:
-            return 0  # rank 0 writes the tables, from the caches the ranks filled
     for name in tables:
         t = time.perf_counter()
         try:
@@ -2621,19 +2240,16 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
     env = environment(run.device)
     seeds, sweep = run.seed_list(), run.seed_list(sweep=True)
     md = [f"# run: wall time of `python reproduce.py --table all --preset {run.preset.name}`", "",
-          f"Device {env['device']}; torch {env['torch']}; commit {env['git_commit']}; "
-          f"training seeds 0-{len(seeds) - 1} "
-          f"(sweeps: 0-{len(sweep) - 1}). This run computed {work} (the rest, if any, came from the caches in "
-          f"<out>/runs). Total {total / 60:.1f} min; {memory}.", "",
+          f"Computed on {provenance(env)}; training seeds 0-{len(seeds) - 1} (sweeps: 0-{len(sweep) - 1}). This run "
+          f"computed {work} (the rest, if any, came from the caches in <out>/runs). Total {total / 60:.1f} min; "
+          f"{memory}.", "",
           "| table | seconds |", "|---|---:|", *(f"| {n} | {s:.0f} |" for n, s in seconds.items()),
           f"| **total** | {total:.0f} |"] + (["", "Skipped: " + "; ".join(f"{n} ({w})" for n, w in skipped.items())]
                                             if skipped else [])
-    write_table(run.results, run.result_name("run"), "\n".join(md) + "\n",
-                {"table": "run", "preset": run.preset.name, "dataset": run.dataset, "seconds": seconds,
-                 "total_seconds": total, "peak_rss_gib": peak_gib, "peak_gpu_gib": gpu,
-                 "trained_epochs": WORK["epochs"],
-                 "computed_cells": WORK["cells"], "skipped": skipped, "seeds": seeds, "sweep_seeds": sweep,
-                 "environment": env})
+    write_table(run, "run", md, env,
+                {"dataset": run.dataset, "seconds": seconds, "total_seconds": total, "peak_rss_gib": peak_gib,
+                 "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"], "computed_cells": WORK["cells"],
+                 "skipped": skipped, "seeds": seeds, "sweep_seeds": sweep})
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ rho = ||J2|| / ||J1||, gamma = ||J1|| / ||J_base||, kappa = sqrt(1 + lambda^2 rh
                 test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features,
                 test_tokenize_is_open_clips_tokenizer, test_diffclip_layout_loads_and_matches_timm_vision_features,
                 test_diffclip_and_its_baseline_load_exactly_as_released,
-                test_zero_shot_classifier_is_scaled_cosine_to_averaged_prompts,
+                test_zero_shot_classifier_is_open_clips_on_the_same_weights,
                 test_small_diffclip_trains_on_fashion_mnist_captions, test_imagenet_and_coco_readers_on_made_up_files
   autoattack  test_autoattack_standard_matches_the_closed_form_on_a_linear_model
   depth       ASR and Lipschitz against depth: the main and Lemma 2 tests;
@@ -111,8 +111,19 @@ TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, dim=32, depth=
 
 
 # The CUDA tests: where a GPU is visible, the tests of the CUDA set-up also run on it, with its
-# defaults (fused path, bf16 autocast); `python reproduce.py --gpu-check` runs them (-k cuda).
+# defaults (fused path, bf16 autocast); on a CPU they are not collected.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Plain `pytest` is the quick correctness checks; the end-to-end runs of reproduce.py take minutes on 2 cores
+# and run with DIFFATTN_SLOW=1 (.ci/run sets it). The tests on real images need Debian's Fashion-MNIST: where
+# it is absent they skip and say how to get it, but not under CI (CI=true), where a green run means they ran.
+CI, SLOW = os.environ.get("CI") == "true", os.environ.get("DIFFATTN_SLOW") == "1"
+slow = pytest.mark.skipif(not SLOW, reason="an end-to-end run of reproduce.py or a compile (tens of seconds to "
+                                           "minutes): DIFFATTN_SLOW=1 pytest runs it")
+fashion_mnist = pytest.mark.skipif(
+    not CI and not R.DEBIAN_FASHION_MNIST.is_dir(),
+    reason=f"needs Fashion-MNIST in {R.DEBIAN_FASHION_MNIST}: sudo apt-get install dataset-fashion-mnist (Debian, "
+           "Ubuntu); elsewhere see the fashion-mnist line of DATASETS in reproduce.py")
 
 
 @pytest.fixture
@@ -241,7 +252,8 @@ def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients(kind)
 def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H, d):
     """Fused and explicit paths against finite differences (gradcheck, gradgradcheck, every parameter
     included), and every torch.func / forward-mode derivative against autograd through the naive
-    formula. Two differential heads, and one with a single token."""
+    formula. Two differential heads, and one with a single token. Plain pytest checks the second derivatives
+    along random directions (gradgradcheck's fast mode: 0.25 s instead of 11), DIFFATTN_SLOW=1 entry by entry."""
     torch.manual_seed(0)
     m = da.DiffAttention(H * d, H, causal=causal).double()
     randomize(m)
@@ -255,7 +267,7 @@ def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H,
         m.fused = fused
         with_params = lambda x, *ps: functional_call(m, dict(zip(names, ps)), (x,))
         assert torch.autograd.gradcheck(with_params, (X.clone().requires_grad_(), *params)), f"fused={fused}"
-        assert torch.autograd.gradgradcheck(with_params, (X.clone().requires_grad_(), *params)), f"fused={fused}"
+        assert torch.autograd.gradgradcheck(with_params, (X.clone().requires_grad_(), *params), fast_mode=not SLOW)
         f = lambda x: m(x).square().sum()
         assert close(m(X), ref(X))
         assert close(jacrev(m)(X), jacfwd(ref)(X))
@@ -371,6 +383,27 @@ def test_attention_maps_expose_a1_a2_lambda_and_the_gradient_into_a():
         assert torch.allclose(g, m.A.grad, atol=1e-7)
     # outside the context the layers are back on their fast path and record nothing
     assert all(b.attn._record is None for b in model.blocks)
+
+
+def test_attention_maps_nest_and_an_inner_recording_leaves_the_outer_one_recording():
+    torch.manual_seed(0)
+    model = da.ViT(img_size=16, patch_size=4, in_chans=3, num_classes=7, dim=32, depth=2, heads=4, attn="diff")
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 4])
+    layers = ["blocks.0.attn", "blocks.1.attn"]
+    with da.attention_maps(model) as maps:
+        model(x)
+        with da.attention_maps(model, retain_grad=False) as inner:
+            model(x)
+        assert [m.layer for m in inner] == layers and len(maps) == 2  # the inner pass went to the inner list only
+        assert len(da.branch_gradient_alignment(model, x, y)) == 2  # records inside, with retain_grad=False
+        assert all(b.attn._record is maps and b.attn._retain_grad for b in model.blocks)
+        n = len(maps)  # (the alignment's entry check, a no-grad pass of x[:1], ran under the outer recording)
+        F.cross_entropy(model(x), y).backward()
+        assert [m.layer for m in maps[n:]] == layers  # the outer recording goes on, with its retain_grad=True
+        assert all(m.A.grad is not None and m.A.grad.shape == m.A.shape and m.A.grad.abs().sum() > 0 for m in maps[n:])
+    assert all(b.attn._record is None for b in model.blocks)  # after the outer block: the unrecorded path
+    model(x)
+    assert len(maps) == n + 2
 
 
 def test_standard_attention_maps_are_row_stochastic():
@@ -530,8 +563,6 @@ def test_standard_vit_gives_the_head_pair_control():
     x, y = torch.rand(4, 3, 16, 16, dtype=torch.float64), torch.arange(4)
     al = da.branch_gradient_alignment(model, x, y)
     assert len(al) == 3 and all(a.control and a.lam == 1.0 for a in al)
-    assert all(a.cos.shape == (4,) and (a.cos.abs() <= 1 + 1e-6).all() for a in al)
-    assert 0.0 <= al[0].frac_negative <= 1.0
     xg = x.clone().requires_grad_(True)
     with da.attention_maps(model, retain_grad=False) as maps:
         loss = F.cross_entropy(model(xg), y, reduction="sum")
@@ -547,6 +578,7 @@ def test_standard_vit_gives_the_head_pair_control():
         assert torch.allclose(a.g1_norm, g1.norm(dim=1), rtol=1e-9)
         assert torch.allclose(a.g2_norm, g2.norm(dim=1), rtol=1e-9)
         assert torch.allclose(a.cos, cosine(g1, g2), rtol=1e-9, atol=1e-12)
+        assert a.frac_negative == (cosine(g1, g2) < 0).double().mean().item()
         assert torch.allclose(a.kappa * a.g1_norm, (g1 - g2).norm(dim=1), rtol=1e-9)  # Lemma 1, lambda = 1
         halves = cosine(branch(m, G, range(H // 2)), branch(m, G, range(H // 2, H)))
         assert (halves - a.cos).abs().max() > 1e-3  # another pairing: other numbers
@@ -641,6 +673,7 @@ def test_vit_forward_has_no_graph_break_and_no_host_sync(attn):
         assert da.ViT(**TINY, attn=attn)(torch.empty(2, 3, 16, 16)).shape == (2, 7)
 
 
+@slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_torch_compile_gives_the_eager_logits_and_gradients(fused, device):
@@ -852,10 +885,15 @@ def test_good_arguments_of_other_number_types_and_edge_values_are_accepted():
 
 
 def test_inputs_within_tolerance_of_the_unit_range_are_accepted():
+    """Pixels up to 1e-4 outside [0, 1] (the rounding of a resize or a cast) pass the check, and are
+    classified as given; an attack returns them inside the box."""
     x = torch.rand(2, 3, 16, 16).clamp(0, 1)
     x[0, 0, 0, 0], x[1, 0, 0, 0] = -5e-5, 1 + 5e-5
+    model = da.ViT(**TINY).eval()
     da.check_images(x)
-    assert da.predict(da.ViT(**TINY), x).shape == (2,)
+    assert torch.equal(da.predict(model, x), model(x).argmax(1))
+    res = da.pgd(model, x, torch.tensor([0, 1]), 4 / 255, steps=2)
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
 
 
 # ---------------------------------------------------------------------------- CLIP / DiffCLIP
@@ -886,13 +924,18 @@ def test_openclip_vit_b32_loads_and_gives_the_same_features():
         assert torch.allclose(kit.logit_scale, oc.logit_scale)
 
 
+def tiny_openclip(open_clip, seed=1):
+    """A small OpenCLIP (QuickGELU, 32x32 images, 16 tokens) with perturbed weights."""
+    torch.manual_seed(0)
+    return _perturbed(open_clip.CLIP(
+        embed_dim=24, quick_gelu=True,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)), seed)
+
+
 def test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features():
     open_clip = pytest.importorskip("open_clip")
-    CLIPTextCfg, CLIPVisionCfg = open_clip.model.CLIPTextCfg, open_clip.model.CLIPVisionCfg
-    torch.manual_seed(0)
-    oc = _perturbed(open_clip.CLIP(embed_dim=24, quick_gelu=True,
-                                   vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32),
-                                   text_cfg=CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)), 1)
+    oc = tiny_openclip(open_clip)
     kit = da.load_clip(oc.state_dict(), quick_gelu=True, image_heads=4, text_heads=2)
     x = torch.rand(3, 3, 32, 32)
     tokens = da.tokenize(["a shoe", "a bag", "a very long caption that is cut"], context_length=16)
@@ -1150,20 +1193,34 @@ def test_load_clip_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
     assert "trust_pickle" not in str(e.value)
 
 
-def test_zero_shot_classifier_is_scaled_cosine_to_averaged_prompts():
+def test_zero_shot_classifier_is_open_clips_on_the_same_weights():
+    """zero_shot_weights against open_clip's build_zero_shot_classifier, and the classifier's logits against
+    open_clip's own forward (features and logit scale), on one OpenCLIP's weights."""
+    open_clip = pytest.importorskip("open_clip")
+    oc = tiny_openclip(open_clip)
+    with torch.no_grad():
+        oc.logit_scale.fill_(math.log(50.0))  # not the init value, so a missing scale shows
+    kit = da.load_clip(oc.state_dict(), quick_gelu=True, image_heads=4, text_heads=2)
+    tok = lambda texts: da.tokenize(texts, context_length=16)
+    classes, templates = ["shoe", "bag", "coat"], ["a photo of a {}.", "a {}"]
+    W = da.zero_shot_weights(kit, classes, templates, tokenizer=tok)
+    W_oc = open_clip.build_zero_shot_classifier(oc, tok, classes, templates, num_classes_per_batch=None)
+    assert W.shape == W_oc.shape == (24, 3) and (W - W_oc).abs().max() <= 1e-5
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        image, _, scale = oc(_openai_normalize(x), None)
+        assert scale.item() == pytest.approx(50.0)
+        assert (da.ZeroShotClassifier(kit, W)(x) - scale * image @ W_oc).abs().max() <= 1e-4
+
+
+def test_every_attack_and_metric_runs_on_a_diffclip_zero_shot_classifier():
     torch.manual_seed(0)
     clip = _perturbed(da.CLIP(24, dict(img_size=16, patch_size=8, in_chans=3, dim=32, depth=1, heads=4, attn="diff"),
                               dict(vocab_size=49408, context_length=16, width=32, depth=1, heads=4, attn="diff")))
-    tok = lambda texts: da.tokenize(texts, context_length=16)
-    W = da.zero_shot_weights(clip, ["shoe", "bag"], ["a photo of a {}.", "a {}"], tokenizer=tok)
-    assert W.shape == (24, 2) and torch.allclose(W.norm(dim=0), torch.ones(2))
-    e = F.normalize(clip.encode_text(tok(["a photo of a bag.", "a bag"]), normalize=True).mean(0), dim=0)
-    assert torch.allclose(W[:, 1], e, atol=1e-6)
+    W = da.zero_shot_weights(clip, ["shoe", "bag"], ["a photo of a {}.", "a {}"],
+                             tokenizer=lambda texts: da.tokenize(texts, context_length=16))
     zs = da.ZeroShotClassifier(clip, W)
     x = torch.rand(3, 3, 16, 16)
-    ref = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ W
-    assert torch.allclose(zs(x), ref, atol=1e-5)
-    # every attack and metric of the kit runs on it; alignment sees the image tower's DA layer
     res = da.pgd(zs, x, torch.tensor([0, 1, 0]), 4 / 255, steps=3)
     assert (res.x_adv - x).abs().max() <= 4 / 255 + 1e-6
     # the paper's attack: lower the cosine between each image and its prompt
@@ -1172,7 +1229,7 @@ def test_zero_shot_classifier_is_scaled_cosine_to_averaged_prompts():
     adv = da.pgd(zs, x, y, 8 / 255, steps=5, loss="logit", random_start=False)
     assert (cos(adv.x_adv) < cos(x) - 1e-4).all()
     al = da.branch_gradient_alignment(zs, x, torch.tensor([0, 1, 0]))
-    assert [a.layer for a in al] == ["clip.visual.blocks.0.attn"] and al[0].cos.shape == (3,)
+    assert [a.layer for a in al] == ["clip.visual.blocks.0.attn"] and not al[0].control
     assert len(da.local_lipschitz(zs, x, eps=4 / 255)["layers"]) == 1
 
 
@@ -1599,6 +1656,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
             R.load_dataset(name, tmp_path, train=True, download=False)
 
 
+@fashion_mnist
 def test_debian_fashion_mnist_is_found_and_real():
     # .ci/run installs Debian's dataset-fashion-mnist; the kit must find it with no --data-root.
     data = R.load_dataset("fashion-mnist", "/nonexistent", train=False, download=False)
@@ -1694,34 +1752,49 @@ def test_an_incompletely_extracted_tiny_imagenet_is_refused_not_cached(tmp_path)
 TINY_FMNIST = {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
 
 
+def fashion_mnist_accuracy(model) -> float:
+    """``R.test_accuracy`` (the clean table's) on the 10,000 Fashion-MNIST test images; a CLIP zero-shot."""
+    test = R.load_dataset("fashion-mnist", "/nonexistent", train=False)
+    data = R.EvalData("fashion-mnist", test.x.float() / 255, test.y, "all", classes=test.classes)
+    return R.test_accuracy(R.classifier(model, R.class_names("", test)), data)
+
+
+@slow
+@fashion_mnist
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_cuda_set_up_trains_like_float32(tmp_path, fused_diff_attention, device):
-    """What a GPU run does (fused SDPA path, bf16 autocast in the training step and the accuracy pass),
-    on a CPU or the GPU, against float32 on the explicit path on the CPU, same data and seed: per-epoch
-    losses within 0.01 and test accuracy within 2 points (measured on a CPU: 0.0003 and 0.0035, 0.3
-    points; 2 epochs on 512 images)."""
+    """What a GPU run does (fused SDPA path, bf16 autocast in the training step), on a CPU or the GPU,
+    against float32 on the explicit path on the CPU, same data and seed: per-epoch losses within 0.01 and
+    test accuracy within 2 points (measured on a CPU: 0.0003 and 0.0035, 0.3 points; 2 epochs on 512
+    images)."""
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.25,
                         train_subset=512)
-    records = {}
+    records, acc = {}, {}
     for amp in (True, False):
         da.DiffAttention.fused = amp
-        _, records[amp] = R.train_model({**TINY_FMNIST, "attn": "diff"}, cfg, "/nonexistent", tmp_path / str(amp),
+        model, records[amp] = R.train_model({**TINY_FMNIST, "attn": "diff"}, cfg, "/nonexistent", tmp_path / str(amp),
                                         device if amp else "cpu", progress=False, amp=amp)
+        acc[amp] = fashion_mnist_accuracy(model.cpu())
     for a, b in zip(records[True]["history"], records[False]["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.01, (a, b)
-    assert abs(records[True]["test_acc"] - records[False]["test_acc"]) < 0.02
+    assert abs(acc[True] - acc[False]) < 0.02, acc
 
 
+@slow
+@fashion_mnist
 def test_training_on_real_fashion_mnist_lowers_the_loss(tmp_path):
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=4, batch_size=32, lr=3e-3, warmup_epochs=0.25,
                         train_subset=512)
     for attn in ("std", "diff"):
-        _, rec = R.train_model({**TINY_FMNIST, "attn": attn}, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
+        model, rec = R.train_model({**TINY_FMNIST, "attn": attn}, cfg, "/nonexistent", tmp_path, "cpu",
+                                   progress=False)
         losses = [h["train_loss"] for h in rec["history"]]
         assert rec["done"] and all(a > b for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
-        assert rec["test_acc"] > 0.3  # 10 classes: chance is 0.1
+        assert fashion_mnist_accuracy(model) > 0.3  # 10 classes: chance is 0.1
 
 
+@slow
+@fashion_mnist
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, train_subset=192)
     mc = {**TINY_FMNIST, "attn": "diff"}
@@ -1756,6 +1829,8 @@ def test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss():
         assert (ce(xa) > ce(start)).float().mean() > 0.9
 
 
+@slow
+@fashion_mnist
 def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tmp_path, capsys):
     base = R.TrainConfig(dataset="fashion-mnist", epochs=1, batch_size=64, train_subset=192)
     tune = lambda **k: R.TrainConfig(**{**dict(dataset="fashion-mnist", epochs=2, batch_size=64, lr=5e-4,
@@ -1784,6 +1859,7 @@ def test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes(tm
     assert "fine-tuned from other weights" in capsys.readouterr().err
 
 
+@fashion_mnist
 def test_training_configs_refuse_what_cannot_be_trained_before_any_epoch(tmp_path):
     ok = dict(dataset="fashion-mnist", epochs=1, train_subset=64)
     clip = {"kind": "clip", "embed_dim": 8, "image": {**TINY_FMNIST}, "text": {"width": 16, "depth": 1, "heads": 2}}
@@ -1801,8 +1877,8 @@ def test_training_configs_refuse_what_cannot_be_trained_before_any_epoch(tmp_pat
 def test_a_checkpoint_is_named_by_its_whole_config_and_its_training_data():
     cfg = R.TrainConfig(dataset="cifar10", epochs=3, seed=2)
     path = R.checkpoint_path("c", {"attn": "diff"}, cfg, "data0")
-    assert path == pathlib.Path("c") / "checkpoints" / ("diff-" + R.config_hash(
-        {"model": {"attn": "diff"}, "train": dataclasses.asdict(cfg), "data": "data0"}) + ".pt")
+    assert path.parent == pathlib.Path("c") / "checkpoints" and re.fullmatch(r"diff-[0-9a-f]{12}\.pt", path.name)
+    assert R.checkpoint_path("c", {"attn": "diff"}, dataclasses.replace(cfg), "data0") == path  # the same: found again
     changed = [R.checkpoint_path("c", {"attn": "diff"}, dataclasses.replace(cfg, **{f.name: v}), "data0")
                for f, v in zip(dataclasses.fields(cfg), ["mnist", 4, 64, 2e-3, 0.1, 2.0, 0.0, 3, 100, 1 / 255, {}])]
     assert len(set(changed) | {path}) == len(dataclasses.fields(cfg)) + 1  # every field renames it
@@ -1817,6 +1893,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
 
 
+@slow
+@fashion_mnist
 def test_small_diffclip_trains_on_fashion_mnist_captions(tmp_path):
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.25,
                         train_subset=4096)
@@ -1826,15 +1904,13 @@ def test_small_diffclip_trains_on_fashion_mnist_captions(tmp_path):
     clip, rec = R.train_model(mc, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
     losses = [h["train_loss"] for h in rec["history"]]
     assert isinstance(clip, da.CLIP) and losses[-1] < 0.9 * losses[0], losses
-    assert rec["test_acc"] > 0.3  # zero-shot over 10 classes: chance is 0.1
+    assert fashion_mnist_accuracy(clip) > 0.3  # zero-shot over 10 classes: chance is 0.1
     assert next((tmp_path / "checkpoints").glob("clip-diff-*.pt"))
-    # the zero-shot classifier predicts from the prompts alone
-    zs = R.classifier(clip, R.class_names("fashion-mnist"))
-    assert zs.weights.shape == (16, 10)
 
 
 # ---------------------------------------------------------------------------- tables, end to end
 
+@slow
 def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
@@ -1892,7 +1968,8 @@ def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_not
     acc = [100 * r["clean_acc"] for r in first["main"]["rows"] if r["model"] == "DiffViT"]
     assert mean_row.split(" | ")[3] == f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f}"
     # 2 main DiffViTs, 2 depth ones, 6 lambda ones (seed 0), of which the default lambda_init's is the depth-1 one
-    points = first["summary"]["lambda_gap"]
+    assert first["summary"]["lambda_gap"]["budget"] == "4/255"  # the one budget of the main, depth and lambda tables
+    points = first["summary"]["lambda_gap"]["points"]
     assert [p["table"] for p in points] == ["main"] * 2 + ["depth"] * 2 + ["lambda"] * 5
     assert len({p["model_key"] for p in points}) == len(points)
     claims = first["summary"]["claims"]
@@ -1932,6 +2009,7 @@ def test_a_table_is_one_block_whose_settings_come_from_the_preset(tmp_path):
         assert alone == s, name  # and no other table's do
 
 
+@slow
 def test_main_table_on_made_up_tiny_imagenet(tmp_path):
     write_fake_tiny_imagenet(tmp_path / "data", per_class=10)
     preset = dataclasses.replace(TINY_PRESET, models=({**TINY_PRESET.models[0], "patch_size": 16},), seeds=1)
@@ -1944,6 +2022,7 @@ def test_main_table_on_made_up_tiny_imagenet(tmp_path):
     assert res["models"][0]["train_config"]["dataset"] == "tiny-imagenet"
 
 
+@slow
 def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(tmp_path):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
@@ -1967,6 +2046,7 @@ def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(t
     assert len(list((tmp_path / "runs" / "cells").glob("main-*.json"))) == n
 
 
+@slow
 def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_only(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, seeds=1))
@@ -1992,6 +2072,7 @@ def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_
     assert cells() == before + 3  # every main cell; no alignment cell
 
 
+@slow
 def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, capsys):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
@@ -2009,6 +2090,7 @@ def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, 
     assert len(list(ckpt.parent.glob(ckpt.name + ".corrupt-*"))) == 1 and ckpt.is_file()
 
 
+@slow
 def test_an_edited_cell_and_a_flipped_bit_in_a_checkpoint_are_caught_and_recomputed(tmp_path, capsys):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
@@ -2047,6 +2129,7 @@ def test_code_key_follows_the_module_level_values_a_function_reads(monkeypatch):
     assert R.code_key(R.cached) == key
 
 
+@slow
 def test_other_images_under_the_same_file_names_are_another_model_and_another_cell(tmp_path):
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
@@ -2076,6 +2159,7 @@ def test_other_images_under_the_same_file_names_are_another_model_and_another_ce
     assert adv[0]["test_acc"] == rows[0]["test_acc"] and adv[0]["n_correct"] <= TINY_SIZES["advtrain"]["images"]
 
 
+@slow
 def test_a_table_names_the_device_and_threads_that_computed_its_cells(tmp_path):
     write_fake_cifar10(tmp_path / "data")
     run, threads = tiny_run(tmp_path), torch.get_num_threads()
@@ -2182,8 +2266,10 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     md = (out / "summary.md").read_text()
     assert "Rule: A difference (DiffViT minus ViT, or what the claim names) counts" in md and "| 0.40, 0.45, 0.50 |" in md
     assert "Not judged (no results yet): alignment." in md
-    # the lambda-vs-gap figure: the 3 main DiffViTs and the 3 depth ones, gap at 4/255 against lambda
-    assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]] == \
+    # the lambda-vs-gap figure: the 3 main DiffViTs and the 3 depth ones, gap at 4/255 (the largest budget
+    # of both tables) against lambda
+    assert res["lambda_gap"]["budget"] == "4/255"
+    assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]["points"]] == \
         [("main", .4, 1), ("main", .45, 1), ("main", .5, 1), ("depth", .7, 1), ("depth", .8, 2), ("depth", 1.0, -10)]
     assert (out / "summary.png").stat().st_size > 1000
     # damped at 1/255 but still (if not significantly) lower at 4/255: that is no crossover
@@ -2196,6 +2282,23 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     res = json.loads((out / "summary.json").read_text())
     assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
     assert res["not_judged"] == {"main": "skipped by this run, an older file is on disk"}
+    # a depth table at 1/255 and 2/255 (no 4/255): the crossover and the figure use its own budgets
+    for r in depth_rows:
+        r["asr"] = {"1/255": r["asr"]["1/255"], "2/255": r["asr"]["4/255"]}
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
+    R.table_summary(run, skipped={"main": "a dataset is missing"})
+    res = json.loads((out / "summary.json").read_text())
+    assert res["claims"][0]["claim"].endswith("less attackable than ViT at 1/255 but not at 2/255 (ASR points)")
+    assert res["lambda_gap"]["budget"] == "2/255" and len(res["lambda_gap"]["points"]) == 3
+
+
+def test_budgets_that_would_share_a_column_are_refused_before_any_work(tmp_path, monkeypatch):
+    assert R.eps_names([1 / 255, 1.5 / 255, 2.5 / 255, 8 / 255]) == ["1/255", "1.5/255", "2.5/255", "8/255"]
+    with pytest.raises(ValueError, match=r"column names \['1/255', '1/255'\], two of them the same"):
+        R.eps_names([1 / 255, 1.0000001 / 255])
+    monkeypatch.setattr(R, "EPS_LINF", [2 / 255, 2.0000001 / 255])  # the main table's budgets
+    with pytest.raises(ValueError, match="two of them the same"):
+        R.run_table(R.TABLES["main"], tiny_run(tmp_path))  # no dataset here: refused before training
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -2228,6 +2331,7 @@ def test_setup_errors_come_before_any_work_and_without_a_traceback(tmp_path, cap
         assert message in err and "Traceback" not in err, (argv, err)
 
 
+@slow
 def test_threads_are_set_and_recorded(tmp_path, tiny_preset):
     write_fake_cifar10(tmp_path / "data")
     threads = torch.get_num_threads()
@@ -2241,6 +2345,7 @@ def test_threads_are_set_and_recorded(tmp_path, tiny_preset):
     assert env["threads"] == 1 and "1 threads" in env["device"]
 
 
+@slow
 def test_leftover_temporary_files_are_removed_on_the_next_run(tmp_path, tiny_preset):
     write_fake_cifar10(tmp_path / "data")
     leftovers = [tmp_path / "runs" / "checkpoints" / ".std-abc.pt.x1y2.tmp",
@@ -2293,6 +2398,7 @@ sys.exit(R.main(["--table", "main", "--preset", "tiny", "--device", "cpu", "--da
 """
 
 
+@slow
 def test_sigkill_in_training_in_a_write_and_in_evaluation_then_a_rerun_gives_the_same_table(tmp_path):
     write_fake_cifar10(tmp_path / "data")
     driver = KILLING_DRIVER.format(repo=str(R.HERE), data=str(tmp_path / "data"))
@@ -2317,6 +2423,7 @@ def test_sigkill_in_training_in_a_write_and_in_evaluation_then_a_rerun_gives_the
     assert cells() == 3 and not list(tmp_path.rglob("*.tmp"))
 
 
+@slow
 def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, tiny_preset):
     write_fake_cifar10(tmp_path / "data")
     checkout = {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
@@ -2376,6 +2483,7 @@ def write_fake_imagenet_val_and_coco(root, n=6, seed=3):
     (root / "coco" / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
 
 
+@slow
 def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
     """--dry-run of the paper preset: every table through the real readers (CIFAR-10/100 pickles,
     Tiny-ImageNet folders, ImageNet val class folders, COCO captions JSON) and the released checkpoint
@@ -2413,140 +2521,27 @@ def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
         assert len(rows) == 3 * len(paper.models)
 
 
-SHARING_DRIVER = """
-import json, os, sys
-sys.path.insert(0, {repo!r})
-import reproduce as R
-from test_diffattn import TINY_PRESET
-R.PRESETS["tiny"] = TINY_PRESET
-done = {{"cells": [], "checkpoints": []}}
-cached, save = R.cached, R.atomic_torch_save
+# ---------------------------------------------------------------------------- the estimate
 
-def tracked_cached(cache, name, cfg, compute):              # which cells this process computed
-    return cached(cache, name, cfg, lambda: done["cells"].append(name + "-" + R.config_hash(cfg)) or compute())
-
-def tracked_save(obj, path):                                # which checkpoints it wrote
-    if path.parent.name == "checkpoints":
-        done["checkpoints"].append(path.name)
-    return save(obj, path)
-R.cached, R.atomic_torch_save = tracked_cached, tracked_save
-code = R.main(["--table", "all", "--preset", "tiny", "--device", "cpu", "--threads", "1", "--data-root", {data!r},
-               "--out", sys.argv[1]])
-with open(os.path.join(sys.argv[1], f"done-{{os.environ.get('RANK', 0)}}.json"), "w") as f:
-    json.dump({{**done, "code": code, "work": R.WORK}}, f)
-"""
-
-
-def test_torchrun_spreads_models_and_cells_over_ranks_once_each_and_gives_the_same_tables(tmp_path):
+def test_training_estimate_counts_the_steps_and_epochs_still_to_train(tmp_path, capsys, monkeypatch):
+    """--estimate: per model still to train, (epochs left) x (steps an epoch of its own data) x (the measured
+    step time of its config). A step is 0.5 s of the fake clock for every model here, so the numbers are
+    the steps and epochs the estimate counts: the advtrain table's fine-tunes train on their 100-image
+    subset (2 steps of 50), the others on all 1000 steps of made-up CIFAR-10 (50000 / 50); a model half
+    trained has one epoch left, a finished one none."""
     write_fake_cifar10(tmp_path / "data")
-    driver = tmp_path / "driver.py"
-    driver.write_text(SHARING_DRIVER.format(repo=str(R.HERE), data=str(tmp_path / "data")))
-    env = {**os.environ, "PYTHONPATH": str(R.HERE)}
-    for out, launch in (("one", [sys.executable]),
-                        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
-        done = subprocess.run([*launch, str(driver), str(tmp_path / out)], capture_output=True, text=True, env=env,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "done-0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"done-{r}.json").read_text()) for r in (0, 1)]
-    assert [r["code"] for r in ranks] == [0, 0]
-    for kind in ("cells", "checkpoints"):  # every one computed by exactly one rank, and both ranks worked
-        both = ranks[0][kind] + ranks[1][kind]
-        assert sorted(set(both)) == sorted(set(one[kind])) and all(ranks[r][kind] for r in (0, 1))
-        if kind == "cells":
-            assert len(both) == len(set(both)) == len(one[kind])
-        else:  # a checkpoint is written after every epoch: by one rank only
-            assert not set(ranks[0][kind]) & set(ranks[1][kind])
-    assert ranks[0]["work"] == one["work"]  # rank 0's count: everyone's work
-    out = lambda run, t: json.loads((tmp_path / run / "results" / "tiny" / f"{t}.json").read_text())
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
-    for t in R.TABLES:
-        assert strip(out("two", t)["rows"]) == strip(out("one", t)["rows"]), t
-    assert out("two", "summary")["claims"] == out("one", "summary")["claims"]
-    assert out("two", "run")["trained_epochs"] == out("one", "run")["trained_epochs"]
-
-
-def test_split_gives_the_longest_first_to_the_least_loaded_rank():
-    assert R.split([5, 4, 3, 3, 3], 2) == [0, 1, 1, 0, 1]  # loads 8 and 10; round robin would give 11 and 7
-    assert R.split([1.0] * 4, 4) == [0, 1, 2, 3] and R.split([2, 1], 1) == [0, 0]
-
-
-# ---------------------------------------------------------------------------- speed, estimate, --gpu-check
-
-class Costs(torch.nn.Module):
-    """A module whose forward takes ``cost`` seconds on ``clock``: timings without timing anything."""
-
-    def __init__(self, clock: list, cost: float):
-        super().__init__()
-        self.clock, self.cost = clock, cost
-
-    def forward(self, x):
-        self.clock[0] += self.cost
-        return x * 1.0
-
-
-def test_bench_pair_reports_the_median_per_round_ratio(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(R.time, "perf_counter", lambda: clock[0])
-    res = R.bench_pair(lambda: Costs(clock, 0.002), lambda: Costs(clock, 0.005), torch.ones(2, requires_grad=True),
-                       "cpu", rounds=5, reps=3, desc="fake")
-    assert res["std_ms"] == pytest.approx(2.0) and res["diff_ms"] == pytest.approx(5.0)
-    assert all(res[k] == pytest.approx(2.5) for k in ("ratio", "ratio_q1", "ratio_q3"))
-
-
-def test_speed_table_times_both_pairs_and_a_rerun_reads_the_measurement(tmp_path, monkeypatch):
-    write_fake_cifar10(tmp_path / "data")
-    monkeypatch.setattr(R, "SPEED_SHAPE", (4, 17, 32, 4))  # 16x16 images at patch 4
-    monkeypatch.setitem(R.SPEED_ROUNDS, "cpu", (2, 1, 2, 1))
-    run = tiny_run(tmp_path)
-    R.table_speed(run)
-    res = json.loads((tmp_path / "results" / "tiny" / "speed.json").read_text())
-    assert [r["what"].split(",")[0] for r in res["rows"]][::2] == ["attention layer", "ViT depth 6"]
-    for r in res["rows"]:  # the ratio of the medians is not the median of the ratios, but both are ordered alike
-        assert r["ratio_q1"] <= r["ratio"] <= r["ratio_q3"] and r["std_ms"] > 0 and r["diff_ms"] > 0
-    assert [(r["model"], r["attack"].split()[0]) for r in res["pgd"]][:2] == [("ViT", "diffattn.pgd"), ("ViT", "diffattn.pgd")]
-    assert {r["model"] for r in res["pgd"]} == {"ViT", "DiffViT"} and res["environment"]["torch"] == torch.__version__
-    md = (tmp_path / "results" / "tiny" / "speed.md").read_text()
-    assert f"| {res['rows'][0]['ratio']:.3f} |" in md
-    cell = next((tmp_path / "runs" / "cells").glob("speed-*.json"))
-    stamp, cells = cell.stat().st_mtime_ns, R.WORK["cells"]
-    R.table_speed(run)  # unchanged code: the measurement is read, not taken again
-    assert R.WORK["cells"] == cells and cell.stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "results" / "tiny" / "speed.json").read_text())["rows"] == res["rows"]
-
-
-def test_training_estimate_counts_unfinished_models_only(tmp_path, capsys, monkeypatch):
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 1}))
+    run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 2}))
     measured = []
     monkeypatch.setattr(R, "step_seconds", lambda model_cfg, cfg, device, steps: measured.append(cfg) or 0.5)
-    hours = R.estimate_training_hours(run, ["main"], steps=2)
-    # 6 models (3 attentions, 2 seeds), each 1 epoch of 50000 / 50 steps at 0.5 s; measured once per attention
-    assert hours == pytest.approx(6 * 1000 * 0.5 / 3600) and "for 6 models" in capsys.readouterr().out
-    assert len(measured) == 3 and {c.seed for c in measured} == {0}
+    plan = R.training_plan(run, ["advtrain"])  # 2 seeds of ViT and DiffViT, as trained and fine-tuned twice
+    assert sorted((m["model"], m["adv_eps"], m["seed"], m["epochs_left"], m["seconds"]) for m in plan) == sorted(
+        [(m, 0.0, seed, 2, 2 * 1000 * 0.5) for m in ("std", "diff") for seed in (0, 1)]
+        + [(m, e, seed, 1, 2 * 0.5) for m in ("std", "diff") for e in (1 / 255, 2 / 255) for seed in (0, 1)])
+    assert len(measured) == 6  # once per config, not per seed
+    vit_cfg, vit_train = next((m, c) for m, c in R.planned_models(run, ["main"]) if m["attn"] == "std")
+    R.train_model(vit_cfg, vit_train, run.data_root, run.cache, "cpu", progress=False, stop_after_epoch=1)
+    hours = R.estimate_training_hours(run, ["main"])  # ViT seed 0: 1 epoch left; the 5 others: 2 each
+    assert hours == pytest.approx((1 + 5 * 2) * 1000 * 0.5 / 3600) and "for 6 models" in capsys.readouterr().out
     for model_cfg, cfg in R.planned_models(run, ["main"]):
         R.train_model(model_cfg, cfg, run.data_root, run.cache, "cpu", progress=False)
     assert R.estimate_training_hours(run, ["main"]) == 0.0
-
-
-def test_gpu_check_runs_on_a_cpu_up_to_the_cuda_calls(tmp_path, monkeypatch):
-    """--gpu-check's every step on a CPU, shrunk: the test subset (here one fast test), the speed rows in
-    float32 and bf16, PGD throughput on untrained models, the training plan with the torchrun split."""
-    monkeypatch.setattr(R, "SPEED_SHAPE", (4, 17, 32, 4))
-    monkeypatch.setitem(R.SPEED_ROUNDS, "cpu", (2, 1, 2, 1))
-    monkeypatch.setattr(R, "GPU_TESTS", "test_random_crop_flip_moves_pixels_as_specified")
-    run = tiny_run(tmp_path)  # no dataset needed: random images and random training inputs
-    R.gpu_check(run, gpus=(1, 2))
-    res = json.loads((tmp_path / "results" / "gpu-check.json").read_text())
-    assert res["tests"]["returncode"] == 0 and res["tests"]["summary"].startswith("1 passed")
-    assert set(res["speed"]) == {"float32", "bf16 autocast"} and all(len(rows) >= 2 for rows in res["speed"].values())
-    assert {r["model"] for r in res["pgd"]} == {"ViT", "DiffViT"} and all(r["images_per_s"] > 0 for r in res["pgd"])
-    plan = res["training"]
-    assert len(plan) == len(R.planned_models(run, list(R.TABLES))) and all(m["seconds"] > 0 for m in plan)
-    total = sum(m["seconds"] for m in plan) / 3600
-    two = R.parallel_hours(plan, 2)
-    assert res["training_hours"]["1"] == pytest.approx(total) and res["training_hours"]["2"] == pytest.approx(two)
-    # two ranks: each round as long as its busier rank, so at least half of it and less than all of it
-    rounds = [sum(m["seconds"] for m in plan if m["fine_tune"] == f) / 3600 for f in (False, True)]
-    assert sum(r / 2 for r in rounds) <= two < total
-    assert f"**{two:.2f} h on 2 GPUs**" in (tmp_path / "results" / "gpu-check.md").read_text()
