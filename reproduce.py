@@ -595,16 +595,22 @@ def class_names(dataset: str, data: Optional[ImageData] = None) -> list:
     return [str(c).lower() for c in data.classes]
 
 
+@functools.lru_cache(maxsize=None)
+def tokens(texts: tuple, context_length: int = 77) -> torch.Tensor:
+    """``da.tokenize`` once a process per tuple of prompts: both CLIPs use ImageNet's 80k (half a minute)."""
+    return da.tokenize(list(texts), context_length)
+
+
 def prompt_tokens(classes: list) -> torch.Tensor:
     """(C, T, CLIP_CONTEXT) token ids of every class in every template."""
-    return torch.stack([da.tokenize([t.format(c) for t in CLIP_TEMPLATES], CLIP_CONTEXT) for c in classes])
+    return torch.stack([tokens(tuple(t.format(c) for t in CLIP_TEMPLATES), CLIP_CONTEXT) for c in classes])
 
 
 def classifier(model: nn.Module, classes: list) -> nn.Module:
     """What predicts labels: a ViT itself, or a CLIP's zero-shot classifier over the class prompts."""
     if not isinstance(model, da.CLIP):
         return model
-    weights = da.zero_shot_weights(model, classes, CLIP_TEMPLATES, tokenizer=lambda t: da.tokenize(t, CLIP_CONTEXT))
+    weights = da.zero_shot_weights(model, classes, CLIP_TEMPLATES, tokenizer=lambda t: tokens(tuple(t), CLIP_CONTEXT))
     return da.ZeroShotClassifier(model, weights)
 
 
@@ -1450,7 +1456,8 @@ def evaluate_clip(model, data, s, record) -> dict:
     elif s["templates"] == "openai-imagenet-80":
         from open_clip import OPENAI_IMAGENET_TEMPLATES
         templates = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-        zs = da.ZeroShotClassifier(model, da.zero_shot_weights(model, data.classes, templates))
+        weights = da.zero_shot_weights(model, data.classes, templates, tokenizer=lambda t: tokens(tuple(t)))
+        zs = da.ZeroShotClassifier(model, weights)
     else:
         zs = classifier(model, class_names("", data))  # the CLIP_TEMPLATES it was trained on
     x, y, k = data.x, data.y, s["alignment_images"]
@@ -2231,14 +2238,7 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
     memory = f"peak resident memory {peak_gib:.2f} GiB"
     memory += f"; peak GPU memory {gpu:.2f} GiB" if gpu is not None else ""
     work = f"{WORK['epochs']} training epochs and {WORK['cells']} cells"
-    print(f"--table all ({run.preset.name} preset) finished in {total / 60:.1f} min; {memory}; computed {work}\n  "
-          + "\n  ".join(f"{name}: {s:.0f} s" for name, s in seconds.items()))
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}")
-    if not WORK["epochs"] and not WORK["cells"]:
-        return
-    env = environment(run.device)
-    seeds, sweep = run.seed_list(), run.seed_list(sweep=True)
+    env, seeds, sweep = environment(run.device), run.seed_list(), run.seed_list(sweep=True)
     md = [f"# run: wall time of `python reproduce.py --table all --preset {run.preset.name}`", "",
           f"Computed on {provenance(env)}; training seeds 0-{len(seeds) - 1} (sweeps: 0-{len(sweep) - 1}). This run "
           f"computed {work} (the rest, if any, came from the caches in <out>/runs). Total {total / 60:.1f} min; "
@@ -2246,6 +2246,9 @@ def report_run(run: Run, seconds: dict, total: float, skipped: dict) -> None:
           "| table | seconds |", "|---|---:|", *(f"| {n} | {s:.0f} |" for n, s in seconds.items()),
           f"| **total** | {total:.0f} |"] + (["", "Skipped: " + "; ".join(f"{n} ({w})" for n, w in skipped.items())]
                                             if skipped else [])
+    if not WORK["epochs"] and not WORK["cells"]:
+        print("\n".join(md))
+        return
     write_table(run, "run", md, env,
                 {"dataset": run.dataset, "seconds": seconds, "total_seconds": total, "peak_rss_gib": peak_gib,
                  "peak_gpu_gib": gpu, "trained_epochs": WORK["epochs"], "computed_cells": WORK["cells"],

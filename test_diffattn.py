@@ -4,8 +4,8 @@ Sections, in diffattn.py's order: attention (V1; V2, the kit's extension), branc
 (Lemma 1), ViT / DiffViT (and the checks at the door), CLIP / DiffCLIP and loaders, attacks, metrics
 (accuracies, gradient norms, Lipschitz, sanity checks), theory_check.py; then reproduce.py.
 
-Index: each statement of the paper (theory_check.py checks them on random layers) and each table of
-reproduce.py, and the tests that check it. J1, J2, J_DA: Jacobians of A1, A2, A1 - lambda A2;
+Index: each statement of the paper, and the tests that check it; theory_check.py checks them all on random
+layers (test_theory_check_small_run_passes_every_exact_statement). J1, J2, J_DA: Jacobians of A1, A2, A1 - lambda A2;
 rho = ||J2|| / ||J1||, gamma = ||J1|| / ||J_base||, kappa = sqrt(1 + lambda^2 rho^2 - 2 lambda rho cos theta).
 
   Lemma 1    ||J_DA||^2 = ||J1||^2 + lambda^2 ||J2||^2 - 2 lambda ||J1|| ||J2|| cos theta
@@ -14,56 +14,22 @@ rho = ||J2|| / ||J1||, gamma = ||J1|| / ||J_base||, kappa = sqrt(1 + lambda^2 rh
                test_branch_gradients_combine_to_the_input_gradient_through_the_maps
                test_standard_vit_gives_the_head_pair_control (the control, lambda = 1)
                test_branch_alignment_of_v2_holds_the_gate_fixed_and_lemma1_holds (V2, our extension)
-               test_theory_check_small_run_passes_every_exact_statement
                test_lemma1_check_detects_a_wrong_lambda
   Theorem 1  |1 - lambda rho| ||J1|| <= ||J_DA|| <= (1 + lambda rho) ||J1||, equal at cos theta = +1 / -1
-               test_theory_check_small_run_passes_every_exact_statement
   Theorem 2  ||J_DA|| / ||J_base|| = gamma kappa
-               test_theory_check_small_run_passes_every_exact_statement
   Theorem 3  ||J_DA|| > ||J_base|| iff cos theta < (1 + lambda^2 rho^2 - gamma^-2) / (2 lambda rho)
-               test_theory_check_small_run_passes_every_exact_statement
   Lemma 2    local Lipschitz constant L_DA <= gamma kappa L_base, to first order (checked through
              ||J||_2 <= ||J||_F; the literal spectral form is reported, not judged)
-               test_theory_check_small_run_passes_every_exact_statement
                test_local_lipschitz_l2_estimator_on_a_linear_map_is_a_tight_lower_bound (the tables' estimator)
                test_local_lipschitz_of_a_layer_stops_the_forward_pass_there
                test_local_lipschitz_logit_estimator_on_a_linear_model
 
-  Every table, end to end: test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing,
-  test_paper_preset_dry_run_covers_every_table_on_the_real_formats; and per table:
-  clean       clean accuracy, learned lambda
-                test_training_on_real_fashion_mnist_lowers_the_loss, test_gradients_reach_the_lambda_parameters,
-                test_asr_and_robust_accuracy_on_hand_built_predictions
-  main        PGD-10 Linf attack success rate, adversarial patches
-                test_pgd_linf_reaches_the_closed_form_optimum_on_a_linear_model,
-                test_pgd_stays_in_the_eps_ball_and_the_image_box, test_pgd_keeps_the_best_iterate_not_the_last,
-                test_pgd_early_stop_gives_the_same_success_flags,
-                test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32,
-                test_patch_attack_changes_only_the_patch_pixels_and_stays_in_the_image_box,
-                test_patch_attack_early_stop_gives_the_same_successes_for_fewer_rows,
-                test_asr_and_robust_accuracy_on_hand_built_predictions,
-                test_sanity_checks_pass_on_a_linear_model_and_flag_zero_gradients
-  alignment   cos theta, kappa, gradient norms, local Lipschitz estimates
-                the Lemma 1 and Lemma 2 tests above, test_input_gradient_norm_is_the_dual_norm_and_batch_independent
-  clip        CLIP vs DiffCLIP
-                test_openclip_vit_b32_loads_and_gives_the_same_features,
-                test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features,
-                test_tokenize_is_open_clips_tokenizer, test_diffclip_layout_loads_and_matches_timm_vision_features,
-                test_diffclip_and_its_baseline_load_exactly_as_released,
-                test_zero_shot_classifier_is_open_clips_on_the_same_weights,
-                test_small_diffclip_trains_on_fashion_mnist_captions, test_imagenet_and_coco_readers_on_made_up_files
-  autoattack  test_autoattack_standard_matches_the_closed_form_on_a_linear_model
-  depth       ASR and Lipschitz against depth: the main and Lemma 2 tests;
-                test_summary_judges_hand_built_results_over_seeds (the crossover claim)
-  cw          test_cw_l2_finds_the_distance_to_the_hyperplane
-  lambda      test_lambda_init_schedule_values, test_lambda_vectors_are_drawn_from_n0_01,
-                test_diff_attention_equals_naive_formula
-  advtrain    test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss,
-                test_adversarial_fine_tuning_starts_from_the_clean_checkpoint_and_resumes,
-                test_training_configs_refuse_what_cannot_be_trained_before_any_epoch,
-                test_a_checkpoint_is_named_by_its_whole_config_and_its_training_data
-  summary     test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread,
-                test_a_difference_that_is_nan_is_not_judged, test_summary_judges_hand_built_results_over_seeds
+Each table of reproduce.py runs end to end in
+test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing and
+test_paper_preset_dry_run_covers_every_table_on_the_real_formats; its numbers are checked in the sections below:
+clean and lambda in attention and training; main, depth, autoattack and cw in attacks and metrics; alignment
+under Lemma 1 and Lemma 2 above; clip in CLIP / DiffCLIP; advtrain in training; the verdicts in the summary
+(test_summary_judges_hand_built_results_over_seeds).
 """
 import argparse
 import dataclasses
@@ -97,7 +63,6 @@ import theory_check as T
 
 
 # ---------------------------------------------------------------------------- helpers
-# Shared by the sections below.
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
     """Non-trivial values for every parameter (norm weights too), so no term hides behind a 1 or a 0."""
@@ -108,6 +73,15 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, dim=32, depth=3, heads=4)
+
+
+def tiny_vit(attn="std", seed=0, weights=None, dtype=torch.float32, **kw):
+    """A ViT of TINY's size (``kw`` overrides) drawn after torch.manual_seed(seed); ``weights``: randomize's seed."""
+    torch.manual_seed(seed)
+    model = da.ViT(**{**TINY, **kw}, attn=attn).to(dtype)
+    if weights is not None:
+        randomize(model, weights)
+    return model
 
 
 # The CUDA tests: where a GPU is visible, the tests of the CUDA set-up also run on it, with its
@@ -155,7 +129,6 @@ def binary_linear(seed=0, D=3 * 8 * 8):
 
 
 # ---------------------------------------------------------------------------- attention
-# DiffAttention against Ye et al.'s formula, its fused and explicit paths; Attention; attention_maps.
 
 def naive_diff_attention(m: da.DiffAttention, x: torch.Tensor) -> torch.Tensor:
     """Ye et al.'s formula written out head by head, independently of the module's forward."""
@@ -187,8 +160,7 @@ PATHS = {da.Attention: ("fused", "recorded"), da.DiffAttention: ("fused", "expli
 
 
 def on_path(layer: torch.nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) on one of PATHS[type(layer)]: "fused" (F.scaled_dot_product_attention), "explicit" (the
-    maps materialized) or "recorded" (explicit, inside attention_maps)."""
+    """layer(x) on one of PATHS[type(layer)]: "fused" (SDPA), "explicit" or "recorded" (inside attention_maps)."""
     assert path in PATHS[type(layer)], (type(layer).__name__, path)
     if path == "recorded":
         with da.attention_maps(layer, retain_grad=False):
@@ -229,9 +201,8 @@ def test_diff_attention_equals_naive_formula(dim, heads, n, lambda_init, layer):
 
 @pytest.mark.parametrize("kind", ["diff", "std", "diff2"])
 def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients(kind):
-    """Every path of each layer type (PATHS: Attention's explicit path is its recorded one) gives the
-    recorded path's output and gradients (input and every parameter) in float32; the fused path, and
-    only it, calls F.scaled_dot_product_attention, so the paths compared are different code."""
+    """Every path of each layer type gives the recorded path's output and gradients (input and every parameter)
+    in float32; only the fused path calls F.scaled_dot_product_attention, so the paths compared differ."""
     torch.manual_seed(1)
     m = LAYERS[kind](64, 4)
     x = torch.randn(4, 33, 64, requires_grad=True)
@@ -252,8 +223,8 @@ def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients(kind)
 def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H, d):
     """Fused and explicit paths against finite differences (gradcheck, gradgradcheck, every parameter
     included), and every torch.func / forward-mode derivative against autograd through the naive
-    formula. Two differential heads, and one with a single token. Plain pytest checks the second derivatives
-    along random directions (gradgradcheck's fast mode: 0.25 s instead of 11), DIFFATTN_SLOW=1 entry by entry."""
+    formula. Two differential heads, and one with a single token. gradgradcheck in its fast mode (along random
+    directions: 0.25 s instead of 11 entry by entry); the second derivatives in full through torch.func below."""
     torch.manual_seed(0)
     m = da.DiffAttention(H * d, H, causal=causal).double()
     randomize(m)
@@ -267,7 +238,7 @@ def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H,
         m.fused = fused
         with_params = lambda x, *ps: functional_call(m, dict(zip(names, ps)), (x,))
         assert torch.autograd.gradcheck(with_params, (X.clone().requires_grad_(), *params)), f"fused={fused}"
-        assert torch.autograd.gradgradcheck(with_params, (X.clone().requires_grad_(), *params), fast_mode=not SLOW)
+        assert torch.autograd.gradgradcheck(with_params, (X.clone().requires_grad_(), *params), fast_mode=True)
         f = lambda x: m(x).square().sum()
         assert close(m(X), ref(X))
         assert close(jacrev(m)(X), jacfwd(ref)(X))
@@ -292,25 +263,21 @@ def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H,
 
 
 def test_low_precision_and_autocast_agree_with_float32_on_both_paths():
-    """bf16 and bf16 autocast (the CUDA training and PGD set-up) on CPU: fused and explicit paths
-    within bf16's resolution of the float32 result; the norm itself runs in float32."""
+    """bf16 and bf16 autocast (the CUDA set-up) on CPU: both paths within bf16's resolution of float32's result."""
     torch.manual_seed(0)
     m = da.DiffAttention(32, 4)
     x = torch.randn(2, 9, 32)
     ref = m(x)
     tol = 3e-2 * ref.abs().max().item()  # bf16 keeps 8 bits of mantissa
-    for fused in (False, True):
-        m.fused = fused
+    for path in ("explicit", "fused"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-        assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < tol, f"fused={fused}"
-        y16 = m.bfloat16()(x.bfloat16())
-        assert y16.dtype == torch.bfloat16 and (y16.float() - ref).abs().max() < tol, f"fused={fused}"
+            y = on_path(m, path, x)
+        assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < tol, path
+        y16 = on_path(m.bfloat16(), path, x.bfloat16())
+        assert y16.dtype == torch.bfloat16 and (y16.float() - ref).abs().max() < tol, path
         m.float()
-    m.fused = False
-    y16 = m.bfloat16()(x.bfloat16())
-    with da.attention_maps(m, retain_grad=False):
-        assert torch.equal(m(x.bfloat16()), y16)  # recorded = explicit, bit for bit
+    y16 = on_path(m.bfloat16(), "explicit", x.bfloat16())
+    assert torch.equal(on_path(m, "recorded", x.bfloat16()), y16)  # recorded = explicit, bit for bit
     with torch.device("meta"):  # shape inference on the meta device runs (no data-dependent step)
         assert da.DiffAttention(32, 4)(torch.empty(2, 9, 32)).shape == (2, 9, 32)
 
@@ -344,24 +311,12 @@ def test_lambda_vectors_are_drawn_from_n0_01():
     for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
         p = getattr(m, name)
         assert p.shape == (2048,) and abs(p.mean().item()) < 0.01 and abs(p.std().item() - 0.1) < 0.005
-    lam = m.lam().item()
-    with torch.no_grad():
-        expected = math.exp(float(m.lambda_q1 @ m.lambda_k1)) - math.exp(float(m.lambda_q2 @ m.lambda_k2)) + 0.8
-    assert lam == pytest.approx(expected, rel=1e-6)
-
-
-def test_odd_head_count_is_rejected_with_advice():
-    with pytest.raises(ValueError, match="heads=3 is odd"):
-        da.DiffAttention(48, 3)
-    with pytest.raises(ValueError, match="divisible"):
-        da.Attention(50, 4)
-    with pytest.raises(ValueError, match="lambda_init"):
-        da.DiffAttention(16, 2, lambda_init="cosine")
+    expected = math.exp((m.lambda_q1 @ m.lambda_k1).item()) - math.exp((m.lambda_q2 @ m.lambda_k2).item()) + 0.8
+    assert m.lam().item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_attention_maps_expose_a1_a2_lambda_and_the_gradient_into_a():
-    torch.manual_seed(2)
-    model = da.ViT(**TINY, attn="diff", lambda_init="schedule")
+    model = tiny_vit("diff", seed=2, lambda_init="schedule")
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 4])
     ref = model(x)
     with da.attention_maps(model) as maps:
@@ -383,11 +338,15 @@ def test_attention_maps_expose_a1_a2_lambda_and_the_gradient_into_a():
         assert torch.allclose(g, m.A.grad, atol=1e-7)
     # outside the context the layers are back on their fast path and record nothing
     assert all(b.attn._record is None for b in model.blocks)
+    std = tiny_vit("std")  # a standard layer: one row-stochastic map per head, no A1
+    with da.attention_maps(std) as maps:
+        std(x)
+    assert len(maps) == 3 and maps[0].A1 is None and maps[0].A.shape == (2, 4, 17, 17)
+    assert torch.allclose(maps[0].A.sum(-1), torch.ones(2, 4, 17))
 
 
 def test_attention_maps_nest_and_an_inner_recording_leaves_the_outer_one_recording():
-    torch.manual_seed(0)
-    model = da.ViT(img_size=16, patch_size=4, in_chans=3, num_classes=7, dim=32, depth=2, heads=4, attn="diff")
+    model = tiny_vit("diff", depth=2)
     x, y = torch.rand(2, 3, 16, 16), torch.tensor([1, 4])
     layers = ["blocks.0.attn", "blocks.1.attn"]
     with da.attention_maps(model) as maps:
@@ -406,16 +365,7 @@ def test_attention_maps_nest_and_an_inner_recording_leaves_the_outer_one_recordi
     assert len(maps) == n + 2
 
 
-def test_standard_attention_maps_are_row_stochastic():
-    model = da.ViT(**TINY, attn="std")
-    with da.attention_maps(model) as maps:
-        model(torch.rand(2, 3, 16, 16))
-    assert len(maps) == 3 and maps[0].A1 is None and maps[0].A.shape == (2, 4, 17, 17)
-    assert torch.allclose(maps[0].A.sum(-1), torch.ones(2, 4, 17))
-
-
 # ---------------------------------------------------------------------------- attention: V2
-# DiffAttentionV2, the kit's extension (the paper analyses V1).
 
 def diff2_reference(layer: da.DiffAttentionV2, x: torch.Tensor) -> torch.Tensor:
     """DA V2 written out from its formula, one head and one query token at a time: for head h,
@@ -440,19 +390,15 @@ def diff2_reference(layer: da.DiffAttentionV2, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).view(B, N, C) @ layer.proj.weight.T + layer.proj.bias
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("path", ["explicit", "fused"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_diff_attention_v2_matches_the_formula_written_out_values_and_gradients(fused, causal):
+def test_diff_attention_v2_matches_the_formula_written_out_values_and_gradients(path, causal):
     torch.manual_seed(0)
     layer = da.DiffAttentionV2(24, 3, causal=causal).double()
     randomize(layer, seed=3)
     x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
     params = [x, *layer.parameters()]
-    da.DiffAttentionV2.fused = fused
-    try:
-        out = layer(x)
-    finally:
-        da.DiffAttentionV2.fused = None
+    out = on_path(layer, path, x)
     ref = diff2_reference(layer, x)
     assert (out - ref).abs().max() <= 1e-12
     r = torch.randn_like(out)
@@ -481,8 +427,7 @@ def test_diff_attention_v2_has_v2s_shapes_and_records_its_gate():
 def test_v2_gate_keeps_pytorchs_linear_init_as_released():
     """microsoft/unilm's multihead_flashdiffv2.py builds lambda_proj as a bias-free nn.Linear with no init
     of its own: kaiming-uniform(a=sqrt(5)), U(-1/sqrt(dim), 1/sqrt(dim)); the other layers: timm's 0.02."""
-    torch.manual_seed(0)
-    m = da.ViT(**TINY, attn="diff2")
+    m = tiny_vit("diff2")
     bound = TINY["dim"] ** -0.5
     w = torch.cat([blk.attn.lambda_proj.weight.flatten() for blk in m.blocks])
     assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
@@ -490,12 +435,9 @@ def test_v2_gate_keeps_pytorchs_linear_init_as_released():
 
 
 # ---------------------------------------------------------------------------- alignment (Lemma 1)
-# branch_gradient_alignment: g1, g2, cos theta and kappa against autograd and Lemma 1.
 
 def test_branch_alignment_obeys_lemma1_and_matches_autograd_through_the_maps():
-    torch.manual_seed(5)
-    model = da.ViT(**TINY, attn="diff")
-    randomize(model, seed=6)
+    model = tiny_vit("diff", seed=5, weights=6)
     for blk in model.blocks:
         torch.nn.init.normal_(blk.attn.qkv.weight, std=0.5)
     x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 3, 6])
@@ -528,15 +470,12 @@ def through_maps_only(model: da.ViT, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_branch_gradients_combine_to_the_input_gradient_through_the_maps():
-    torch.manual_seed(7)
-    model = da.ViT(**{**TINY, "depth": 1}, attn="diff").double()
-    randomize(model, seed=8)
+    model = tiny_vit("diff", seed=7, weights=8, dtype=torch.float64, depth=1)
     x, y = torch.rand(3, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 2, 5])
     assert torch.allclose(through_maps_only(model, x), model(x))  # same numbers, other graph
     xg = x.clone().requires_grad_(True)
     g_maps, = torch.autograd.grad(F.cross_entropy(through_maps_only(model, xg), y, reduction="sum"), xg)
-    # g1 - lam g2 by hand from the recorded maps
-    xg = x.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)  # g1 - lam g2 by hand from the recorded maps
     with da.attention_maps(model) as maps:
         L = F.cross_entropy(model(xg), y, reduction="sum")
     G, = torch.autograd.grad(L, maps[0].A, retain_graph=True)
@@ -544,8 +483,7 @@ def test_branch_gradients_combine_to_the_input_gradient_through_the_maps():
     g2, = torch.autograd.grad((maps[0].A2 * G).sum(), xg)
     lam = model.blocks[0].attn.lam().item()
     assert torch.allclose(g1 - lam * g2, g_maps, rtol=1e-9, atol=1e-12)
-    # and the library's statistics are those of these vectors
-    a = da.branch_gradient_alignment(model, x, y)[0]
+    a = da.branch_gradient_alignment(model, x, y)[0]  # and the library's statistics are those of these vectors
     n1, n2 = g1.flatten(1).norm(dim=1), g2.flatten(1).norm(dim=1)
     assert a.lam == pytest.approx(lam)
     assert torch.allclose(a.g1_norm, n1) and torch.allclose(a.g2_norm, n2)
@@ -554,12 +492,9 @@ def test_branch_gradients_combine_to_the_input_gradient_through_the_maps():
 
 
 def test_standard_vit_gives_the_head_pair_control():
-    """A standard layer's control pairs heads (2h, 2h+1), each with its own G = dL/dA, and lambda = 1:
-    g1 = grad_x sum_h <A_2h, G_2h>, g2 = grad_x sum_h <A_2h+1, G_2h+1>, written out head by head here;
-    pairing (h, h + H/2) instead gives other numbers, so the check sees the pairing."""
-    torch.manual_seed(0)
-    model = da.ViT(**TINY, attn="std").double()
-    randomize(model, seed=9)
+    """The control pairs a standard layer's heads (2h, 2h+1), lambda = 1: g1 = grad_x sum_h <A_2h, G_2h>, g2 likewise
+    for the odd heads, written out here; pairing (h, h + H/2) gives other numbers, so the check sees the pairing."""
+    model = tiny_vit("std", weights=9, dtype=torch.float64)
     x, y = torch.rand(4, 3, 16, 16, dtype=torch.float64), torch.arange(4)
     al = da.branch_gradient_alignment(model, x, y)
     assert len(al) == 3 and all(a.control and a.lam == 1.0 for a in al)
@@ -587,9 +522,7 @@ def test_standard_vit_gives_the_head_pair_control():
 def test_branch_alignment_of_v2_holds_the_gate_fixed_and_lemma1_holds():
     """g1 - g2 (the gate folded into branch 2) is the input gradient of <A1 - sg(gate) A2, G>, and
     kappa ||g1|| is its norm: Lemma 1 with lambda = 1 for V2 (our extension)."""
-    torch.manual_seed(0)
-    vit = da.ViT(**TINY, attn="diff2").double()
-    randomize(vit, seed=7)
+    vit = tiny_vit("diff2", weights=7, dtype=torch.float64)
     x, y = torch.rand(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
     al = da.branch_gradient_alignment(vit, x, y)
     assert len(al) == TINY["depth"] and al[0].lam == 1.0 and not al[0].control
@@ -603,7 +536,7 @@ def test_branch_alignment_of_v2_holds_the_gate_fixed_and_lemma1_holds():
 
 # ---------------------------------------------------------------------------- ViT / DiffViT
 
-def test_vit_and_diffvit_parameter_counts_differ_only_by_lambda_and_norm():
+def test_vit_and_diffvit_parameter_counts_differ_only_by_lambda_and_norm_and_gradients_reach_lambda():
     std, diff = da.ViT(**TINY, attn="std"), da.ViT(**TINY, attn="diff")
     n_std, n_diff = sum(p.numel() for p in std.parameters()), sum(p.numel() for p in diff.parameters())
     d = TINY["dim"] // TINY["heads"]
@@ -611,22 +544,16 @@ def test_vit_and_diffvit_parameter_counts_differ_only_by_lambda_and_norm():
     for a, b in zip(std.blocks[0].attn.parameters(), [diff.blocks[0].attn.qkv.weight, diff.blocks[0].attn.qkv.bias,
                                                        diff.blocks[0].attn.proj.weight, diff.blocks[0].attn.proj.bias]):
         assert a.shape == b.shape
-
-
-def test_gradients_reach_the_lambda_parameters():
-    model = da.ViT(**TINY, attn="diff")
-    F.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.arange(4)).backward()
-    for blk in model.blocks:
+    F.cross_entropy(diff(torch.rand(4, 3, 16, 16)), torch.arange(4)).backward()
+    for blk in diff.blocks:
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             g = getattr(blk.attn, name).grad
             assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_normalization_happens_inside_and_is_not_in_the_state_dict():
-    """The model on raw pixels gives the logits of the same weights without normalization (mean 0,
-    std 1) on pixels normalized by hand, and mean/std live in buffers outside the state dict."""
-    m = da.ViT(**TINY, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
-    randomize(m, seed=1)
+    """On raw pixels, the logits of the same weights unnormalized on pixels normalized by hand; mean/std not saved."""
+    m = tiny_vit(weights=1, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
     assert "mean" not in m.state_dict() and "std" not in m.state_dict()
     x = torch.rand(2, 3, 16, 16)
     ref = da.ViT(**TINY, mean=0.0, std=1.0)
@@ -643,9 +570,7 @@ def test_normalization_happens_inside_and_is_not_in_the_state_dict():
 @pytest.mark.parametrize("attn,lambda_init", [("std", 0.8), ("diff", "schedule"), ("diff", 0.8)])
 def test_timm_round_trip_gives_the_same_logits(attn, lambda_init):
     timm_vit = pytest.importorskip("timm.models.vision_transformer")  # timm is in requirements.txt
-    torch.manual_seed(3)
-    kit = da.ViT(**TINY, attn=attn, lambda_init=lambda_init, mean=0.0, std=1.0)
-    randomize(kit, seed=4)
+    kit = tiny_vit(attn, seed=3, weights=4, lambda_init=lambda_init, mean=0.0, std=1.0)
     heads = TINY["heads"] // 2 if attn == "diff" else TINY["heads"]
     extra = {"attn_layer": "diff"} if attn == "diff" else {}
     t = timm_vit.VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=3,
@@ -663,8 +588,7 @@ def test_timm_round_trip_gives_the_same_logits(attn, lambda_init):
 
 @pytest.mark.parametrize("attn", ["std", "diff"])
 def test_vit_forward_has_no_graph_break_and_no_host_sync(attn):
-    """torch.compile traces the whole forward as one graph, and the forward runs on the meta device,
-    where any step that reads a value on the host (a sync on CUDA) raises."""
+    """torch.compile traces one graph; the forward runs on the meta device, where reading a value on the host raises."""
     model = da.ViT(**TINY, attn=attn)
     x = torch.rand(2, 3, 16, 16)
     explained = torch._dynamo.explain(model)(x)
@@ -677,9 +601,8 @@ def test_vit_forward_has_no_graph_break_and_no_host_sync(attn):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_torch_compile_gives_the_eager_logits_and_gradients(fused, device):
-    """torch.compile (inductor) of a DiffViT, on both attention paths, on a CPU or the GPU: logits and
-    parameter gradients within 1e-5 of eager float32 on a CPU, 1e-4 on the GPU (TF32 off; the compiled
-    graph may pick other SDPA and convolution kernels than eager)."""
+    """torch.compile (inductor) of a DiffViT on both paths: logits and parameter gradients within 1e-5 of eager float32
+    on a CPU, 1e-4 on the GPU (TF32 off; the compiled graph may pick other SDPA and convolution kernels)."""
     torch.manual_seed(0)
     m = da.ViT(**TINY, attn="diff")
     randomize(m, seed=2)
@@ -703,17 +626,6 @@ def test_torch_compile_gives_the_eager_logits_and_gradients(fused, device):
 
 # ---------------------------------------------------------------------------- ViT: checks at the door
 # Shapes, dtypes and the pixel range where images enter; every public function's arguments.
-
-@pytest.mark.parametrize("bad,match", [
-    (torch.rand(2, 1, 16, 16), r"shape \(B, 3, 16, 16\)"),
-    (torch.rand(3, 16, 16), r"shape \(B, 3, 16, 16\)"),
-    (torch.rand(2, 3, 32, 32), r"got \(2, 3, 32, 32\)"),
-    ((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), "divide uint8 images by 255"),
-])
-def test_a_model_refuses_images_of_the_wrong_shape_or_dtype(bad, match):
-    with pytest.raises(ValueError, match=match):
-        da.ViT(**TINY)(bad)
-
 
 BAD_VALUES = [
     (torch.rand(2, 3, 16, 16) * 2, r"must lie in \[0, 1\]"),
@@ -817,12 +729,19 @@ def _bad_calls():
         ("control, odd heads", lambda: da.branch_gradient_alignment(v(heads=1, dim=32), x, y),
          r"1 heads: the head-pair control needs an even number of standard heads, so it is undefined"),
         ("float64 images", lambda: m(x.double()), r"images are torch.float64 but the model is torch.float32: pass x.to"),
+        ("images 1 channel", lambda: v()(torch.rand(2, 1, 16, 16)), r"shape \(B, 3, 16, 16\)"),
+        ("images 3-d", lambda: v()(torch.rand(3, 16, 16)), r"shape \(B, 3, 16, 16\)"),
+        ("images 32x32", lambda: v()(torch.rand(2, 3, 32, 32)), r"got \(2, 3, 32, 32\)"),
+        ("images uint8", lambda: v()((x * 255).to(torch.uint8)), "divide uint8 images by 255"),
         ("float16 images", lambda: da.predict(m, x.half()), r"images are torch.float16"),
         ("lambda_init 1", lambda: da.DiffAttention(32, 4, lambda_init=1.0), r"lambda_init=1.0; expected a number in \[0, 1\)"),
         ("lambda_init < 0", lambda: da.DiffAttention(32, 4, lambda_init=-0.2), r"lambda_init=-0.2"),
         ("lambda_init str", lambda: da.DiffAttention(32, 4, lambda_init="fixed"), r"lambda_init='fixed'.*'schedule'"),
         ("heads 0", lambda: da.Attention(32, 0), r"\(dim, heads\)=\(32, 0\); expected positive integers"),
         ("heads float", lambda: da.DiffAttention(32, 4.0), r"\(dim, heads\)=\(32, 4.0\)"),
+        ("heads odd", lambda: da.DiffAttention(48, 3), r"heads=3 is odd"),
+        ("heads do not divide dim", lambda: da.Attention(50, 4), r"divisible"),
+        ("lambda_init cosine", lambda: da.DiffAttention(16, 2, lambda_init="cosine"), r"lambda_init"),
         ("schedule index", lambda: da.lambda_init_schedule(-1), r"layer_index=-1; expected an integer >= 0"),
         ("std 0", lambda: v(std=0.0), r"std=0.0; expected finite values > 0"),
         ("std negative", lambda: v(std=(0.2, -0.2, 0.2)), r"std=\(0.2, -0.2, 0.2\); expected finite values > 0"),
@@ -863,13 +782,14 @@ def test_attacks_take_images_that_require_grad_and_leave_the_callers_graph_alone
     assert da.autoattack(linear, z, linear(z).argmax(1), 0.02).x_adv.grad_fn is None
 
 
-def test_attacks_and_metrics_restore_each_submodules_own_mode():
+def test_attacks_and_metrics_restore_each_submodules_own_mode_and_leave_parameters_without_grads():
     m, x, y = da.ViT(**TINY, attn="diff").train(), torch.rand(2, 3, 16, 16), torch.tensor([1, 6])
     m.blocks[0].eval()  # a part the caller froze, as one freezes a BatchNorm
     modes = [mod.training for mod in m.modules()]
-    da.pgd(m, x, y, 4 / 255, steps=1), da.predict(m, x), da.input_gradient_norm(m, x, y)
+    da.pgd(m, x, y, 4 / 255, steps=2), da.predict(m, x), da.input_gradient_norm(m, x, y)
     da.branch_gradient_alignment(m, x, y), da.local_lipschitz(m, x, 4 / 255, steps=1)
     assert [mod.training for mod in m.modules()] == modes and not m.blocks[0].training and m.blocks[1].training
+    assert all(p.grad is None for p in m.parameters())
 
 
 def test_good_arguments_of_other_number_types_and_edge_values_are_accepted():
@@ -877,6 +797,8 @@ def test_good_arguments_of_other_number_types_and_edge_values_are_accepted():
     m = da.ViT(**TINY, attn="diff")
     assert da.pgd(m, x, y, np.float32(4 / 255), steps=np.int64(2)).x_adv.shape == x.shape
     assert torch.equal(da.fgsm(m, x, y, 0.0).x_adv, x)  # eps 0: no step (alpha = eps = 0 is allowed)
+    res = da.pgd(m, x, y, 0.0)
+    assert torch.equal(res.x_adv, x) and torch.equal(res.success, da.predict(m, x) != y)
     assert da.DiffAttention(np.int64(32), np.int64(4), lambda_init=np.float32(0.5)).lambda_init == 0.5
     assert da.cw_l2(m, x[:0], y[:0], steps=1, search_steps=1).x_adv.shape == (0, 3, 16, 16)  # an empty batch
     bf16 = da.ViT(**TINY, attn="diff").bfloat16()
@@ -885,8 +807,7 @@ def test_good_arguments_of_other_number_types_and_edge_values_are_accepted():
 
 
 def test_inputs_within_tolerance_of_the_unit_range_are_accepted():
-    """Pixels up to 1e-4 outside [0, 1] (the rounding of a resize or a cast) pass the check, and are
-    classified as given; an attack returns them inside the box."""
+    """Pixels up to 1e-4 outside [0, 1] (a resize's rounding) are classified as given; an attack returns them inside."""
     x = torch.rand(2, 3, 16, 16).clamp(0, 1)
     x[0, 0, 0, 0], x[1, 0, 0, 0] = -5e-5, 1 + 5e-5
     model = da.ViT(**TINY).eval()
@@ -897,7 +818,6 @@ def test_inputs_within_tolerance_of_the_unit_range_are_accepted():
 
 
 # ---------------------------------------------------------------------------- CLIP / DiffCLIP
-# OpenCLIP and DiffCLIP checkpoints against open_clip and timm; the tokenizer; zero-shot.
 
 def _perturbed(model, seed=0, scale=0.02):
     g = torch.Generator().manual_seed(seed)
@@ -907,8 +827,8 @@ def _perturbed(model, seed=0, scale=0.02):
     return model.eval()
 
 
-def _openai_normalize(x):
-    return (x - torch.tensor(da.OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(da.OPENAI_STD).view(1, 3, 1, 1)
+def _normalize(x, mean=da.OPENAI_MEAN, std=da.OPENAI_STD):
+    return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
 
 
 def test_openclip_vit_b32_loads_and_gives_the_same_features():
@@ -919,7 +839,7 @@ def test_openclip_vit_b32_loads_and_gives_the_same_features():
     x = torch.rand(2, 3, 224, 224)
     tokens = da.tokenize(["a photo of a cat.", "a diagram of a transformer"])
     with torch.no_grad():
-        assert (oc.encode_image(_openai_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5 * 5
+        assert (oc.encode_image(_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5 * 5
         assert (oc.encode_text(tokens) - kit.encode_text(tokens)).abs().max() <= 1e-5 * 5
         assert torch.allclose(kit.logit_scale, oc.logit_scale)
 
@@ -940,7 +860,7 @@ def test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features():
     x = torch.rand(3, 3, 32, 32)
     tokens = da.tokenize(["a shoe", "a bag", "a very long caption that is cut"], context_length=16)
     with torch.no_grad():
-        assert (oc.encode_image(_openai_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5
+        assert (oc.encode_image(_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5
         assert (oc.encode_text(tokens) - kit.encode_text(tokens)).abs().max() <= 1e-5
     wrong = da.load_clip(oc.state_dict(), quick_gelu=False, image_heads=4, text_heads=2)  # GELU: not the same model
     with torch.no_grad():
@@ -948,8 +868,7 @@ def test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features():
 
 
 def test_tokenize_is_open_clips_tokenizer():
-    """CLIP's BPE ids, written down once from open_clip 3.3: <start> 49406, the words' ids, <end> 49407
-    (the largest id: the text tower reads the end-of-text token off argmax), zeros to the context length;
+    """CLIP's BPE ids, written down from open_clip 3.3 (<end> 49407 the largest: the text tower finds it by argmax);
     a string is one text, any sequence of strings a batch; a text too long is cut with <end> kept last."""
     open_clip = pytest.importorskip("open_clip")
     texts = ["a photo of a T-shirt/top.", "an ankle boot", ""]
@@ -970,11 +889,9 @@ def test_tokenize_is_open_clips_tokenizer():
 
 def timm_image_tower(attn: str = "diff", img_size: int = 32, patch_size: int = 8, width: int = 64, depth: int = 2,
                      heads: int = 4, perturb=2):
-    """DiffCLIP's image tower (attn="diff": timm's VisionTransformer with attn_layer="diff" and torch's
-    LayerNorm, eps 1e-5, as DiffCLIP's DifferentialVisionTransformer builds it; a constant lambda_init 0.8
-    in every layer) or its baseline's (timm's default ViT, eps 1e-6), with ``heads`` standard heads (H/2
-    differential ones); drawn after torch.manual_seed(0), then perturbed with seed ``perturb`` (None: left
-    at its initialization)."""
+    """DiffCLIP's image tower as its DifferentialVisionTransformer builds it (timm, attn_layer="diff", torch's
+    LayerNorm eps 1e-5, lambda_init 0.8 in every layer) or its baseline's (timm's ViT, eps 1e-6); ``heads``
+    standard heads (H/2 differential); drawn after torch.manual_seed(0), then perturbed with seed ``perturb``."""
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     torch.manual_seed(0)
     extra = ({"attn_layer": "diff", "num_heads": heads // 2, "norm_layer": partial(torch.nn.LayerNorm, eps=1e-5)}
@@ -988,12 +905,9 @@ def timm_image_tower(attn: str = "diff", img_size: int = 32, patch_size: int = 8
 
 
 def released_clip_checkpoint(vit, text: da.TextTransformer, embed_dim: int, seed: int = 0) -> dict:
-    """A checkpoint as DiffCLIP's (SLIP's) training saves it: {"epoch", "state_dict": {"module." + name},
-    "best_acc1", "args": argparse.Namespace}, from a timm image tower ``vit`` and a kit text tower ``text``,
-    both differential or both standard. DiffCLIP's layout: timm's fused qkv split into q/k/v_proj, proj
-    named out_proj and sub_norm diff_norm, in both towers; its baseline's (SLIP's CLIP): timm's own names
-    in the image tower, nn.MultiheadAttention's fused in_proj in the text tower. The projections are drawn
-    with ``seed``, in the towers' dtype."""
+    """A checkpoint as DiffCLIP's (SLIP's) training saves it ({"state_dict": {"module." + name}, "args", ...}) from a
+    timm image tower and a kit text tower, both differential (DiffCLIP's layout: q/k/v_proj, out_proj, diff_norm)
+    or both standard (SLIP's CLIP: timm's names, nn.MultiheadAttention's in_proj in the text tower)."""
     diff = isinstance(text.blocks[0].attn, da.DiffAttention)
     assert diff == hasattr(vit.blocks[0].attn, "lambda_q1"), "both towers differential, or both standard"
     dtype = text.norm.weight.dtype
@@ -1044,9 +958,8 @@ def test_diffclip_layout_loads_and_matches_timm_vision_features(attn):
     assert kit.config["image"]["attn"] == kit.config["text"]["attn"] == attn
     assert kit.config["image"]["heads"] == 4 and kit.config["text"]["heads"] == 4
     x = torch.rand(2, 3, 32, 32)
-    mean, std = torch.tensor(da.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(da.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        ref = t((x - mean) / std) @ ckpt["state_dict"]["module.image_projection"]
+        ref = t(_normalize(x, da.IMAGENET_MEAN, da.IMAGENET_STD)) @ ckpt["state_dict"]["module.image_projection"]
         assert (kit.encode_image(x) - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
         tokens = da.tokenize(["a bag", "a sandal"], context_length=16)
         assert torch.allclose(kit.encode_text(tokens), text(tokens) @ ckpt["state_dict"]["module.text_projection"],
@@ -1101,11 +1014,8 @@ def diffclip_text_forward(sd: dict, tokens: torch.Tensor, heads: int, diff: bool
 
 @pytest.mark.parametrize("attn", ["diff", "std"])
 def test_diffclip_and_its_baseline_load_exactly_as_released(tmp_path, attn):
-    """A random-weight checkpoint saved as DiffCLIP's (SLIP's) training saves it ({"state_dict": module.*,
-    "args": argparse.Namespace, ...}) in DiffCLIP's layout (attn="diff": q/k/v_proj, diff_norm, lambda
-    vectors in both towers) or its standard baseline's (SLIP's CLIP: timm's fused qkv, nn.MultiheadAttention's
-    in_proj): image and text embeddings against independent forwards (timm with DiffCLIP's norms; the text
-    tower written out), in float64, relative error <= 1e-6."""
+    """A checkpoint file in DiffCLIP's released layout or its baseline's (released_clip_checkpoint): image and
+    text embeddings against independent forwards (timm; the text tower written out), float64, rel. error <= 1e-6."""
     t = timm_image_tower(attn).double()
     torch.manual_seed(5)
     heads, ctx = 4, 16
@@ -1123,45 +1033,43 @@ def test_diffclip_and_its_baseline_load_exactly_as_released(tmp_path, attn):
     kit = da.load_clip(str(path), **({} if attn == "diff" else {"image_heads": 4, "text_heads": heads})).double()
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     tokens = da.tokenize(["a bag", "a sandal", "an ankle boot"], context_length=ctx)
-    mean = torch.tensor(da.IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(da.IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     with torch.no_grad():
-        assert rel(kit.encode_image(x), t((x - mean) / std) @ sd["module.image_projection"]) <= 1e-6
+        ref = t(_normalize(x, da.IMAGENET_MEAN, da.IMAGENET_STD)) @ sd["module.image_projection"]
+        assert rel(kit.encode_image(x), ref) <= 1e-6
         assert rel(kit.encode_text(tokens), diffclip_text_forward(sd, tokens, heads, attn == "diff")) <= 1e-6
     assert kit.config["image"]["norm_eps"] == (1e-5 if attn == "diff" else 1e-6)
 
 
-def test_load_clip_is_strict_and_says_which_keys(tmp_path):
-    t = timm_image_tower()
-    ckpt = released_clip_checkpoint(t, da.TextTransformer(49408, 16, 32, 1, 4, attn="diff"), embed_dim=24)
-    extra = dict(ckpt["state_dict"], **{"module.visual.blocks.0.attn.extra_param": torch.zeros(3)})
-    with pytest.raises(ValueError, match="extra_param"):
-        da.load_clip({"state_dict": extra})
-    broken = dict(ckpt["state_dict"])
-    del broken["module.visual.blocks.1.attn.lambda_k2"]
-    with pytest.raises(ValueError, match="missing.*blocks.1.attn.lambda_k2"):
-        da.load_clip({"state_dict": broken})
-    no_k_bias = dict(ckpt["state_dict"])
-    del no_k_bias["module.visual.blocks.0.attn.k_proj.bias"]  # q and v biases without k's: listed, not a KeyError
-    with pytest.raises(ValueError, match=r"without a place \['visual.blocks.0.attn.q_proj.bias'"):
-        da.load_clip({"state_dict": no_k_bias})
+def test_load_clip_is_strict_says_which_keys_and_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
+    ckpt = released_clip_checkpoint(timm_image_tower(), da.TextTransformer(49408, 16, 32, 1, 4, attn="diff"), 24)
+    for change, match in [({"module.visual.blocks.0.attn.extra_param": torch.zeros(3)}, "extra_param"),
+                          ({"module.visual.blocks.1.attn.lambda_k2": None}, "missing.*blocks.1.attn.lambda_k2"),
+                          # q and v biases without k's: listed, not a KeyError
+                          ({"module.visual.blocks.0.attn.k_proj.bias": None},
+                           r"without a place \['visual.blocks.0.attn.q_proj.bias'")]:
+        changed = {k: v for k, v in {**ckpt["state_dict"], **change}.items() if v is not None}  # None: deleted
+        with pytest.raises(ValueError, match=match):
+            da.load_clip({"state_dict": changed})
     # DiffCLIP's pickles hold argparse objects: allowed under weights_only; any other object needs trust
     path = tmp_path / "checkpoint_best.pt"
     torch.save({**ckpt, "args": argparse.Namespace(lr=1e-3)}, path)
     assert isinstance(da.load_clip(str(path)), da.CLIP)
     torch.save({**ckpt, "output_dir": pathlib.PurePosixPath("/runs")}, path)
-    with pytest.raises(ValueError, match="PurePosixPath.*trust_pickle=True"):
+    with pytest.raises(ValueError, match="pickles Python objects besides tensors.*PurePosixPath.*trust_pickle=True"):
         da.load_clip(str(path))
     assert isinstance(da.load_clip(str(path), trust_pickle=True), da.CLIP)
+    path.write_bytes(path.read_bytes()[:100])  # damaged: trust would not help, and is not suggested
+    with pytest.raises(ValueError, match="not a readable torch checkpoint.*truncated.*download or copy it again") as e:
+        da.load_clip(str(path), trust_pickle=True)
+    assert "trust_pickle" not in str(e.value)
     with pytest.raises(FileNotFoundError, match=f"no checkpoint file at {tmp_path / 'nope.pt'}"):
         da.load_clip(str(tmp_path / "nope.pt"))
 
 
 def test_load_clip_reads_a_hub_id_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
-    """The paper preset's default DiffCLIP, by its hub id, through huggingface_hub's real code path: a made-up
-    cache in the released layout (models--owner--name/snapshots/<rev>/checkpoint_best.pt, refs/main) holding a
-    random-weight checkpoint saved as DiffCLIP's training saves it, with HF_HUB_OFFLINE=1."""
+    """The paper preset's DiffCLIP by its hub id, through huggingface_hub's code, HF_HUB_OFFLINE=1: a made-up cache
+    in the released layout (models--owner--name/snapshots/<rev>/checkpoint_best.pt, refs/main)."""
     import huggingface_hub.constants as hub
     ckpt = released_clip_checkpoint(timm_image_tower(), da.TextTransformer(49408, 16, 32, 1, 4, attn="diff"), 24)
     repo, rev = tmp_path / "hub" / "models--hammh0a--DiffCLIP_ViTB16_CC12M", "3f1c0e5d" * 5
@@ -1182,20 +1090,8 @@ def test_load_clip_reads_a_hub_id_from_the_hugging_face_cache_offline(tmp_path, 
             da.load_clip(source)
 
 
-def test_load_clip_tells_a_damaged_file_from_one_that_needs_trust(tmp_path):
-    path = tmp_path / "checkpoint_best.pt"
-    torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "where": pathlib.PurePosixPath("/x")}, path)
-    with pytest.raises(ValueError, match="pickles Python objects besides tensors.*trust_pickle=True"):
-        da.load_clip(str(path))
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="not a readable torch checkpoint.*truncated.*download or copy it again") as e:
-        da.load_clip(str(path), trust_pickle=True)
-    assert "trust_pickle" not in str(e.value)
-
-
 def test_zero_shot_classifier_is_open_clips_on_the_same_weights():
-    """zero_shot_weights against open_clip's build_zero_shot_classifier, and the classifier's logits against
-    open_clip's own forward (features and logit scale), on one OpenCLIP's weights."""
+    """zero_shot_weights against open_clip's build_zero_shot_classifier, the logits against open_clip's forward."""
     open_clip = pytest.importorskip("open_clip")
     oc = tiny_openclip(open_clip)
     with torch.no_grad():
@@ -1208,7 +1104,7 @@ def test_zero_shot_classifier_is_open_clips_on_the_same_weights():
     assert W.shape == W_oc.shape == (24, 3) and (W - W_oc).abs().max() <= 1e-5
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
-        image, _, scale = oc(_openai_normalize(x), None)
+        image, _, scale = oc(_normalize(x), None)
         assert scale.item() == pytest.approx(50.0)
         assert (da.ZeroShotClassifier(kit, W)(x) - scale * image @ W_oc).abs().max() <= 1e-4
 
@@ -1248,8 +1144,7 @@ def test_pgd_linf_reaches_the_closed_form_optimum_on_a_linear_model():
 
 @pytest.mark.parametrize("norm,eps", [("inf", 4 / 255), ("2", 0.3)])
 def test_pgd_stays_in_the_eps_ball_and_the_image_box(norm, eps):
-    torch.manual_seed(0)
-    model = da.ViT(**TINY, attn="diff")
+    model = tiny_vit("diff")
     x, y = torch.rand(6, 3, 16, 16), torch.randint(0, 7, (6,))
     x[0] = 0.0  # on the box's corner
     res = da.pgd(model, x, y, eps, norm=norm, steps=5, restarts=2)
@@ -1290,8 +1185,7 @@ def test_pgd_keeps_the_best_iterate_not_the_last():
 
 
 def test_pgd_early_stop_gives_the_same_success_flags():
-    torch.manual_seed(0)
-    model = da.ViT(**TINY, attn="diff")
+    model = tiny_vit("diff")
     x, y = torch.rand(12, 3, 16, 16), torch.randint(0, 7, (12,))
     flags = []
     for early in (False, True):
@@ -1302,27 +1196,12 @@ def test_pgd_early_stop_gives_the_same_success_flags():
     assert torch.equal(*flags) and 0 < flags[0].sum() < 12
 
 
-def test_pgd_restores_training_mode_and_leaves_parameters_without_grads():
-    model = da.ViT(**TINY).train()
-    da.pgd(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), 2 / 255, steps=2)
-    assert model.training and all(p.grad is None for p in model.parameters())
-
-
-def test_pgd_with_zero_eps_returns_the_input_unchanged():
-    model = da.ViT(**TINY)
-    x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
-    res = da.pgd(model, x, y, 0.0)
-    assert torch.equal(res.x_adv, x) and torch.equal(res.success, da.predict(model, x) != y)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,eps", [("inf", 8 / 255), ("2", 0.5)])
 def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, fused_diff_attention, device):
-    """pgd(amp=True), the CUDA default, on a CPU or the GPU: the iterates stay in the eps-ball and [0, 1],
-    success is decided in float32 (the flags are those of a float32 forward of x_adv), and they agree
-    with a float32 attack on the explicit path on most examples (the steps differ by bf16 rounding)."""
-    torch.manual_seed(0)
-    m = da.ViT(**TINY, attn="diff").to(device)
+    """pgd(amp=True), the CUDA default: iterates in the eps-ball and [0, 1], success decided in float32, and on most
+    examples the same as a float32 attack on the explicit path (the steps differ by bf16 rounding)."""
+    m = tiny_vit("diff").to(device)
     x, y = torch.rand(64, 3, 16, 16, device=device), torch.randint(0, 7, (64,), device=device)
     torch.manual_seed(1)
     bf = da.pgd(m, x, y, eps, norm=norm, steps=5, amp=True)
@@ -1344,9 +1223,7 @@ def test_fgsm_is_one_full_step_along_the_gradient_sign():
 
 @pytest.mark.parametrize("location", ["random", "center"])
 def test_patch_attack_changes_only_the_patch_pixels_and_stays_in_the_image_box(location):
-    torch.manual_seed(0)
-    model = da.ViT(**TINY, attn="diff")
-    randomize(model, seed=1)
+    model = tiny_vit("diff", weights=1)
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 7, (8,))
     res = da.patch_attack(model, x, y, size=5, steps=10, location=location)
     changed = (res.x_adv != x).any(1)  # (B, H, W): pixels where any channel differs
@@ -1364,9 +1241,7 @@ def test_patch_attack_changes_only_the_patch_pixels_and_stays_in_the_image_box(l
 
 
 def test_patch_attack_early_stop_gives_the_same_successes_for_fewer_rows():
-    torch.manual_seed(0)
-    model = da.ViT(**TINY, attn="diff2").double()
-    randomize(model, seed=2)
+    model = tiny_vit("diff2", weights=2, dtype=torch.float64)
     x = torch.rand(16, 3, 16, 16, dtype=torch.float64)
     y = da.predict(model, x)  # all correct at the start
     rows = []
@@ -1412,7 +1287,6 @@ def test_autoattack_standard_matches_the_closed_form_on_a_linear_model():
 
 
 # ---------------------------------------------------------------------------- metrics
-# Accuracies, input-gradient norms, local Lipschitz estimates, sanity checks.
 
 def test_asr_and_robust_accuracy_on_hand_built_predictions():
     y = torch.tensor([0, 1, 2, 3, 4])
@@ -1490,7 +1364,6 @@ def test_sanity_checks_pass_on_a_linear_model_and_flag_zero_gradients():
 
 
 # ---------------------------------------------------------------------------- theory_check.py
-# Lemma 1, Theorems 1-3 and Lemma 2 on random layers; the index above.
 
 def test_theory_check_small_run_passes_every_exact_statement(tmp_path):
     res = T.run(samples=6, seed=1, device=torch.device("cpu"), json_path=tmp_path / "t.json", depth_trials=1,
@@ -1557,8 +1430,7 @@ def write_fake_cifar100(root, n_train=40, n_test=20, seed=2):
 
 
 def write_fake_tiny_imagenet(root, per_class=3, seed=1):
-    """Made-up images in Tiny-ImageNet's folder layout (tiny-imagenet-200/, val annotations file): two
-    classes of random training images, one flat gray validation image each (40 and 80)."""
+    """Made-up Tiny-ImageNet (tiny-imagenet-200/): two classes of random training images, a flat gray val image each."""
     base = root / "tiny-imagenet-200"
     wnids = ["n01443537", "n01629819"]
     rng = np.random.default_rng(seed)
@@ -1614,14 +1486,16 @@ def perturb_checkpoint(path):
 
 # ---------------------------------------------------------------------------- data
 
-def test_read_idx_round_trips_gzipped_and_plain(tmp_path):
+def assert_load_refused(name, root, match, train=False):
+    with pytest.raises(R.DatasetMissing, match=match):
+        R.load_dataset(name, root, train=train, download=False)
+
+
+def test_read_idx_round_trips_gzipped_and_plain_and_mnists_layout_under_data_root_is_found(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28))
     for name in ("a-idx3-ubyte", "b-idx3-ubyte.gz"):
         write_idx(tmp_path / name, arr)
         assert (R.read_idx(tmp_path / name) == arr).all()
-
-
-def test_mnist_layout_under_data_root_is_found(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -1631,29 +1505,10 @@ def test_mnist_layout_under_data_root_is_found(tmp_path):
     assert data.x.shape == (6, 1, 28, 28) and data.x.dtype == torch.uint8 and data.y.tolist() == list(range(6))
 
 
-def test_readers_refuse_labels_that_do_not_match_their_images(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((6, 28, 28)))
-    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(5))  # one label short: e.g. another split's file
-    with pytest.raises(R.DatasetMissing, match="6 images but .*t10k-labels-idx1-ubyte holds 5 labels"):
-        R.load_dataset("mnist", tmp_path, train=False, download=False)
-    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(6) * 2)  # labels up to 10: not MNIST's
-    with pytest.raises(R.DatasetMissing, match="labels run from 0 to 10, but mnist has labels 0 to 9"):
-        R.load_dataset("mnist", tmp_path, train=False, download=False)
-    write_fake_cifar10(tmp_path)
-    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
-    blob = pickle.loads(batch.read_bytes())
-    batch.write_bytes(pickle.dumps({**blob, b"labels": blob[b"labels"][:-1]}))
-    with pytest.raises(R.DatasetMissing, match=r"damaged \(ValueError\)"):
-        R.load_dataset("cifar10", tmp_path, train=False, download=False)
-
-
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     for name, hint in [("cifar10", "cifar-10-python.tar.gz"), ("tiny-imagenet", "tiny-imagenet-200.zip"),
                        ("mnist", "MNIST/raw")]:
-        with pytest.raises(R.DatasetMissing, match=hint):
-            R.load_dataset(name, tmp_path, train=True, download=False)
+        assert_load_refused(name, tmp_path, hint, train=True)
 
 
 @fashion_mnist
@@ -1718,32 +1573,36 @@ def test_imagenet_and_coco_readers_on_made_up_files(tmp_path):
         R.load_imagenet_val(tmp_path / "none", n=1)
 
 
-def test_damaged_dataset_files_are_setup_errors_that_say_what_to_do(tmp_path):
+def test_damaged_dataset_files_and_labels_that_do_not_match_their_images_are_setup_errors(tmp_path):
+    """Each with a message that says what is wrong and what to do."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x0d\x01" + bytes(8))
+    assert_load_refused("mnist", tmp_path, "not a whole unsigned-byte idx file")
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((6, 28, 28)))
+    (raw / "t10k-images-idx3-ubyte").write_bytes((raw / "t10k-images-idx3-ubyte").read_bytes()[:-100])  # truncated
+    assert_load_refused("mnist", tmp_path, "not a whole unsigned-byte idx file.*replace it with the original")
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((6, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(5))  # one label short: e.g. another split's file
+    assert_load_refused("mnist", tmp_path, "6 images but .*t10k-labels-idx1-ubyte holds 5 labels")
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(6) * 2)  # labels up to 10: not MNIST's
+    assert_load_refused("mnist", tmp_path, "labels run from 0 to 10, but mnist has labels 0 to 9")
     write_fake_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    blob = pickle.loads(batch.read_bytes())
+    batch.write_bytes(pickle.dumps({**blob, b"labels": blob[b"labels"][:-1]}))
+    assert_load_refused("cifar10", tmp_path, r"damaged \(ValueError\)")
     batch.write_bytes(batch.read_bytes()[:1000])
-    with pytest.raises(R.DatasetMissing, match="damaged.*delete .*cifar-10-batches-py and run again"):
-        R.load_dataset("cifar10", tmp_path, train=False, download=False)
-    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (tmp_path / "MNIST" / "raw" / name).write_bytes(b"\x00\x00\x0d\x01" + bytes(8))
-    with pytest.raises(R.DatasetMissing, match="not a whole unsigned-byte idx file"):
-        R.load_dataset("mnist", tmp_path, train=False, download=False)
-    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.zeros((6, 28, 28)))
-    good = (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
-    (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(good[:-100])  # truncated
-    with pytest.raises(R.DatasetMissing, match="not a whole unsigned-byte idx file.*replace it with the original"):
-        R.load_dataset("mnist", tmp_path, train=False, download=False)
+    assert_load_refused("cifar10", tmp_path, "damaged.*delete .*cifar-10-batches-py and run again")
 
 
 def test_an_incompletely_extracted_tiny_imagenet_is_refused_not_cached(tmp_path):
     wnids = write_fake_tiny_imagenet(tmp_path)
     shutil.rmtree(tmp_path / "tiny-imagenet-200" / "train" / wnids[1])
-    with pytest.raises(R.DatasetMissing, match="incompletely extracted.*no training images for 1 classes"):
-        R.load_dataset("tiny-imagenet", tmp_path, train=True, download=False)
+    assert_load_refused("tiny-imagenet", tmp_path, "incompletely extracted.*no training images for 1 classes", True)
     (tmp_path / "tiny-imagenet-200" / "val" / "images" / "val_1.JPEG").unlink()
-    with pytest.raises(R.DatasetMissing, match="1 validation images listed but absent"):
-        R.load_dataset("tiny-imagenet", tmp_path, train=False, download=False)
+    assert_load_refused("tiny-imagenet", tmp_path, "1 validation images listed but absent")
     assert not list((tmp_path / "tiny-imagenet-200").glob("*.uint8.pt"))
 
 
@@ -1763,10 +1622,9 @@ def fashion_mnist_accuracy(model) -> float:
 @fashion_mnist
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_cuda_set_up_trains_like_float32(tmp_path, fused_diff_attention, device):
-    """What a GPU run does (fused SDPA path, bf16 autocast in the training step), on a CPU or the GPU,
-    against float32 on the explicit path on the CPU, same data and seed: per-epoch losses within 0.01 and
-    test accuracy within 2 points (measured on a CPU: 0.0003 and 0.0035, 0.3 points; 2 epochs on 512
-    images)."""
+    """What a GPU run does (fused SDPA path, bf16 autocast in the training step), on a CPU or the GPU, against float32
+    on the explicit path on the CPU, same data and seed: per-epoch losses within 0.01 and test accuracy within 2
+    points (measured on a CPU: 0.0003 and 0.0035, 0.3 points; 2 epochs on 512 images)."""
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.25,
                         train_subset=512)
     records, acc = {}, {}
@@ -1813,9 +1671,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
 
 
 def test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss():
-    torch.manual_seed(0)
-    m = da.ViT(**TINY, attn="diff").train()
-    randomize(m, seed=3)
+    m = tiny_vit("diff", weights=3).train()
     x, y, eps = torch.rand(64, 3, 16, 16), torch.randint(0, 7, (64,)), 4 / 255
     xa = R.fgsm_rs(m, x, y, eps, torch.Generator().manual_seed(0))
     assert (xa - x).abs().max() <= eps + 1e-7 and xa.min() >= 0 and xa.max() <= 1 and not xa.requires_grad
@@ -1898,8 +1754,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 def test_small_diffclip_trains_on_fashion_mnist_captions(tmp_path):
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.25,
                         train_subset=4096)
-    mc = {"kind": "clip", "attn": "diff", "embed_dim": 16,
-          "image": {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
+    mc = {"kind": "clip", "attn": "diff", "embed_dim": 16, "image": {**TINY_FMNIST},
           "text": {"width": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0}}
     clip, rec = R.train_model(mc, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
     losses = [h["train_loss"] for h in rec["history"]]
@@ -2073,45 +1928,36 @@ def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_
 
 
 @slow
-def test_damaged_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_damaged_or_edited_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, capsys, damage):
+    """A checkpoint and a cell truncated (as by a full disk), or edited: the cell's JSON valid but not what was
+    written, one bit of one weight flipped (the file still loads); recomputed, they give the same table."""
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path)
     R.run_table(R.TABLES["main"], run)
-    reference = (tmp_path / "results" / "tiny" / "main.json").read_text()
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("std-*.pt"))
+    table = lambda: (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0]
+    reference = table()
     cell = next((tmp_path / "runs" / "cells").glob("main-*.json"))
-    for path in (ckpt, cell):
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+    ckpt = next((tmp_path / "runs" / "checkpoints").glob("std-*.pt"))
+    if damage == "truncated":
+        for path in (ckpt, cell):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        blob = json.loads(cell.read_text())
+        cell.write_text(json.dumps({**blob, "result": {**blob["result"], "clean_acc": 0.123456}}))
+        weight = torch.load(ckpt, weights_only=True)["model"]["head.weight"]
+        raw = bytearray(ckpt.read_bytes())
+        at = raw.find(weight.numpy().tobytes())
+        raw[at + 1] ^= 0x10
+        ckpt.write_bytes(bytes(raw))
+        assert at > 0 and not torch.equal(torch.load(ckpt, weights_only=True)["model"]["head.weight"], weight)
     R.run_table(R.TABLES["main"], run)
     err = capsys.readouterr().err
-    assert f"{ckpt} is unreadable" in err and f"moved it to {ckpt}.corrupt-" in err and f"{cell} is unreadable" in err
-    assert (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0] == \
-        reference.split('"environment"')[0]  # retrained to the same weights, the same numbers
-    assert len(list(ckpt.parent.glob(ckpt.name + ".corrupt-*"))) == 1 and ckpt.is_file()
-
-
-@slow
-def test_an_edited_cell_and_a_flipped_bit_in_a_checkpoint_are_caught_and_recomputed(tmp_path, capsys):
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path)
-    R.run_table(R.TABLES["main"], run)
-    reference = (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0]
-    cell = next((tmp_path / "runs" / "cells").glob("main-*.json"))
-    blob = json.loads(cell.read_text())
-    cell.write_text(json.dumps({**blob, "result": {**blob["result"], "clean_acc": 0.123456}}))  # valid, but not written
-    ckpt = next((tmp_path / "runs" / "checkpoints").glob("std-*.pt"))
-    weight = torch.load(ckpt, weights_only=True)["model"]["head.weight"]
-    raw = bytearray(ckpt.read_bytes())
-    at = raw.find(weight.numpy().tobytes())
-    raw[at + 1] ^= 0x10  # one bit of one weight: the file still loads
-    ckpt.write_bytes(bytes(raw))
-    assert at > 0 and not torch.equal(torch.load(ckpt, weights_only=True)["model"]["head.weight"], weight)
-    R.run_table(R.TABLES["main"], run)
-    err = capsys.readouterr().err
+    why = "" if damage == "truncated" else " or damaged (ValueError: its contents do not match the content hash"
     for path in (cell, ckpt):
-        assert f"{path} is unreadable or damaged (ValueError: its contents do not match the content hash" in err
+        assert f"{path} is unreadable{why}" in err and f"moved it to {path}.corrupt-" in err
         assert len(list(path.parent.glob(path.name + ".corrupt-*"))) == 1
-    assert (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0] == reference
+    assert ckpt.is_file() and table() == reference  # retrained to the same weights, the same numbers
 
 
 def test_code_key_follows_the_module_level_values_a_function_reads(monkeypatch):
@@ -2188,11 +2034,10 @@ def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
 
 # ---------------------------------------------------------------------------- the summary
 
-def test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread():
+def test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread_and_never_judges_nan():
     # inside the seed spread: the mean (+1.3) is within 2 SE of the spread over seeds
     assert R.judge([5.0, -4.0, 3.0], [1.0] * 3)["outcome"] == "within noise"
-    # outside it in every seed: SE = sqrt(0.5^2 / 3 + 1^2) = 1.04, mean 5.5
-    j = R.judge([5.0, 6.0, 5.5], [1.0] * 3)
+    j = R.judge([5.0, 6.0, 5.5], [1.0] * 3)  # outside it in every seed: SE = sqrt(0.5^2 / 3 + 1^2) = 1.04, mean 5.5
     assert j["outcome"] == "higher" and j["se"] == pytest.approx(math.sqrt(0.25 / 3 + 1))
     assert R.judge([-5.0, -6.0, -5.5], [1.0] * 3)["outcome"] == "lower"
     # a large mean carried by one seed against the sign of the others is not counted
@@ -2203,10 +2048,7 @@ def test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread():
     assert R.verdict(["higher", "within noise"]) == "partly supported" and R.verdict(["higher", "lower"]) == "mixed"
     assert R.verdict(["lower", "within noise"]) == "partly contradicted"
     assert R.verdict([]) == "not judged" and R.se_rates(0.0, 1, 1.0, 1) > 0  # pooled: never a zero error
-
-
-def test_a_difference_that_is_nan_is_not_judged():
-    # e.g. an ASR over no correctly classified image (a dry run): "not judged", never "within noise"
+    # a difference that is nan (an ASR over no correctly classified image): "not judged", never "within noise"
     nan = float("nan")
     assert R.judge([nan, 2.0], [1.0, 1.0])["outcome"] == "not judged"
     assert R.judge([nan], [1.0])["outcome"] == "not judged"  # one seed: no spread, but the mean is nan
@@ -2266,8 +2108,7 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     md = (out / "summary.md").read_text()
     assert "Rule: A difference (DiffViT minus ViT, or what the claim names) counts" in md and "| 0.40, 0.45, 0.50 |" in md
     assert "Not judged (no results yet): alignment." in md
-    # the lambda-vs-gap figure: the 3 main DiffViTs and the 3 depth ones, gap at 4/255 (the largest budget
-    # of both tables) against lambda
+    # the lambda-vs-gap figure: the 3 main and the 3 depth DiffViTs, gap at 4/255 (both tables' largest budget)
     assert res["lambda_gap"]["budget"] == "4/255"
     assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]["points"]] == \
         [("main", .4, 1), ("main", .45, 1), ("main", .5, 1), ("depth", .7, 1), ("depth", .8, 2), ("depth", 1.0, -10)]
@@ -2303,19 +2144,14 @@ def test_budgets_that_would_share_a_column_are_refused_before_any_work(tmp_path,
 
 # ---------------------------------------------------------------------------- the command line
 
-def test_a_preset_refuses_datasets_its_patches_do_not_divide(capsys, monkeypatch):
-    quick = R.PRESETS["quick"]
-    monkeypatch.setitem(R.PRESETS, "quick", dataclasses.replace(quick, models=({**quick.models[0], "patch_size": 7},)))
-    assert R.main(["--table", "main", "--preset", "quick", "--dataset", "cifar10"]) == 2
-    err = capsys.readouterr().err
-    assert "patch size 7" in err and "use --dataset fashion-mnist or mnist" in err
-
-
 def test_setup_errors_come_before_any_work_and_without_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(R, "train_model", lambda *a, **k: pytest.fail("work started"))
+    quick = R.PRESETS["quick"]  # with 7-pixel patches: Fashion-MNIST's 28 pixels fit, CIFAR's 32 do not
+    monkeypatch.setitem(R.PRESETS, "quick", dataclasses.replace(quick, models=({**quick.models[0], "patch_size": 7},)))
     cases = [(["--device", "cuda"], "no CUDA device is visible here"), (["--device", "gpu"], "pass cpu or cuda"),
              (["--threads", "0"], "--threads 0: pass a number >= 1"), (["--seeds", "0"], "--seeds 0: pass a number >= 1"),
-             (["--data-root", str(tmp_path / "file")], "is a file; pass the folder")]
+             (["--data-root", str(tmp_path / "file")], "is a file; pass the folder"),
+             (["--dataset", "cifar10"], "patch size 7.*use --dataset fashion-mnist or mnist")]
     (tmp_path / "file").write_text("")
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro").chmod(0o500)
@@ -2328,12 +2164,17 @@ def test_setup_errors_come_before_any_work_and_without_a_traceback(tmp_path, cap
     for argv, message in cases:
         assert R.main(["--table", "main", "--preset", "quick", "--out", str(tmp_path / "o"), *argv]) == 2, argv
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, (argv, err)
+        assert re.search(message, err) and "Traceback" not in err, (argv, err)
 
 
 @slow
-def test_threads_are_set_and_recorded(tmp_path, tiny_preset):
+def test_threads_are_set_and_recorded_and_leftover_temporary_files_are_removed(tmp_path, tiny_preset):
     write_fake_cifar10(tmp_path / "data")
+    leftovers = [tmp_path / "runs" / "checkpoints" / ".std-abc.pt.x1y2.tmp",
+                 tmp_path / "runs" / "cells" / ".main-1.json.q.tmp", tmp_path / "results" / "tiny" / ".main.md.z.tmp"]
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
     threads = torch.get_num_threads()
     try:
         assert R.main(["--table", "clean", "--preset", "tiny", "--data-root", str(tmp_path / "data"), "--out",
@@ -2343,18 +2184,6 @@ def test_threads_are_set_and_recorded(tmp_path, tiny_preset):
         torch.set_num_threads(threads)
     env = json.loads((tmp_path / "results" / "tiny" / "clean.json").read_text())["environment"]
     assert env["threads"] == 1 and "1 threads" in env["device"]
-
-
-@slow
-def test_leftover_temporary_files_are_removed_on_the_next_run(tmp_path, tiny_preset):
-    write_fake_cifar10(tmp_path / "data")
-    leftovers = [tmp_path / "runs" / "checkpoints" / ".std-abc.pt.x1y2.tmp",
-                 tmp_path / "runs" / "cells" / ".main-1.json.q.tmp", tmp_path / "results" / "tiny" / ".main.md.z.tmp"]
-    for p in leftovers:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"half")
-    assert R.main(["--table", "clean", "--preset", "tiny", "--data-root", str(tmp_path / "data"), "--out",
-                   str(tmp_path), "--device", "cpu"]) == 0
     assert not any(p.exists() for p in leftovers) and not list(tmp_path.rglob("*.tmp"))
 
 
@@ -2446,10 +2275,8 @@ def test_every_output_follows_out_and_none_lands_in_the_checkout(tmp_path, tiny_
 
 
 def write_released_clip_checkpoints(folder):
-    """Random-weight checkpoints saved as DiffCLIP's training saves them (released_clip_checkpoint):
-    DiffCLIP's layout, and its standard baseline's (SLIP's CLIP: fused in_proj in the text tower),
-    ViT-B/16's patch and image size, narrow and one block deep (the text towers 32 wide: the ImageNet
-    classifier encodes 1000 classes x 80 templates)."""
+    """Released-layout checkpoints (released_clip_checkpoint) of DiffCLIP and its baseline: ViT-B/16's patch and
+    image size, one block, narrow (text 32 wide: the ImageNet classifier encodes 1000 classes x 80 templates)."""
     paths = []
     for attn, width, heads in (("std", 128, 2), ("diff", 64, 4)):  # std: OpenCLIP's 64-wide heads, so 2 of them
         vit = timm_image_tower(attn, img_size=224, patch_size=16, width=width, depth=1, heads=heads, perturb=None)
@@ -2487,27 +2314,29 @@ def write_fake_imagenet_val_and_coco(root, n=6, seed=3):
 def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
     """--dry-run of the paper preset: every table through the real readers (CIFAR-10/100 pickles,
     Tiny-ImageNet folders, ImageNet val class folders, COCO captions JSON) and the released checkpoint
-    layouts, with the paper preset's depths, seeds and model classes, in minutes on a CPU."""
+    layouts, with the paper preset's depths and model classes, in minutes on a CPU. One training seed (every
+    seed is one more repeat of the same code: the end-to-end test on made-up CIFAR runs two)."""
     data = tmp_path / "data"
     write_fake_cifar10(data, n_train=20, n_test=20)
     write_fake_cifar100(data)
     write_fake_tiny_imagenet(data)
     write_fake_imagenet_val_and_coco(data)
     std, diff = write_released_clip_checkpoints(tmp_path)
-    argv = ["--preset", "paper", "--dry-run", "--device", "cpu", "--data-root", str(data), "--out", str(tmp_path)]
+    argv = ["--preset", "paper", "--dry-run", "--device", "cpu", "--data-root", str(data), "--out", str(tmp_path),
+            "--seeds", "1"]
     assert R.main(["--table", "all", *argv, "--clip-checkpoint", std, "--diffclip-checkpoint", diff]) == 0
     out = tmp_path / "results" / "paper-dry-run"
     res = {t: json.loads((out / f"{t}.json").read_text()) for t in [*R.TABLES, "summary", "run"]}
     paper = R.PRESETS["paper"]
-    pairs = [(m["depth"], s, a) for m in paper.models for s in range(paper.seeds) for a in ("ViT", "DiffViT")]
-    trios = [(m["depth"], s, a) for m in paper.models for s in range(paper.seeds) for a in R.NAMES.values()]
+    pairs = [(m["depth"], 0, a) for m in paper.models for a in ("ViT", "DiffViT")]
+    trios = [(m["depth"], 0, a) for m in paper.models for a in R.NAMES.values()]
     assert [(r["depth"], r["seed"], r["model"]) for r in res["main"]["rows"]] == trios
     assert [(r["depth"], r["seed"], r["model"]) for r in res["autoattack"]["rows"]] == pairs
     assert [(r["depth"], r["seed"], r["model"], r["eps_train"]) for r in res["advtrain"]["rows"]] == \
         [(*p, e) for p in pairs for e in ("0", "1/255", "2/255")]
     assert all(set(r["asr_patch"]) == {"16px", "32px", "64px"} for r in res["clip"]["rows"])  # 224x224 images
     assert {r["depth"] for r in res["depth"]["rows"]} == set(paper.depths) and len(res["lambda"]["rows"]) == 6
-    assert [len(r["layers"]) for r in res["alignment"]["rows"]] == [m["depth"] for m in paper.models for _ in range(9)]
+    assert [len(r["layers"]) for r in res["alignment"]["rows"]] == [m["depth"] for m in paper.models for _ in range(3)]
     assert [(r["model"], r["data"].split()[0]) for r in res["clip"]["rows"]] == \
         [("CLIP", "ImageNet"), ("CLIP", "COCO"), ("DiffCLIP", "ImageNet"), ("DiffCLIP", "COCO")]
     assert res["clip"]["n_images"] == {"imagenet": 4, "coco": 4} and res["clip"]["seeds"] == []
@@ -2516,7 +2345,7 @@ def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
     assert res["run"]["skipped"] == {} and "dry run" in (out / "summary.md").read_text()
     assert not (tmp_path / "results" / "paper").exists()  # never beside a real run's tables
     for dataset in ("cifar100", "tiny-imagenet"):
-        assert R.main(["--table", "main", *argv, "--dataset", dataset, "--seeds", "1"]) == 0
+        assert R.main(["--table", "main", *argv, "--dataset", dataset]) == 0
         rows = json.loads((out / f"main-{dataset}.json").read_text())["rows"]
         assert len(rows) == 3 * len(paper.models)
 
@@ -2524,11 +2353,9 @@ def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
 # ---------------------------------------------------------------------------- the estimate
 
 def test_training_estimate_counts_the_steps_and_epochs_still_to_train(tmp_path, capsys, monkeypatch):
-    """--estimate: per model still to train, (epochs left) x (steps an epoch of its own data) x (the measured
-    step time of its config). A step is 0.5 s of the fake clock for every model here, so the numbers are
-    the steps and epochs the estimate counts: the advtrain table's fine-tunes train on their 100-image
-    subset (2 steps of 50), the others on all 1000 steps of made-up CIFAR-10 (50000 / 50); a model half
-    trained has one epoch left, a finished one none."""
+    """--estimate: per model still to train, (epochs left) x (steps an epoch of its data) x (measured step time, 0.5 s
+    here): advtrain's fine-tunes take 2 steps (100-image subset), the others 1000 (CIFAR-10's 50000 / 50); a model
+    half trained has one epoch left, a finished one none."""
     write_fake_cifar10(tmp_path / "data")
     run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 2}))
     measured = []
