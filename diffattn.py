@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import re
+import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,10 +102,14 @@ def _masked(scores: torch.Tensor, causal: bool) -> torch.Tensor:
     return scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
 
 
+def _float32_at_least(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis, in float32 at least (also under bf16 autocast)."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    """RMSNorm over the last axis, in float32 at least (also under bf16 autocast; the caller casts back)."""
+    xf = _float32_at_least(x)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 class _AttentionLayer(nn.Module):
@@ -168,7 +173,10 @@ class DiffAttention(_AttentionLayer):
     heads side by side. ``lambda_init``: a number (0.8, as in the paper and DiffCLIP) or ``"schedule"``
     (``lambda_init_schedule(layer_index)``, Ye et al.'s and timm's default). Two paths, one formula: fused (SDPA,
     [Q1; Q2] stacked on the batch axis; the default on CUDA) and explicit (the maps materialized; elsewhere, as
-    CPU SDPA has no fused kernel for a value width 2d != d, and inside ``attention_maps``).
+    CPU SDPA has no fused kernel for a value width 2d != d, and inside ``attention_maps``). Under bf16 autocast
+    the subtraction and the norm run in float32, yet the cancellation still amplifies each branch's rounding:
+    relative error against float32 on 10 random dim-384 layers (65 tokens, fused, CPU) 7.2e-3 (8.2e-3 with a bf16
+    subtraction), ``Attention`` 3.9e-3. So attacks and metrics compare ViT and DiffViT in float32.
     """
     fused: Optional[bool] = None  # None: fused on CUDA, explicit elsewhere
 
@@ -202,7 +210,7 @@ class DiffAttention(_AttentionLayer):
         if fused and self._record is None:
             o = F.scaled_dot_product_attention(torch.cat([q[:, 0::2], q[:, 1::2]]), torch.cat([k[:, 0::2], k[:, 1::2]]),
                                                torch.cat([v, v]), is_causal=self.causal)  # (2B, H/2, N, 2d)
-            o = o[:B] - lam * o[B:]                                                        # A1 V - lambda A2 V
+            o = _float32_at_least(o[:B]) - lam * _float32_at_least(o[B:])                # A1 V - lambda A2 V
         else:
             P = _masked(q @ k.transpose(-2, -1) * d ** -0.5, self.causal).softmax(-1)    # (B, H, N, N)
             A1, A2 = P[:, 0::2], P[:, 1::2]                                                # (B, H/2, N, N) each
@@ -210,7 +218,7 @@ class DiffAttention(_AttentionLayer):
             if self._record is not None:
                 self._store(A=A, A1=A1, A2=A2, lam=lam)
             o = A @ v                                                                      # (B, H/2, N, 2d)
-        o = _rms_norm(o, self.sub_norm.weight * (1 - self.lambda_init), self.sub_norm.eps)
+        o = _rms_norm(o, self.sub_norm.weight * (1 - self.lambda_init), self.sub_norm.eps).to(v.dtype)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -292,17 +300,17 @@ def _eval_mode(model: nn.Module):
             m.training = was
 
 
-def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tuple, amp: Optional[bool] = False,
+def _check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *rules: tuple, amp: bool = False,
                  need: tuple = (0, "")) -> torch.Tensor:
     """The entry check of an attack or metric (the loops check nothing): images, labels, ``_check``'s rules, then
     the labels' range, read off the logits of a no-grad, eval-mode forward of x[:1] (no random numbers drawn),
-    under bf16 autocast if ``amp`` (None: on CUDA) as ``pgd``'s forwards. ``need``: (the fewest classes the caller
+    under bf16 autocast if ``amp``, as ``pgd``'s forwards. ``need``: (the fewest classes the caller
     works with, what to say otherwise; ``{}``: the model's count). Returns x detached: no result joins its graph."""
     check_images(x)
     check_labels(y, len(x))
     _check(*rules)
     if len(x):  # an empty batch has no label to range-check
-        autocast = torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda if amp is None else bool(amp))
+        autocast = torch.autocast(x.device.type, torch.bfloat16, enabled=bool(amp))
         with _eval_mode(model), torch.no_grad(), autocast:
             try:
                 num_classes = model(x[:1]).shape[1]
@@ -414,7 +422,7 @@ class DiffAttentionV2(_AttentionLayer):
         fused = x.is_cuda if self.fused is None else self.fused
         if fused and self._record is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)  # (B, 2H, N, d)
-            o = o[:, 0::2] - gate * o[:, 1::2]                                                    # A1 V - gate A2 V
+            o = (_float32_at_least(o[:, 0::2]) - gate * _float32_at_least(o[:, 1::2])).to(v.dtype)  # A1 V - gate A2 V
         else:
             P = _masked(q @ k.repeat_interleave(2, 1).transpose(-2, -1) * d ** -0.5, self.causal).softmax(-1)
             A1, A2 = P[:, 0::2], P[:, 1::2]                                   # (B, H, N, N) each
@@ -676,7 +684,8 @@ def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_h
                          f"image_projection, ...); got e.g. {sorted(src)[:5]}")
     sd = {}
     for k, v in src.items():
-        if k not in ("attn_mask", "visual.attn_mask"):  # OpenAI's mask buffers: the kit builds its own
+        # OpenAI's mask buffers (the kit builds its own) and the sizes its TorchScript files keep beside the weights
+        if k not in ("attn_mask", "visual.attn_mask", "input_resolution", "context_length", "vocab_size"):
             for pattern, new in _RENAMES:
                 k = re.sub(pattern, new, k)
             sd[k] = v
@@ -699,6 +708,10 @@ def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_h
                 mlp_ratio=sd["text.blocks.0.mlp.fc1.weight"].shape[0] / width,
                 **_tower_attn(sd, "text.blocks.0.", text_heads))
     if layout == "openclip":
+        if quick_gelu is None:  # both activations share these keys, and the wrong one loads and quietly costs accuracy
+            raise ValueError("an OpenCLIP/OpenAI-layout checkpoint does not say its activation: pass quick_gelu=True "
+                             "for OpenAI's released CLIP weights (and OpenCLIP's '-quickgelu' models), "
+                             "quick_gelu=False for OpenCLIP's own (LAION, DataComp: GELU)")
         image.update(act="quick_gelu" if quick_gelu else "gelu", norm_eps=1e-5, mean=OPENAI_MEAN, std=OPENAI_STD)
         text["act"] = image["act"]
     else:  # DiffCLIP (SLIP's code): a timm image tower, CLIP's QuickGELU text tower
@@ -711,9 +724,21 @@ def clip_state_dict_to_kit(src: dict, quick_gelu: Optional[bool] = None, image_h
 
 
 def _torch_load(path, trust_pickle: bool) -> dict:
-    """torch.load with weights_only=True, telling a damaged file from one whose pickle needs trust."""
+    """A checkpoint's dict: a .safetensors file (with the ``safetensors`` package), a TorchScript archive's state dict
+    (OpenAI's files; trusted only), or torch.load with weights_only=True, telling damage from a pickle to trust."""
     damaged = lambda e: ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]}); "
                                    f"it may be truncated, or not a checkpoint: download or copy it again")
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"{path} is a safetensors file: pip install safetensors") from e
+        return load_file(path)
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        if not trust_pickle:  # torch.load refuses these with weights_only=True too
+            raise ValueError(f"{path} is a TorchScript archive (as OpenAI's own CLIP files are), and loading one runs "
+                             "its code: if you trust the file, pass trust_pickle=True")
+        return torch.jit.load(path, map_location="cpu").state_dict()
     try:  # DiffCLIP's files pickle their argparse arguments beside the weights: safe to allow
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -760,13 +785,14 @@ def load_clip(source, quick_gelu: Optional[bool] = None, trust_pickle: bool = Fa
     """A kit ``CLIP`` from a checkpoint: a state dict, a local file, or a Hugging Face hub id (owner/name; its
     ``filename``, read from the local hub cache when it is there, else downloaded).
 
-    Layouts: OpenCLIP / OpenAI (``visual.conv1``, ``attn.in_proj_weight``, OpenAI mean/std; ``quick_gelu=True``
-    for OpenAI's weights), and DiffCLIP (Hammoud & Ghanem 2025, e.g. ``hammh0a/DiffCLIP_ViTB16_CC12M``):
-    SLIP-style, keys maybe under ``module.``, a timm ViT image tower with q/k/v projections, ``diff_norm`` and
-    lambda vectors (lambda_init 0.8), a differential QuickGELU text tower, ImageNet mean/std; with standard
-    attention, the matched CLIP baseline. Strict: unused, missing and mis-shaped keys raise, listed. Heads: from
-    the lambda vectors' length (DA), else 64 wide (OpenCLIP's), unless given. Files load with weights_only=True
-    (DiffCLIP's pickled argparse arguments allowed); other pickles need ``trust_pickle=True``.
+    Layouts: OpenCLIP / OpenAI (``visual.conv1``, ``attn.in_proj_weight``, OpenAI mean/std; ``quick_gelu`` must be
+    given: True for OpenAI's weights, False for OpenCLIP's LAION ones), and DiffCLIP (Hammoud & Ghanem 2025, e.g.
+    ``hammh0a/DiffCLIP_ViTB16_CC12M``): SLIP-style, keys maybe under ``module.``, a timm ViT image tower with q/k/v
+    projections, ``diff_norm`` and lambda vectors (lambda_init 0.8), a differential QuickGELU text tower, ImageNet
+    mean/std; with standard attention, the matched CLIP baseline. Strict: unused, missing and mis-shaped keys raise,
+    listed. Heads: from the lambda vectors' length (DA), else 64 wide (OpenCLIP's), unless given. Files load with
+    weights_only=True (DiffCLIP's pickled argparse arguments allowed); other pickles and TorchScript archives
+    (OpenAI's .pt) need ``trust_pickle=True``; .safetensors files need the ``safetensors`` package.
     """
     if isinstance(source, dict):
         src = source
@@ -873,24 +899,28 @@ def _ascend(model: nn.Module, iterate, move, y: torch.Tensor, best_margin: torch
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "inf", steps: int = 10,
         alpha: Optional[float] = None, random_start: bool = True, restarts: int = 1, loss: str = "ce",
-        targeted: bool = False, amp: Optional[bool] = None, early_stop: bool = False) -> AttackResult:
+        targeted: bool = False, amp: bool = False, early_stop: bool = False) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018) in the Linf (``norm="inf"``) or L2 ball of radius eps.
 
-    Step: Linf ``x + alpha sign(g)``, L2 ``x + alpha g / ||g||_2`` (alpha = 2.5 eps / steps by default),
-    then projection onto the eps-ball and [0, 1]. Per example the strongest iterate over all steps and
-    restarts is kept (lowest margin z_y - max_{j != y} z_j; y the target if ``targeted``); restarts attack
-    only the examples not yet fooled. ``loss="logit"`` descends the true class's logit (on a
-    ``ZeroShotClassifier``: the paper's CLIP attack). ``amp`` (default on CUDA): bf16 autocast steps,
-    success decided in float32. ``early_stop``: fooled examples leave the attack (the same success flags
-    for fewer passes; x_adv the first fooled iterate). The model runs in eval mode.
+    Step: Linf ``x + alpha sign(g)``, L2 ``x + alpha g / ||g||_2`` (alpha = 2.5 eps / steps by default), then
+    projection onto the eps-ball and [0, 1]. Per example the strongest iterate over all steps and restarts is kept
+    (lowest margin z_y - max_{j != y} z_j; y the target if ``targeted``); restarts attack only the examples not yet
+    fooled. ``loss="logit"`` descends the true class's logit (on a ``ZeroShotClassifier``: the paper's CLIP attack).
+    ``early_stop``: fooled examples leave the attack (the same success flags for fewer passes; x_adv the first
+    fooled iterate). The model runs in eval mode, in float32 as RobustBench evaluates: ``amp=True`` takes bf16
+    autocast steps, success decided in float32, and is refused with ``early_stop`` (bf16 keeps 8 bits: at CLIP's
+    logit scale 100 a margin is off by up to ~0.1-0.25, and an image still correct could leave the attack). bf16
+    also favours ViT over DiffViT: DA's subtraction amplifies rounding (``DiffAttention``).
     """
     x = _check_batch(model, x, y, _one_of("norm", norm, _NORMS), _budget(eps, x),
                      _integer("steps", steps, 0), _integer("restarts", restarts, 1),
                      ("alpha", alpha, alpha is None or _real(alpha, 0), "None or a number >= 0"),
                      _one_of("loss", loss, _LOSSES), _one_of("random_start", random_start, (True, False)),
                      _one_of("targeted", targeted, (True, False)), _one_of("early_stop", early_stop, (True, False)),
-                     ("amp", amp, amp is None or amp in (True, False), "True or False"), amp=amp)
-    amp = x.is_cuda if amp is None else amp
+                     _one_of("amp", amp, (True, False)),
+                     ("(amp, early_stop)", (amp, early_stop), not (amp and early_stop),
+                      "not both True: early_stop decides success from each step's margin, which amp rounds to bf16; "
+                      "use amp=False (float32, the default) or early_stop=False"), amp=amp)
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else alpha
     if eps == 0 or steps == 0:
         with _eval_mode(model), torch.no_grad():

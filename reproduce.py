@@ -16,6 +16,7 @@ and .png with their provenance. Set-up problems are reported before any work, wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -240,19 +241,44 @@ def git_commit() -> str:
         return "unknown"
 
 
+# How every cell is evaluated, as RobustBench does: every model, attack and metric in float32; on CUDA also TF32 off
+# and SDPA's math kernel for ViT and DiffViT alike (bf16 would favour ViT: see DiffAttention's docstring).
+EVALUATION = {"cuda": "float32, TF32 off, SDPA math kernel", "cpu": "float32"}
+
+
+@contextlib.contextmanager
+def evaluation_settings(device: torch.device):
+    """``EVALUATION`` for the duration of a cell; the caller's TF32 settings come back after."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def environment(device: torch.device) -> dict:
+    cuda = {}
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
+        cuda = {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     else:
         dev = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "torchvision": version("torchvision"), "numpy": np.__version__, "python": platform.python_version(),
-            "git_commit": git_commit()}
+    return {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__, **cuda,
+            "evaluation": EVALUATION[device.type], "torchvision": version("torchvision"), "numpy": np.__version__,
+            "python": platform.python_version(), "git_commit": git_commit()}
 
 
 def provenance(env: dict) -> str:
     """One line of an ``environment``, or of the part of it a cell keeps."""
-    return f"device {env['device']}; torch {env['torch']}; commit {env['git_commit']}"
+    cuda = f" (CUDA {env['cuda']}, cuDNN {env['cudnn']})" if env.get("cuda") else ""
+    how = f"; evaluated in {env['evaluation']}" if env.get("evaluation") else ""
+    return f"device {env['device']}; torch {env['torch']}{cuda}{how}; commit {env['git_commit']}"
 
 
 # ==== Data: whole datasets as uint8 tensors, one reader each; batches made and augmented on the device
@@ -868,6 +894,7 @@ class Run:
     clip_checkpoint: Optional[str] = None
     diffclip_checkpoint: Optional[str] = None
     trust_pickle: bool = False
+    quick_gelu: Optional[bool] = None  # --clip-quick-gelu: the activation of OpenCLIP/OpenAI-layout checkpoints
 
     @property
     def cache(self) -> Path:
@@ -990,12 +1017,13 @@ def obtain_model(entry: Entry, run: Run, loaded: dict):
         return train_model(entry.model, entry.train, run.data_root, run.cache, run.device, compile=run.compile)
     if entry.source not in loaded:
         try:
-            clip = da.load_clip(entry.source, trust_pickle=run.trust_pickle).to(run.device).eval()
+            clip = da.load_clip(entry.source, run.quick_gelu, run.trust_pickle).to(run.device).eval()
         except (OSError, ValueError, ImportError) as e:  # missing file, offline hub, pickle not trusted
             raise SetupMissing(f"could not load the CLIP checkpoint {entry.source!r}: {e}") from e
         path = Path(entry.source).expanduser()
         # a local file is known by its contents (a retrained file at the same path recomputes its cells)
         key = f"{entry.source}@sha256:{file_sha256(path)}" if path.is_file() else entry.source
+        key += "" if run.quick_gelu is None else f", quick_gelu={run.quick_gelu}"
         loaded[entry.source] = (clip, {"key": key, "source": entry.source})
     return loaded[entry.source]
 
@@ -1008,22 +1036,24 @@ def run_table(table: Table, run: Run) -> None:
     eps = settings.get("eps", [])  # budgets that would share a column: refused before any work
     eps_names(eps if isinstance(eps, list) else [eps])
     env = environment(run.device)
-    where = {k: env[k] for k in ("device", "torch", "git_commit")}  # kept in the cell with its numbers
+    where = {k: env[k] for k in ("device", "torch", "cuda", "cudnn", "evaluation", "git_commit") if k in env}
     code = {"library": file_sha256(da.__file__), "evaluation": code_key(table.evaluate), "device": run.device.type,
+            "precision": EVALUATION[run.device.type],
             **{name: version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
+    for name in dict.fromkeys(e.data or e.train.dataset for e in entries):  # every test set before any model
+        datas[name] = eval_data(run, name, settings["images"])  # is downloaded or trained: missing data stops first
     for entry in entries:
+        data_name = entry.data or entry.train.dataset
+        data = datas[data_name]
         model, record = obtain_model(entry, run, loaded)
         s = {**settings, "seed": entry.labels.get("seed", 0)}
-        data_name = entry.data or entry.train.dataset
-        if data_name not in datas:
-            datas[data_name] = eval_data(run, data_name, s["images"])
-        data = datas[data_name]
         cell = {**s, **code, "table": table.name, "model_key": record["key"], "weights": weights_key(model),
                 "data": data_name, "n_images": len(data.y), "images": data.key}  # the images, not their number
 
         def compute():
             torch.manual_seed(s["seed"])
-            return {**table.evaluate(model, data, s, record), "computed_on": where}
+            with evaluation_settings(run.device):
+                return {**table.evaluate(model, data, s, record), "computed_on": where}
         rows.append({**entry.labels, "model_key": record["key"], **cached(run.cache, table.name, cell, compute)})
     render(table, run, settings, entries, rows, datas, env)
 
@@ -2147,7 +2177,8 @@ def check_setup(args) -> Run:
         print(f"preset auto -> {preset} ({'a CUDA device is present' if device.type == 'cuda' else 'no CUDA device'})")
     preset = dry_run(PRESETS[preset]) if args.dry_run else PRESETS[preset]
     run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(), Path(args.out).expanduser(),
-              device, args.seeds, args.compile, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle)
+              device, args.seeds, args.compile, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle,
+              {"yes": True, "no": False, None: None}[args.clip_quick_gelu])
     size = DATASETS[run.dataset].img_size
     models = [*preset.models, preset.depth_model, (preset.clip or {}).get("image", {})]
     bad = sorted({m["patch_size"] for m in models if m and size % m["patch_size"]})
@@ -2188,9 +2219,12 @@ def main(argv=None) -> int:
     p.add_argument("--diffclip-checkpoint", default="hammh0a/DiffCLIP_ViTB16_CC12M", help="clip table, paper preset")
     p.add_argument("--clip-checkpoint", default=None,
                    help="clip table, paper preset: the standard-attention CLIP baseline in DiffCLIP's layout")
+    p.add_argument("--clip-quick-gelu", choices=["yes", "no"], default=None,
+                   help="clip table, paper preset: the activation of checkpoints in OpenCLIP/OpenAI's layout, which "
+                        "does not say it: yes for OpenAI's weights, no for OpenCLIP's LAION ones")
     p.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load run the pickles of CLIP checkpoints that hold more than tensors and "
-                        "argparse arguments")
+                        "argparse arguments, and load TorchScript archives (OpenAI's .pt files)")
     p.add_argument("--estimate", action="store_true",
                    help="print the training time still to do (measured step times; evaluation not included), then stop")
     p.add_argument("--dry-run", action="store_true",

@@ -84,9 +84,9 @@ def tiny_vit(attn="std", seed=0, weights=None, dtype=torch.float32, **kw):
     return model
 
 
-# The CUDA tests: where a GPU is visible, the tests of the CUDA set-up also run on it, with its
-# defaults (fused path, bf16 autocast); on a CPU they are not collected.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA tests: parametrized by device, "cuda" runs where a GPU is visible and skips, saying so, elsewhere.
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA test: it runs where a GPU is visible")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_GPU)]
 
 # Plain `pytest` is the quick correctness checks; the end-to-end runs of reproduce.py take minutes on 2 cores
 # and run with DIFFATTN_SLOW=1 (.ci/run sets it). The tests on real images need Debian's Fashion-MNIST: where
@@ -199,13 +199,14 @@ def test_diff_attention_equals_naive_formula(dim, heads, n, lambda_init, layer):
         assert torch.allclose(on_path(m, path, x), ref, atol=1e-10, rtol=0), path
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["diff", "std", "diff2"])
-def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients(kind):
+def test_fused_explicit_and_recorded_paths_agree_in_float32_with_gradients(kind, device):
     """Every path of each layer type gives the recorded path's output and gradients (input and every parameter)
     in float32; only the fused path calls F.scaled_dot_product_attention, so the paths compared differ."""
     torch.manual_seed(1)
-    m = LAYERS[kind](64, 4)
-    x = torch.randn(4, 33, 64, requires_grad=True)
+    m = LAYERS[kind](64, 4).to(device)
+    x = torch.randn(4, 33, 64, device=device, requires_grad=True)
     outs = {}
     for path in PATHS[type(m)]:
         with SDPACalls() as sdpa:
@@ -262,24 +263,66 @@ def test_both_paths_have_the_formulas_derivatives_in_every_mode(causal, B, N, H,
                      grad(lambda x: vmap(f_ref)(x).sum())(torch.stack([X, 2 * X])))
 
 
-def test_low_precision_and_autocast_agree_with_float32_on_both_paths():
-    """bf16 and bf16 autocast (the CUDA set-up) on CPU: both paths within bf16's resolution of float32's result."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_da_under_autocast_subtracts_and_normalizes_its_bf16_branches_in_float32(device):
+    """Under bf16 autocast SDPA returns bf16 branches A1 V, A2 V; DA's subtraction, whose cancellation would amplify
+    their rounding, and its RMSNorm run in float32: what proj receives is, bit for bit, those float32 steps written
+    out on the layer's own bf16 branches (a bf16 subtraction differs)."""
     torch.manual_seed(0)
-    m = da.DiffAttention(32, 4)
-    x = torch.randn(2, 9, 32)
+    m = da.DiffAttention(64, 4).to(device)
+    randomize(m, seed=1)
+    x = torch.randn(3, 9, 64, device=device)
+    seen = {}
+    hook = m.proj.register_forward_pre_hook(lambda mod, args: seen.setdefault("proj_in", args[0]))
+
+    class Branches(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is F.scaled_dot_product_attention:
+                seen["branches"] = out
+            return out
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16), Branches():
+            on_path(m, "fused", x)
+    finally:
+        hook.remove()
+    o = seen["branches"]  # (2B, H/2, N, 2d): A1 V of every image, then A2 V
+    assert o.dtype == torch.bfloat16
+    with torch.no_grad():
+        diff = o[:3].float() - m.lam() * o[3:].float()
+        w = m.sub_norm.weight * (1 - m.lambda_init)
+        normed = (diff * torch.rsqrt(diff.pow(2).mean(-1, keepdim=True) + m.sub_norm.eps) * w).bfloat16()
+        in_bf16 = o[:3] - m.lam() * o[3:]  # the subtraction in bf16 (a 0-d float32 lambda does not promote)
+        normed_bf16 = in_bf16.float() * torch.rsqrt(in_bf16.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    expected = normed.transpose(1, 2).reshape(3, 9, 64)
+    assert torch.equal(seen["proj_in"], expected)
+    assert not torch.equal(normed_bf16.bfloat16().transpose(1, 2).reshape(3, 9, 64), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["diff", "diff2"])
+def test_low_precision_and_autocast_agree_with_float32_on_both_paths(kind, device):
+    """bf16 autocast (the CUDA training set-up) and a bf16 layer: both paths within bf16's resolution of the
+    float32 output and input gradient."""
+    torch.manual_seed(0)
+    m = LAYERS[kind](32, 4).to(device)
+    x = torch.randn(2, 9, 32, device=device, requires_grad=True)
     ref = m(x)
+    g_ref, = torch.autograd.grad(ref.square().sum(), x)
     tol = 3e-2 * ref.abs().max().item()  # bf16 keeps 8 bits of mantissa
     for path in ("explicit", "fused"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             y = on_path(m, path, x)
+        g, = torch.autograd.grad(y.float().square().sum(), x)
         assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < tol, path
-        y16 = on_path(m.bfloat16(), path, x.bfloat16())
+        assert (g - g_ref).abs().max() < 3e-2 * g_ref.abs().max(), path
+        y16 = on_path(m.bfloat16(), path, x.detach().bfloat16())
         assert y16.dtype == torch.bfloat16 and (y16.float() - ref).abs().max() < tol, path
         m.float()
-    y16 = on_path(m.bfloat16(), "explicit", x.bfloat16())
-    assert torch.equal(on_path(m, "recorded", x.bfloat16()), y16)  # recorded = explicit, bit for bit
+    y16 = on_path(m.bfloat16(), "explicit", x.detach().bfloat16())
+    assert torch.equal(on_path(m, "recorded", x.detach().bfloat16()), y16)  # recorded = explicit, bit for bit
     with torch.device("meta"):  # shape inference on the meta device runs (no data-dependent step)
-        assert da.DiffAttention(32, 4)(torch.empty(2, 9, 32)).shape == (2, 9, 32)
+        assert LAYERS[kind](32, 4)(torch.empty(2, 9, 32)).shape == (2, 9, 32)
 
 
 @pytest.mark.parametrize("kind", ["diff", "std", "diff2"])
@@ -684,6 +727,8 @@ def _bad_calls():
         ("pgd restarts", lambda: da.pgd(m, x, y, 0.1, restarts=0), r"restarts=0; expected an integer >= 1"),
         ("pgd alpha", lambda: da.pgd(m, x, y, 0.1, alpha=-1), r"alpha=-1; expected None or a number >= 0"),
         ("pgd amp", lambda: da.pgd(m, x, y, 0.1, amp="no"), r"amp='no'; expected True or False"),
+        ("pgd amp, early stop", lambda: da.pgd(m, x, y, 0.1, amp=True, early_stop=True),
+         r"\(amp, early_stop\)=\(True, True\); expected not both True: .* rounds to bf16"),
         ("pgd norm", lambda: da.pgd(m, x, y, 0.1, norm="l2"), r"norm='l2'; expected 'inf' or '2'"),
         ("pgd loss", lambda: da.pgd(m, x, y, 0.1, loss="hinge"), r"loss='hinge'; expected 'ce', 'margin'"),
         ("fgsm eps", lambda: da.fgsm(m, x, y, -1.0), r"eps=-1.0"),
@@ -834,7 +879,7 @@ def _normalize(x, mean=da.OPENAI_MEAN, std=da.OPENAI_STD):
 def test_openclip_vit_b32_loads_and_gives_the_same_features():
     open_clip = pytest.importorskip("open_clip")  # in requirements.txt
     oc = _perturbed(open_clip.create_model("ViT-B-32", pretrained=None))
-    kit = da.load_clip(oc.state_dict())
+    kit = da.load_clip(oc.state_dict(), quick_gelu=False)  # ViT-B-32: OpenCLIP's GELU config
     assert kit.config["image"]["heads"] == 12 and kit.config["text"]["heads"] == 8
     x = torch.rand(2, 3, 224, 224)
     tokens = da.tokenize(["a photo of a cat.", "a diagram of a transformer"])
@@ -865,6 +910,25 @@ def test_openclip_tiny_quickgelu_config_loads_and_gives_the_same_features():
     wrong = da.load_clip(oc.state_dict(), quick_gelu=False, image_heads=4, text_heads=2)  # GELU: not the same model
     with torch.no_grad():
         assert (oc.encode_text(tokens) - wrong.encode_text(tokens)).abs().max() > 1e-4
+
+
+def test_openclip_layout_asks_for_its_activation_and_loads_torchscript_and_safetensors_files(tmp_path):
+    """The layout cannot tell GELU from QuickGELU, so quick_gelu must be given; OpenAI's .pt files are TorchScript
+    archives (loaded when trusted), others ship .safetensors: both give the features of the model they hold."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file  # open_clip's dependency
+    oc = tiny_openclip(open_clip)
+    with pytest.raises(ValueError, match="quick_gelu=True for OpenAI's released CLIP weights .* quick_gelu=False"):
+        da.load_clip(oc.state_dict(), image_heads=4, text_heads=2)
+    torch.jit.save(torch.jit.script(oc), tmp_path / "openai.pt")
+    save_file({k: v.clone() for k, v in oc.state_dict().items()}, tmp_path / "laion.safetensors")
+    with pytest.raises(ValueError, match="is a TorchScript archive .* pass trust_pickle=True"):
+        da.load_clip(str(tmp_path / "openai.pt"), quick_gelu=True)
+    x = torch.rand(2, 3, 32, 32)
+    for name, trust in (("openai.pt", True), ("laion.safetensors", False)):
+        kit = da.load_clip(str(tmp_path / name), True, trust, image_heads=4, text_heads=2)
+        with torch.no_grad():
+            assert (oc.encode_image(_normalize(x)) - kit.encode_image(x)).abs().max() <= 1e-5, name
 
 
 def test_tokenize_is_open_clips_tokenizer():
@@ -1199,7 +1263,7 @@ def test_pgd_early_stop_gives_the_same_success_flags():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,eps", [("inf", 8 / 255), ("2", 0.5)])
 def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, fused_diff_attention, device):
-    """pgd(amp=True), the CUDA default: iterates in the eps-ball and [0, 1], success decided in float32, and on most
+    """pgd(amp=True), bf16 on request: iterates in the eps-ball and [0, 1], success decided in float32, and on most
     examples the same as a float32 attack on the explicit path (the steps differ by bf16 rounding)."""
     m = tiny_vit("diff").to(device)
     x, y = torch.rand(64, 3, 16, 16, device=device), torch.randint(0, 7, (64,), device=device)
@@ -1212,6 +1276,22 @@ def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps,
     assert bf.x_adv.min() >= 0 and bf.x_adv.max() <= 1
     assert torch.equal(bf.success, da.predict(m, bf.x_adv) != y)
     assert (bf.success == fp.success).float().mean() >= 0.9
+
+
+@NO_GPU
+def test_pgd_in_float32_gives_the_cpus_success_flags_on_cuda():
+    """pgd's default (float32, TF32 off as in the tables) on the GPU's fused path and the CPU's explicit one:
+    the same success flags on 256 images, or one image in 256 flipped by a margin within rounding of 0."""
+    model = tiny_vit("diff", weights=5)
+    x, y = torch.rand(256, 3, 16, 16), torch.randint(0, 7, (256,))
+    cpu = da.pgd(model, x, y, 4 / 255, random_start=False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        gpu = da.pgd(model.cuda(), x.cuda(), y.cuda(), 4 / 255, random_start=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert 0 < cpu.success.sum() < 256 and (cpu.success != gpu.success.cpu()).sum() <= 1
 
 
 def test_fgsm_is_one_full_step_along_the_gradient_sign():
@@ -2024,6 +2104,51 @@ def test_a_table_names_the_device_and_threads_that_computed_its_cells(tmp_path):
     summary = (tmp_path / "results" / "tiny" / "summary.md").read_text()
     assert f"cells were computed on device {computed}; torch" in summary
     assert f"{threads + 1} threads" not in md + summary
+
+
+@slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cell_names_how_it_was_evaluated_and_is_keyed_by_it(tmp_path, monkeypatch, device):
+    """Every cell runs in float32 (on CUDA with TF32 off and SDPA's math kernel; the caller's settings back after)
+    and its table names that, with CUDA's and cuDNN's versions; another evaluation is another cell."""
+    write_fake_cifar10(tmp_path / "data")
+    run = dataclasses.replace(tiny_run(tmp_path), device=torch.device(device))
+    inside = []
+
+    def evaluate(model, data, s, record):
+        flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                 torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+        inside.append(flags)
+        return R.evaluate_clean(model, data, s, record)
+    table = dataclasses.replace(R.TABLES["clean"], evaluate=evaluate)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a user's global choice
+    try:
+        R.run_table(table, run)
+        after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert after == (True, True) and len(inside) == len(table.entries(run))
+    md = (tmp_path / "results" / "tiny" / "clean.md").read_text()
+    if device == "cuda":
+        assert set(inside) == {(False, False, False, False)}
+        assert f"(CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}); evaluated in float32, TF32 " \
+               "off, SDPA math kernel; commit" in md
+    else:
+        assert set(inside) == {(True, True, True, True)} and "; evaluated in float32; commit" in md
+    cells, n = R.WORK["cells"], len(inside)
+    monkeypatch.setitem(R.EVALUATION, device, "bfloat16")  # another evaluation: every cell computed anew
+    R.run_table(table, run)
+    assert R.WORK["cells"] == cells + n and "evaluated in bfloat16" in \
+        (tmp_path / "results" / "tiny" / "clean.md").read_text()
+
+
+def test_the_clip_table_checks_its_data_before_it_loads_or_downloads_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(da, "load_clip", lambda *a, **k: pytest.fail("a checkpoint was loaded before the data check"))
+    run = dataclasses.replace(tiny_run(tmp_path), preset=R.PRESETS["paper"], clip_checkpoint="owner/clip",
+                              diffclip_checkpoint="hammh0a/DiffCLIP_ViTB16_CC12M")
+    with pytest.raises(R.DatasetMissing, match="ImageNet validation not found as 1000 class folders"):
+        R.run_table(R.TABLES["clip"], run)
 
 
 def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
