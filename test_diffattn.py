@@ -176,15 +176,18 @@ def on_path(layer: torch.nn.Module, path: str, x: torch.Tensor) -> torch.Tensor:
 
 
 class SDPACalls(torch.overrides.TorchFunctionMode):
-    """Counts calls of F.scaled_dot_product_attention however it is imported: the fused path's mark."""
+    """Counts calls of F.scaled_dot_product_attention however it is imported (the fused path's mark), and keeps
+    the output of the last."""
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.calls, self.out = 0, None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += func is F.scaled_dot_product_attention
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is F.scaled_dot_product_attention:
+            self.calls, self.out = self.calls + 1, out
+        return out
 
 
 @pytest.mark.parametrize("dim,heads,n,lambda_init,layer", [
@@ -274,19 +277,12 @@ def test_fused_da_under_autocast_subtracts_and_normalizes_its_bf16_branches_in_f
     x = torch.randn(3, 9, 64, device=device)
     seen = {}
     hook = m.proj.register_forward_pre_hook(lambda mod, args: seen.setdefault("proj_in", args[0]))
-
-    class Branches(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is F.scaled_dot_product_attention:
-                seen["branches"] = out
-            return out
     try:
-        with torch.autocast(device, dtype=torch.bfloat16), Branches():
+        with torch.autocast(device, dtype=torch.bfloat16), SDPACalls() as sdpa:
             on_path(m, "fused", x)
     finally:
         hook.remove()
-    o = seen["branches"]  # (2B, H/2, N, 2d): A1 V of every image, then A2 V
+    o = sdpa.out  # (2B, H/2, N, 2d): A1 V of every image, then A2 V
     assert o.dtype == torch.bfloat16
     with torch.no_grad():
         diff = o[:3].float() - m.lam() * o[3:].float()
