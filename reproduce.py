@@ -1038,7 +1038,7 @@ def run_table(table: Table, run: Run) -> None:
     env = environment(run.device)
     where = {k: env[k] for k in ("device", "torch", "cuda", "cudnn", "evaluation", "git_commit") if k in env}
     code = {"library": file_sha256(da.__file__), "evaluation": code_key(table.evaluate), "device": run.device.type,
-            "precision": EVALUATION[run.device.type],
+            "precision": env["evaluation"],
             **{name: version(name) for name in ("torch", "pyautoattack", "open_clip_torch", "pillow")}}
     for name in dict.fromkeys(e.data or e.train.dataset for e in entries):  # every test set before any model
         datas[name] = eval_data(run, name, settings["images"])  # is downloaded or trained: missing data stops first

@@ -1276,17 +1276,14 @@ def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps,
 
 @NO_GPU
 def test_pgd_in_float32_gives_the_cpus_success_flags_on_cuda():
-    """pgd's default (float32, TF32 off as in the tables) on the GPU's fused path and the CPU's explicit one:
-    the same success flags on 256 images, or one image in 256 flipped by a margin within rounding of 0."""
+    """pgd's default (float32) under the tables' settings (R.evaluation_settings: TF32 off, SDPA's math kernel) on
+    the GPU's fused path and the CPU's explicit one: the same success flags on 256 images, or one image in 256
+    flipped by a margin within rounding of 0."""
     model = tiny_vit("diff", weights=5)
     x, y = torch.rand(256, 3, 16, 16), torch.randint(0, 7, (256,))
     cpu = da.pgd(model, x, y, 4 / 255, random_start=False)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with R.evaluation_settings(torch.device("cuda")):
         gpu = da.pgd(model.cuda(), x.cuda(), y.cuda(), 4 / 255, random_start=False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert 0 < cpu.success.sum() < 256 and (cpu.success != gpu.success.cpu()).sum() <= 1
 
 
