@@ -1530,7 +1530,8 @@ TINY_SIZES = {"main": {"images": 20, "patch_images": 8, "patch_steps": 5, "gate_
               "advtrain": {"images": 12, "alignment_images": 250}}
 TINY_PRESET = R.Preset(
     "tiny", "cifar10", models=({"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},),
-    train={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, seeds=2, sweep_seeds=1,
+    train={"epochs": 2, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5},
+    seeds={"pairs": 2, "depth": 1, "clip": 2, "sweeps": 1}, v2=True,
     depths=(1, 2), depth_model={"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
     depth_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, lambda_depth=1,
     advtrain={"epochs": 1, "batch_size": 50, "lr": 5e-4, "warmup_epochs": 0.5, "train_subset": 100}, sizes=TINY_SIZES,
@@ -1814,6 +1815,7 @@ def test_a_checkpoint_is_named_by_its_whole_config_and_its_training_data():
     assert R.checkpoint_path("c", {"attn": "diff", "depth": 2}, cfg, "data0") != path
     assert R.checkpoint_path("c", {"attn": "diff"}, cfg, "data1") != path  # other training images
     assert R.checkpoint_path("c", {"kind": "clip", "attn": "diff"}, cfg, "data0").name.startswith("clip-diff-")
+    assert R.checkpoint_path("c", {"attn": "diff"}, cfg, "data0", compiled=True) != path  # torch.compile's bits
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -1937,11 +1939,34 @@ def test_a_table_is_one_block_whose_settings_come_from_the_preset(tmp_path):
         assert alone == s, name  # and no other table's do
 
 
+def test_each_table_trains_the_seeds_and_models_of_its_group(tmp_path, monkeypatch):
+    """The quick preset: ViT and DiffViT (not V2) with 5 seeds in the pair tables, 3 in the depth sweep and of the
+    CLIPs, 1 in the cw and lambda tables; --v2 adds DiffViT-V2 to the pair and depth tables; --seeds sets all."""
+    run = tiny_run(tmp_path, "fashion-mnist", R.PRESETS["quick"])
+    trained = lambda name, r=run: sorted({(e.labels["model"] if "model" in e.labels else "DiffViT", e.train.seed)
+                                          for e in R.TABLES[name].entries(r)})
+    pair = lambda models, k: sorted((m, s) for m in models for s in range(k))
+    for name in ("clean", "main", "alignment", "autoattack", "advtrain"):
+        assert trained(name) == pair(["ViT", "DiffViT"], 5), name
+    assert trained("depth") == pair(["ViT", "DiffViT"], 3) and trained("clip") == pair(["CLIP", "DiffCLIP"], 3)
+    assert trained("cw") == pair(["ViT", "DiffViT"], 1) and trained("lambda") == [("DiffViT", 0)]
+    v2 = dataclasses.replace(run, v2=True)
+    assert trained("main", v2) == pair(["ViT", "DiffViT", "DiffViT-V2"], 5)
+    assert trained("depth", v2) == pair(["ViT", "DiffViT", "DiffViT-V2"], 3)
+    assert trained("autoattack", v2) == trained("autoattack")  # the paper's pair only, as in the paper preset
+    assert all(trained(name, dataclasses.replace(run, seeds=2)) == pair(["ViT", "DiffViT"], 2)
+               for name in ("main", "depth", "cw"))
+    seen = []  # the command line's --v2 reaches the run
+    monkeypatch.setattr(R, "run_table", lambda table, r: seen.append(r))
+    assert R.main(["--table", "main", "--v2", "--out", str(tmp_path), "--device", "cpu", "--preset", "quick"]) == 0
+    assert seen[0].attns == ("std", "diff", "diff2") and run.attns == ("std", "diff")
+
+
 @slow
 def test_main_table_on_made_up_tiny_imagenet(tmp_path):
     write_fake_tiny_imagenet(tmp_path / "data", per_class=10)
-    preset = dataclasses.replace(TINY_PRESET, models=({**TINY_PRESET.models[0], "patch_size": 16},), seeds=1)
-    R.run_table(R.TABLES["main"], tiny_run(tmp_path, "tiny-imagenet", preset))
+    preset = dataclasses.replace(TINY_PRESET, models=({**TINY_PRESET.models[0], "patch_size": 16},))
+    R.run_table(R.TABLES["main"], tiny_run(tmp_path, "tiny-imagenet", preset, seeds=1))
     res = json.loads((tmp_path / "results" / "tiny" / "main-tiny-imagenet.json").read_text())
     assert res["dataset"] == "tiny-imagenet" and res["n_images"] == 2 and len(res["rows"]) == 3
     assert list(res["rows"][0]["asr_patch"]) == ["18px", "5px", "9px"]  # sides 1/14, 1/7, 2/7 of 64 (JSON sorts keys)
@@ -1977,7 +2002,7 @@ def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(t
 @slow
 def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_only(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, seeds=1))
+    run = tiny_run(tmp_path, seeds=1)
     for name in ("main", "alignment"):
         R.run_table(R.TABLES[name], run)
     cells = lambda: R.WORK["cells"]
@@ -2152,16 +2177,38 @@ def test_a_missing_pretrained_clip_is_a_setup_problem_not_a_crash(tmp_path):
 
 # ---------------------------------------------------------------------------- the summary
 
-def test_the_verdict_rule_counts_a_difference_only_beyond_the_seed_spread_and_never_judges_nan():
-    # inside the seed spread: the mean (+1.3) is within 2 SE of the spread over seeds
+def test_the_verdict_rule_counts_a_difference_at_the_95_percent_level_and_never_judges_nan():
+    # Student's t, two-sided 95 %: the table, and the expansion beyond it (published values to 3 digits)
+    assert [R.t95(df) for df in (1, 2, 4, 30)] == [12.706, 4.303, 2.776, 2.042]
+    assert [round(R.t95(df), 3) for df in (40, 60, 120, 10 ** 6)] == [2.021, 2.0, 1.98, 1.96]
+    # inside the seed spread: the mean (+1.3) is within the bar
     assert R.judge([5.0, -4.0, 3.0], [1.0] * 3)["outcome"] == "within noise"
     j = R.judge([5.0, 6.0, 5.5], [1.0] * 3)  # outside it in every seed: SE = sqrt(0.5^2 / 3 + 1^2) = 1.04, mean 5.5
     assert j["outcome"] == "higher" and j["se"] == pytest.approx(math.sqrt(0.25 / 3 + 1))
+    assert j["bar"] == pytest.approx(4.303 * j["se"]) and "takes" not in j
     assert R.judge([-5.0, -6.0, -5.5], [1.0] * 3)["outcome"] == "lower"
+    # the committed quick run's cos theta < 0 before this rule: +24.1 cleared 2 SE (22.5) but not 4.30 SE (48.4);
+    # at its spread (s = 19.4) it would clear the bar at 6 seeds (5: 24.2 > 24.07; 6: 20.5)
+    j = R.judge([37.8, 1.8, 32.6], [1.0] * 3)
+    assert 2 * j["se"] < j["mean"] < j["bar"] and j["outcome"] == "within noise"
+    assert (j["cost"], j["takes"]) == (6, "about 6 seeds")
+    # the test-image noise alone (1.96 x 1.0) is larger than the gap: no number of seeds decides it
+    j = R.judge([1.5, 1.5, 1.5], [1.0] * 3)
+    assert j["takes"] == "not decidable by seeds at these test images: about 1.7x as many test images"
+    assert R.judge([22.5, -17.5, 2.5], [1.0] * 3)["takes"] == "more than 50 seeds"  # 2.5 > 1.96, but s = 20
+    assert R.judge([0.5, 1.0, 0.0], [1.0] * 3)["takes"] == "no gap to detect"  # below one SE of the images
     # a large mean carried by one seed against the sign of the others is not counted
     assert R.judge([30.0, -0.5, -0.5], [0.1] * 3)["outcome"] == "within noise"
-    # one seed: the test-image error alone
-    assert R.judge([3.0], [1.0])["outcome"] == "higher" and R.judge([1.5], [1.0])["outcome"] == "within noise"
+    # one training seed: its training noise is unknown, so it is not judged; what it would take says so
+    j = R.judge([3.0], [1.0])
+    assert j["outcome"] == "not judged (one training seed)" and j["takes"].startswith("3 or more training seeds")
+    assert R.judge([0.5], [1.0])["takes"] == "no gap to detect"
+    assert R.verdict(["not judged (one training seed)"] * 2) == "not judged (one training seed)"
+    # a pretrained pair: fixed models, judged on the test-image noise at the normal quantile
+    j = R.judge([3.0], [1.0], pretrained=True)
+    assert j["outcome"] == "higher" and j["bar"] == pytest.approx(1.95996)
+    j = R.judge([1.5], [1.0], pretrained=True)
+    assert j["outcome"] == "within noise" and j["takes"] == "about 1.7x as many test images"  # (1.96 / 1.5)^2
     assert R.verdict(["within noise"] * 3) == "not resolved (within noise)" and R.verdict(["lower"] * 2) == "contradicted"
     assert R.verdict(["higher", "within noise"]) == "partly supported" and R.verdict(["higher", "lower"]) == "mixed"
     assert R.verdict(["lower", "within noise"]) == "partly contradicted"
@@ -2195,12 +2242,18 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
         main += [row("ViT", seed, asr(.10, .20, .30, .40), depth=1),
                  row("DiffViT", seed, asr(.20, d2, .31, .50), lam, depth=1)]
     (out / "main.json").write_text(json.dumps({"rows": main, "seeds": [0, 1, 2]}))
-    depth_rows = []
+    depth_rows = []  # three seeds alike: at depth 2, -10 points at 1/255 clears the bar (4.30 x 1.6)
     for d, (s1, d1, s4, d4) in zip((1, 2, 4), [(.10, .12, .3, .31), (.20, .10, .3, .32), (.20, .19, .3, .2)]):
-        depth_rows += [row("ViT", 0, {"1/255": s1, "4/255": s4}, depth=d, model_key=f"sweep-ViT-{d}"),
-                       row("DiffViT", 0, {"1/255": d1, "4/255": d4}, 0.6 + d / 10, depth=d, model_key=f"sweep-{d}")]
-    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
-    (out / "clip.json").write_text(json.dumps({"rows": []}))  # no pairs: no clip claim
+        depth_rows += [r for seed in range(3) for r in (
+            row("ViT", seed, {"1/255": s1, "4/255": s4}, depth=d, model_key=f"sweep-ViT-{d}-{seed}"),
+            row("DiffViT", seed, {"1/255": d1, "4/255": d4}, 0.6 + d / 10, depth=d, model_key=f"sweep-{d}-{seed}"))]
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0, 1, 2]}))
+    # pretrained CLIPs (no training seed): judged on the test-image noise alone at 1.96 SE; 2 SE of 5 % against 10 %
+    # on 1000 images is 2.3 points: +5 at 1/255 is higher; +4 at 4/255 is within noise (1.96 x 2.2 = 4.4)
+    clip = [{"model": m, "data": "ImageNet", "n_correct": 1000, "alignment": [{"lambda": .6}],
+             "asr_pgd": {"1/255": p1, "4/255": p4}, "asr_cosine": {"1/255": p1, "4/255": p4}}
+            for m, p1, p4 in (("CLIP", .05, .5), ("DiffCLIP", .10, .54))]
+    (out / "clip.json").write_text(json.dumps({"rows": clip}))
     # advtrain: fine-tuning at 2/255 takes DiffViT's ASR from 50 % to 30 % in every seed, ViT's to 30 % too
     adv = [row(m, seed, asr(a, a, a, a), 0.7 if m == "DiffViT" and e != "0" else None, depth=1, eps_train=e)
            for seed in range(3)
@@ -2208,7 +2261,11 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     (out / "advtrain.json").write_text(json.dumps({"rows": adv, "seeds": [0, 1, 2]}))
     R.table_summary(run)
     res = json.loads((out / "summary.json").read_text())
-    assert res["not_judged"] == {} and not [c for c in res["claims"] if c["table"] == "clip"]
+    assert res["not_judged"] == {}
+    clip = next(c for c in res["claims"] if c["table"] == "clip")
+    assert clip["seeds"] == "pretrained" and clip["outcomes"] == ["higher", "within noise"] * 2
+    assert clip["comparisons"]["PGD 1/255"]["bar"] == pytest.approx(1.95996 * 100 * R.se_rates(.05, 1000, .1, 1000))
+    assert clip["evidence"].endswith("to decide: PGD 4/255, about 1.2x as many test images")
     lowers, gap = [c for c in res["claims"] if c["table"] == "advtrain"]
     assert lowers["claim"] == ("adversarial fine-tuning at eps_train 2/255 lowers DiffViT's ASR (depth 1; as trained "
                                "minus fine-tuned, ASR points)")
@@ -2221,34 +2278,46 @@ def test_summary_judges_hand_built_results_over_seeds(tmp_path):
     assert claims["main"]["comparisons"]["PGD-10 2/255"]["diffs"] == pytest.approx([10, -8, 1])
     assert claims["main"]["learned_lambda"] == [0.4, 0.45, 0.5]
     se = math.sqrt(81 / 3 + np.mean([R.se_rates(.2, 1000, d, 1000) ** 2 for d in (.3, .12, .21)]) * 1e4)
-    assert f"2/255 +1.0 (2 SE {2 * se:.1f}; seeds +10.0, -8.0, +1.0)" in claims["main"]["evidence"]
+    assert f"2/255 +1.0 (bar {4.303 * se:.1f}; seeds +10.0, -8.0, +1.0)" in claims["main"]["evidence"]
+    # within noise at 2/255 and 4/255, each below one SE of its test images: the cheapest to decide has no gap
+    assert claims["main"]["evidence"].endswith("; to decide: PGD-10 2/255, no gap to detect")
     assert claims["depth"]["verdict"] == "supported" and "crossover at depth 2" in claims["depth"]["evidence"]
     md = (out / "summary.md").read_text()
-    assert "Rule: A difference (DiffViT minus ViT, or what the claim names) counts" in md and "| 0.40, 0.45, 0.50 |" in md
+    assert "Rule: A difference (DiffViT minus ViT, or what the claim names) counts (higher or lower) at the two-sided " \
+        "95 % level" in md and "| 0.40, 0.45, 0.50 |" in md
     assert "Not judged (no results yet): alignment." in md
     # the lambda-vs-gap figure: the 3 main and the 3 depth DiffViTs, gap at 4/255 (both tables' largest budget)
     assert res["lambda_gap"]["budget"] == "4/255"
     assert [(p["table"], p["lambda"], round(p["gap"], 6)) for p in res["lambda_gap"]["points"]] == \
-        [("main", .4, 1), ("main", .45, 1), ("main", .5, 1), ("depth", .7, 1), ("depth", .8, 2), ("depth", 1.0, -10)]
+        [("main", .4, 1), ("main", .45, 1), ("main", .5, 1)] + [("depth", .7, 1)] * 3 + [("depth", .8, 2)] * 3 \
+        + [("depth", 1.0, -10)] * 3
     assert (out / "summary.png").stat().st_size > 1000
     # damped at 1/255 but still (if not significantly) lower at 4/255: that is no crossover
-    depth_rows[2:4] = [row("ViT", 0, {"1/255": .20, "4/255": .30}, depth=2),
-                       row("DiffViT", 0, {"1/255": .10, "4/255": .28}, .8, depth=2)]
-    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
+    for r in depth_rows:
+        if (r["model"], r["depth"]) == ("DiffViT", 2):
+            r["asr"]["4/255"] = .28
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0, 1, 2]}))
     (out / "clip.json").unlink()
     (out / "advtrain.json").unlink()
     R.table_summary(run, skipped={"main": "a dataset is missing"})  # --table all skipped main: not judged
     res = json.loads((out / "summary.json").read_text())
     assert {c["table"]: c["verdict"] for c in res["claims"]} == {"depth": "not resolved (within noise)"}
     assert res["not_judged"] == {"main": "skipped by this run, an older file is on disk"}
+    # one seed of the sweep: the crossover is not judged (its -10 points at depth 2 would clear 1.96 SE)
+    (out / "depth.json").write_text(json.dumps({"rows": [r for r in depth_rows if r["seed"] == 0], "seeds": [0]}))
+    R.table_summary(run, skipped={"main": "a dataset is missing"})
+    depth = json.loads((out / "summary.json").read_text())["claims"][0]
+    assert depth["verdict"] == "not judged (one training seed)" and depth["seeds"] == 1
+    assert depth["evidence"].endswith("; to decide: depth 2 1/255, 3 or more training seeds (their spread is unknown "
+                                      "at one)")
     # a depth table at 1/255 and 2/255 (no 4/255): the crossover and the figure use its own budgets
     for r in depth_rows:
         r["asr"] = {"1/255": r["asr"]["1/255"], "2/255": r["asr"]["4/255"]}
-    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0]}))
+    (out / "depth.json").write_text(json.dumps({"rows": depth_rows, "seeds": [0, 1, 2]}))
     R.table_summary(run, skipped={"main": "a dataset is missing"})
     res = json.loads((out / "summary.json").read_text())
     assert res["claims"][0]["claim"].endswith("less attackable than ViT at 1/255 but not at 2/255 (ASR points)")
-    assert res["lambda_gap"]["budget"] == "2/255" and len(res["lambda_gap"]["points"]) == 3
+    assert res["lambda_gap"]["budget"] == "2/255" and len(res["lambda_gap"]["points"]) == 9
 
 
 def test_budgets_that_would_share_a_column_are_refused_before_any_work(tmp_path, monkeypatch):
