@@ -7,11 +7,8 @@
 
 Read top to bottom: files and keys -> data -> training -> presets -> the tables (a block each in
 ``TABLES``, one loop ``run_table``, one renderer) -> the summary -> the estimate -> main.
-A model is cached under a hash of its model and training configs and rewritten atomically after every
-epoch (a killed run resumes); a cell (one model in one table) under a hash of the model's weights, the
-images, the settings and seed, the code that ran and the versions (an edit recomputes exactly its cells);
-a damaged cache file is moved aside and recomputed. Tables go to <out>/results/<preset>/ as .md, .json
-and .png with their provenance. Set-up problems are reported before any work, with what to do.
+Models and cells (one model in one table) are cached under a hash of what made them, so a killed run
+resumes and an edit recomputes exactly what it touched; tables go to <out>/results/<preset>/.
 """
 from __future__ import annotations
 
@@ -296,8 +293,6 @@ class ImageData:
     x: torch.Tensor  # (N, C, H, W) uint8
     y: torch.Tensor  # (N,) int64
     classes: list
-    mean: tuple
-    std: tuple
     augment: bool = False  # random crop (pad 4) and horizontal flip when training
 
     def __len__(self):
@@ -483,7 +478,7 @@ def load_dataset(name: str, root, train: bool, download: bool = True) -> ImageDa
         raise DatasetMissing(f"dataset {name!r} under --data-root {root}: the {'training' if train else 'test'} "
                              f"labels run from {int(y.min())} to {int(y.max())}, but {name} has labels 0 to "
                              f"{info.num_classes - 1}: a file of another dataset? replace it with the original")
-    return ImageData(x, y, classes, info.mean, info.std, augment=info.augment and train)
+    return ImageData(x, y, classes, augment=info.augment and train)
 
 
 def _clip_image(path: Path, size: int) -> torch.Tensor:
@@ -512,7 +507,7 @@ def load_imagenet_val(root, n: int, seed: int = 0, size: int = 224) -> ImageData
     files = [(f, i) for i, w in enumerate(wnids) for f in sorted((base / w).iterdir()) if f.is_file()]
     pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     x = torch.stack([_clip_image(files[i][0], size) for i in tqdm(pick, desc="read ImageNet val", leave=False)])
-    return ImageData(x, torch.tensor([files[i][1] for i in pick]), list(IMAGENET_CLASSNAMES), (0.5,), (0.5,))
+    return ImageData(x, torch.tensor([files[i][1] for i in pick]), list(IMAGENET_CLASSNAMES))
 
 
 def load_coco_captions(root, n: int, size: int = 224) -> tuple:
@@ -577,15 +572,9 @@ def model_name(model_cfg: dict) -> str:
     return ("clip-" if model_cfg.get("kind") == "clip" else "") + model_cfg.get("attn", "std")
 
 
-def trained_from(model_cfg: dict, cfg: TrainConfig, data: str, compiled: bool = False) -> dict:
-    """What decides a trained model: its configs, the training data's key, and torch.compile when used (its
-    kernels round differently from eager ones, so a compiled run is another model in the last bits)."""
-    return {"model": model_cfg, "train": dataclasses.asdict(cfg), "data": data} | ({"compiled": True} if compiled else {})
-
-
-def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig, data: str, compiled: bool = False) -> Path:
-    """<cache>/checkpoints/[clip-]<attn>-<hash of ``trained_from``>.pt"""
-    key = config_hash(trained_from(model_cfg, cfg, data, compiled))
+def checkpoint_path(cache, model_cfg: dict, cfg: TrainConfig, data: str) -> Path:
+    """<cache>/checkpoints/[clip-]<attn>-<hash of the model and training configs and the data key>.pt"""
+    key = config_hash({"model": model_cfg, "train": dataclasses.asdict(cfg), "data": data})
     return Path(cache) / "checkpoints" / f"{model_name(model_cfg)}-{key}.pt"
 
 
@@ -680,16 +669,14 @@ def new_model(model_cfg: dict, cfg: TrainConfig, device) -> tuple:
     return model, opt
 
 
-def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, compile: bool = False,
+def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device,
                 progress: bool = True, stop_after_epoch: Optional[int] = None, amp: Optional[bool] = None):
     """Train (or load, or resume) a model; returns (model in eval mode, record dict).
 
-    The checkpoint ``checkpoint_path(cache, ...)``, named by the configs and the training data's ``data_key``, is
-    rewritten atomically after every epoch; ``record["done"]`` marks a finished run; ``record["history"]`` holds
-    each epoch's losses and the learned lambda of every differential layer. ``cfg.init`` starts from another
-    checkpoint's weights (trained first if need be; a fresh optimizer) and ``cfg.adv_eps`` trains on ``fgsm_rs``
-    examples: together, adversarial fine-tuning. ``stop_after_epoch`` ends early (as an interruption would), for
-    tests of the resume path; ``amp`` forces bf16 autocast on or off (default: on CUDA).
+    The checkpoint (``checkpoint_path``) is rewritten atomically after every epoch, ``record["done"]`` once finished.
+    ``cfg.init`` starts from another checkpoint's weights (trained first if need be; a fresh optimizer) and
+    ``cfg.adv_eps`` trains on ``fgsm_rs`` examples: together, adversarial fine-tuning. ``stop_after_epoch`` ends
+    early (as an interruption would), for tests of the resume path; ``amp``: bf16 autocast (default: on CUDA).
     """
     device = torch.device(device)
     eps_ok = isinstance(cfg.adv_eps, (int, float)) and 0 <= cfg.adv_eps < 1
@@ -700,11 +687,11 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
         raise ValueError(f"init trains on {cfg.init.get('dataset')!r}, this model on {cfg.dataset!r}: fine-tune "
                          "from a checkpoint of the same dataset (its classes and image size)")
     data = data_key(cfg.dataset, Path(data_root).expanduser())
-    full_cfg = trained_from(model_cfg, cfg, data, compile)
-    path = checkpoint_path(cache, model_cfg, cfg, data, compile)
+    full_cfg = {"model": model_cfg, "train": dataclasses.asdict(cfg), "data": data}
+    path = checkpoint_path(cache, model_cfg, cfg, data)
     start = start_key = None
     if cfg.init is not None:  # the checkpoint to fine-tune from: trained first if need be, else read
-        start, _ = train_model(model_cfg, TrainConfig(**cfg.init), data_root, cache, device, compile, progress, amp=amp)
+        start, _ = train_model(model_cfg, TrainConfig(**cfg.init), data_root, cache, device, progress=progress, amp=amp)
         start_key = weights_key(start)
 
     def resume(p):
@@ -729,12 +716,11 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
     if record["done"]:
         return model.eval(), record
     train = load_dataset(cfg.dataset, data_root, train=True).subset(cfg.train_subset, cfg.seed)
-    step_fn = torch.compile(model) if compile else model
     prompts = prompt_tokens(class_names(cfg.dataset, train)) if isinstance(model, da.CLIP) else None
     name = f"{model_name(model_cfg)}{f' FGSM-RS {cfg.adv_eps * 255:g}/255' if cfg.adv_eps else ''} {cfg.dataset}"
     for epoch in range(record["epoch"], cfg.epochs):
         started = time.perf_counter()
-        loss, acc = train_epoch(step_fn, opt, cfg, epoch, train, prompts, device, amp,
+        loss, acc = train_epoch(model, opt, cfg, epoch, train, prompts, device, amp,
                                 desc=f"{name} epoch {epoch + 1}/{cfg.epochs}" if progress else None)
         record["epoch"], record["done"] = epoch + 1, epoch + 1 == cfg.epochs
         record["history"].append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
@@ -751,8 +737,8 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device, com
 
 def train_step(model, opt, cfg: TrainConfig, x, y, prompts, gen, device, amp) -> tuple:
     """One AdamW step on a batch (on ``fgsm_rs`` examples when ``cfg.adv_eps``), in bf16 autocast on CUDA (``amp``
-    forces it either way, e.g. on a CPU to test the CUDA set-up); returns (logits, loss). For a CLIP the logits
-    are one-hot of the class of the caption each image picked, so accuracy reads as for a ViT."""
+    forces it either way); returns (logits, loss). For a CLIP the logits are one-hot of the class of the caption
+    each image picked, so accuracy reads as for a ViT."""
     device = torch.device(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp):
         if cfg.adv_eps:
@@ -900,7 +886,6 @@ class Run:
     out: Path                    # caches in <out>/runs, tables in <out>/results/<preset>
     device: torch.device
     seeds: Optional[int] = None  # --seeds: training seeds of every table; None: the preset's
-    compile: bool = False
     clip_checkpoint: Optional[str] = None
     diffclip_checkpoint: Optional[str] = None
     trust_pickle: bool = False
@@ -964,7 +949,6 @@ class Lines:
     label: Callable = lambda key, rows: " ".join(map(str, key))
     style: Callable = lambda key: STYLE[key[0]]
     log: bool = False                                        # a log axis with the xs as ticks (depths)
-    reference: Optional[tuple] = None                        # (xs, ys, label): a dashed line of quoted numbers
 
 
 @dataclass(frozen=True)
@@ -1030,7 +1014,7 @@ def eval_data(run: Run, name: str, n: int) -> EvalData:
 def obtain_model(entry: Entry, run: Run, loaded: dict):
     """(model in eval mode, record): trained (or read from the checkpoint cache) or loaded from ``source``."""
     if entry.source is None:
-        return train_model(entry.model, entry.train, run.data_root, run.cache, run.device, compile=run.compile)
+        return train_model(entry.model, entry.train, run.data_root, run.cache, run.device)
     if entry.source not in loaded:
         try:
             clip = da.load_clip(entry.source, run.quick_gelu, run.trust_pickle).to(run.device).eval()
@@ -1151,8 +1135,6 @@ def draw_panels(plt, panels: list, rows: list):
             ax.errorbar([p.at(x) for x in p.xs], [m for m, _ in stats],
                         yerr=[0.0 if math.isnan(sd) else sd for _, sd in stats], fmt=p.style(key), capsize=3,
                         label=p.label(key, rs))
-        if p.reference:
-            ax.plot(*p.reference[:2], "k--", label=p.reference[2])
         if p.log:
             ax.set(xscale="log", xticks=p.xs, xticklabels=p.xs)
             ax.minorticks_off()  # the depths are the ticks (a log axis adds labels such as 3x10^0)
@@ -1666,9 +1648,6 @@ table(name="cw", title="minimal L2 perturbation found by CW-L2, against depth",
 # --- lambda: DiffViT against lambda_init (the paper's single-layer ablation)
 
 LAMBDA_INITS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
-# The paper's CIFAR-10 numbers per lambda_init, as quoted in secondary notes on the paper (not re-derived here).
-PAPER_LAMBDA = {"clean_acc": (86.05, 86.97, 87.00, 85.67, 85.24, 84.68),
-                "asr": (40.74, 67.72, 84.98, 75.31, 49.56, 41.64)}
 
 
 def lambda_entries(run: Run) -> list:
@@ -1686,15 +1665,6 @@ def evaluate_lambda(model, data, s, record) -> dict:
     return {**asr_row(model, data.x, data.y, s), "learned_lambda": learned_lambdas(model)}
 
 
-def paper_lambda(run, s, rows, entries):
-    other = ", and they are not comparable with this dataset" if run.dataset != "cifar10" else ""
-    return (["", f"The paper's CIFAR-10 numbers, as quoted in secondary notes (its attack settings for this table are "
-             f"not stated there{other}):", "", "| lambda_init | paper clean acc (%) | paper ASR (%) |",
-             "|---:|---:|---:|"]
-            + [f"| {lam} | {c:.2f} | {a:.2f} |" for lam, c, a in zip(LAMBDA_INITS, *PAPER_LAMBDA.values())],
-            {"paper": {"lambda_init": list(LAMBDA_INITS), **PAPER_LAMBDA}}, None)
-
-
 table(name="lambda", title="DiffViT against lambda_init", entries=lambda_entries,
       settings=lambda p: {"images": p.sizes["lambda"]["images"], "attack": "pgd", "steps": 10,
                           "eps": [4 / 255, 8 / 255], "batch": 250},
@@ -1708,10 +1678,8 @@ table(name="lambda", title="DiffViT against lambda_init", entries=lambda_entries
       + [Col("learned lambda", mean_lambda, 3)],
       panels=lambda run, s, rows: [Lines(list(LAMBDA_INITS), lambda r, lam: 100 * r["asr"]["8/255"]
                                          if r["lambda_init"] == lam else None,
-                                         f"DiffViT, PGD-{s['steps']} at 8/255", "lambda_init", "ASR (%)", by=(),
-                                         style=lambda key: "s-", label=lambda key, rs: f"this run ({run.dataset})",
-                                         reference=(LAMBDA_INITS, PAPER_LAMBDA["asr"], "paper (CIFAR-10)"))],
-      more=paper_lambda)
+                                         f"DiffViT on {run.dataset}, PGD-{s['steps']} at 8/255", "lambda_init",
+                                         "ASR (%)", by=(), style=lambda key: "s-", label=lambda key, rs: "DiffViT")])
 
 
 # --- advtrain: the pairs fine-tuned adversarially (FGSM-RS) at 1/255 and 2/255
@@ -2171,8 +2139,7 @@ def step_seconds(model_cfg: dict, cfg: TrainConfig, device, steps: int) -> float
     """Median seconds of a training step (``train_step`` on random inputs of ``cfg.batch_size``), after two
     warm-up steps, the device synchronized around each."""
     info = DATASETS[cfg.dataset]
-    model = build_model(model_cfg, cfg.dataset).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    model, opt = new_model(model_cfg, cfg, device)  # in training mode
     x = torch.rand(cfg.batch_size, info.in_chans, info.img_size, info.img_size, device=device)
     y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
     prompts = prompt_tokens(class_names(cfg.dataset)) if isinstance(model, da.CLIP) else None
@@ -2195,7 +2162,7 @@ def training_plan(run: Run, tables, steps: int = 5) -> list:
     for model_cfg, cfg in planned_models(run, tables):
         try:
             data = data_key(cfg.dataset, run.data_root)
-            record = read_cached(checkpoint_path(run.cache, model_cfg, cfg, data, run.compile), read)
+            record = read_cached(checkpoint_path(run.cache, model_cfg, cfg, data), read)
         except SetupMissing:  # no dataset yet: nothing trained on it
             record = None
         left = cfg.epochs - (record["epoch"] if record else 0)
@@ -2205,10 +2172,8 @@ def training_plan(run: Run, tables, steps: int = 5) -> list:
         if same not in measured:
             per_epoch = math.ceil(min(cfg.train_subset or math.inf, DATASETS[cfg.dataset].train_size) / cfg.batch_size)
             measured[same] = step_seconds(model_cfg, cfg, run.device, steps) * per_epoch
-        plan.append({"model": model_name(model_cfg), "seed": cfg.seed, "dataset": cfg.dataset,
-                     "depth": model_cfg.get("depth", model_cfg.get("image", {}).get("depth")),
-                     "lambda_init": model_cfg.get("lambda_init"), "adv_eps": cfg.adv_eps, "epochs_left": left,
-                     "seconds_per_epoch": measured[same], "seconds": measured[same] * left})
+        plan.append({"model": model_name(model_cfg), "seed": cfg.seed, "adv_eps": cfg.adv_eps, "epochs_left": left,
+                     "seconds": measured[same] * left})
     return plan
 
 
@@ -2219,11 +2184,6 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
     total = sum(m["seconds"] for m in plan)
     print(f"training still to do on {run.device}, from measured step times: {total / 3600:.2f} h "
           f"({total / 60:.0f} min) for {len(plan)} models; evaluation not included")
-    for m in plan:
-        lam = f", lambda_init {m['lambda_init']}" if m["lambda_init"] is not None else ""
-        lam += f", fine-tuned with FGSM-RS at {eps_name(m['adv_eps'])}" if m["adv_eps"] else ""
-        print(f"  {m['model']} depth {m['depth']}{lam} seed {m['seed']} on {m['dataset']}: {m['seconds'] / 60:.1f} min "
-              f"({m['epochs_left']} epochs left)")
     return total / 3600
 
 
@@ -2231,7 +2191,7 @@ def estimate_training_hours(run: Run, tables, steps: int = 5) -> float:
 
 def check_setup(args) -> Run:
     """The command line as a ``Run``, or ``SetupMissing`` with what to do, before any work: the device, the
-    seeds and threads, the preset's patch sizes against the dataset, --out writable, --data-root a folder."""
+    seeds, the preset's patch sizes against the dataset, --out writable, --data-root a folder."""
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -2241,18 +2201,15 @@ def check_setup(args) -> Run:
                            "False); pass --device cpu, or check the driver with nvidia-smi")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SetupMissing(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    for flag, value in (("--seeds", args.seeds), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise SetupMissing(f"{flag} {value}: pass a number >= 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.seeds is not None and args.seeds < 1:
+        raise SetupMissing(f"--seeds {args.seeds}: pass a number >= 1")
     preset = args.preset
     if preset == "auto":
         preset = "paper" if device.type == "cuda" else "quick"
         print(f"preset auto -> {preset} ({'a CUDA device is present' if device.type == 'cuda' else 'no CUDA device'})")
     preset = dry_run(PRESETS[preset]) if args.dry_run else PRESETS[preset]
     run = Run(preset, args.dataset or preset.dataset, Path(args.data_root).expanduser(), Path(args.out).expanduser(),
-              device, args.seeds, args.compile, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle,
+              device, args.seeds, args.clip_checkpoint, args.diffclip_checkpoint, args.trust_pickle,
               {"yes": True, "no": False, None: None}[args.clip_quick_gelu], args.v2)
     size = DATASETS[run.dataset].img_size
     models = [*preset.models, preset.depth_model, (preset.clip or {}).get("image", {})]
@@ -2286,11 +2243,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=os.environ.get("DIFFATTN_DATA", "~/data"))
     p.add_argument("--out", default=str(HERE), help="caches go to <out>/runs, tables to <out>/results/<preset>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seeds", type=int, default=None,
                    help="train seeds 0..K-1 of every model of every table (default: the preset's; a rerun with a "
                         "larger K trains only the new seeds)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--v2", action="store_true",
                    help="add DiffViT-V2 (DA V2, beyond the paper) to the pair and depth tables (the paper preset has it)")
     p.add_argument("--diffclip-checkpoint", default="hammh0a/DiffCLIP_ViTB16_CC12M", help="clip table, paper preset")

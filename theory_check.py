@@ -295,7 +295,7 @@ def run(samples: int, seed: int, device, json_path=None, depth_trials: int = 4, 
     lines.append(f"Lemma 2 read literally (L = spectral norms): L_DA / L_base <= gamma kappa on "
                  f"{sum(r['lemma2_literal_holds'] for r in rows)}/{len(rows)} samples (not implied: gamma, kappa are "
                  f"Frobenius quantities)")
-    lines.append(f"finite differences: rel err by t = " +
+    lines.append("finite differences: rel err by t = " +
                  ", ".join(f"{t:.0e}: {e:.1e}" for t, e in zip(fd["t"], fd["rel_err"])))
     lines.append("")
     lines.append("negative alignment and amplification kappa = sqrt(1 + l^2 rho^2 - 2 l rho cos) per lambda_init:")
