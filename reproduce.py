@@ -1207,12 +1207,12 @@ def pair_entries(run: Run, attns: Optional[tuple] = None) -> list:
             for m in run.preset.models for seed in run.seed_list() for a in attns or run.attns]
 
 
-def depth_entries(run: Run, attns: Optional[tuple] = None, seeds: str = "depth") -> list:
+def depth_entries(run: Run, attns: Optional[tuple] = None, group: str = "depth") -> list:
     """ViT and DiffViT (and DiffViT-V2: ``Run.attns``) at every depth of the sweep."""
     p = run.preset
     return [Entry({"depth": d, "model": NAMES[a], "seed": seed}, {**p.depth_model, "depth": d, "attn": a},
                   TrainConfig(dataset=run.dataset, seed=seed, **p.depth_train))
-            for seed in run.seed_list(seeds) for d in p.depths for a in attns or run.attns]
+            for seed in run.seed_list(group) for d in p.depths for a in attns or run.attns]
 
 
 def pgd_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, batch: int,
@@ -1809,10 +1809,11 @@ def judge(diffs: list, ses: list, pretrained: bool = False) -> dict:
     k, (mean, spread) = len(diffs), mean_std(diffs)
     spread = spread if k > 1 else 0.0
     noise = math.sqrt(statistics.fmean(x * x for x in ses))
-    se, bar = math.sqrt(spread ** 2 / k + noise ** 2), Z95 if pretrained else t95(max(k - 1, 1))
+    se = math.sqrt(spread ** 2 / k + noise ** 2)
+    bar = Z95 if pretrained else t95(k - 1) if k > 1 else math.inf  # one training seed: no bar can be cleared
     agree = sum(d * mean > 0 for d in diffs)
     outcome = ("higher" if mean > 0 else "lower") if abs(mean) > bar * se and agree > k / 2 else "within noise"
-    if k == 1 and not pretrained:
+    if bar == math.inf:
         outcome = "not judged (one training seed)"
     if not (math.isfinite(mean) and math.isfinite(se)):  # e.g. an ASR over no correctly classified image
         outcome = "not judged"

@@ -2126,6 +2126,7 @@ def test_the_verdict_rule_counts_a_difference_at_the_95_percent_level_and_never_
     # one training seed: its training noise is unknown, so it is not judged; what it would take says so
     j = R.judge([3.0], [1.0])
     assert j["outcome"] == "not judged (one training seed)" and j["takes"].startswith("3 or more training seeds")
+    assert j["bar"] == math.inf  # no bar to clear
     assert R.judge([0.5], [1.0])["takes"] == "no gap to detect"
     assert R.verdict(["not judged (one training seed)"] * 2) == "not judged (one training seed)"
     # a pretrained pair: fixed models, judged on the test-image noise at the normal quantile
