@@ -720,8 +720,12 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device,
     name = f"{model_name(model_cfg)}{f' FGSM-RS {cfg.adv_eps * 255:g}/255' if cfg.adv_eps else ''} {cfg.dataset}"
     for epoch in range(record["epoch"], cfg.epochs):
         started = time.perf_counter()
-        loss, acc = train_epoch(model, opt, cfg, epoch, train, prompts, device, amp,
-                                desc=f"{name} epoch {epoch + 1}/{cfg.epochs}" if progress else None)
+        try:
+            loss, acc = train_epoch(model, opt, cfg, epoch, train, prompts, device, amp,
+                                    desc=f"{name} epoch {epoch + 1}/{cfg.epochs}" if progress else None)
+        except FloatingPointError as e:  # nothing of this epoch is saved
+            raise FloatingPointError(f"{name}: {e}; {path.name} keeps the last finished epoch ({record['epoch']}): "
+                                     "lower the learning rate (or clip the gradients) and run again") from None
         record["epoch"], record["done"] = epoch + 1, epoch + 1 == cfg.epochs
         record["history"].append({"epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
                                   "lambda": learned_lambdas(model)})
@@ -755,17 +759,22 @@ def train_step(model, opt, cfg: TrainConfig, x, y, prompts, gen, device, amp) ->
     return logits, loss
 
 
+SYNC_EVERY = 50  # training steps between reads of the running loss on the host (the progress bar, the finite check)
+
+
 def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prompts, device, amp, desc) -> tuple:
     """One epoch of AdamW with the warm-up-cosine schedule; returns (mean loss, accuracy) over it. Its
     randomness (order, augmentation, FGSM-RS noise, CLIP templates) comes from a per-epoch generator,
-    so a resumed run draws what an uninterrupted one would."""
+    so a resumed run draws what an uninterrupted one would. The running loss and accuracy stay on the device,
+    read every ``SYNC_EVERY`` steps: a loss that is no longer finite raises FloatingPointError there."""
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     n_steps = math.ceil(len(train) / cfg.batch_size)
     total, warmup = cfg.epochs * n_steps, int(cfg.warmup_epochs * n_steps)
     bar = tqdm(torch.randperm(len(train), generator=gen).split(cfg.batch_size), desc=desc, disable=desc is None,
                leave=False)
-    loss_sum = correct = seen = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the same sums as Python floats would give
+    correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
     for i, idx in enumerate(bar):  # batches made and augmented on the device
         x = train.x[idx].to(device, non_blocking=True).float().div_(255)
         if train.augment:
@@ -774,11 +783,16 @@ def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prom
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch * n_steps + i, total, warmup, cfg.lr)
         logits, loss = train_step(model, opt, cfg, x, y, prompts, gen, device, amp)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return loss_sum / seen, correct / seen
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == n_steps:
+            mean = loss_sum.item() / seen
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"the training loss is {mean} at step {i + 1} of {n_steps} in epoch "
+                                         f"{epoch + 1} (read every {SYNC_EVERY} steps)")
+            bar.set_postfix(loss=f"{mean:.3f}", acc=f"{correct.item() / seen:.3f}")
+    return loss_sum.item() / seen, correct.item() / seen
 
 
 # ==== Presets, and one invocation resolved once

@@ -1707,6 +1707,26 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     assert again == rec and ckpt.stat().st_mtime_ns == mtime
 
 
+@fashion_mnist
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finished_epoch(tmp_path, monkeypatch):
+    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=16, train_subset=192)  # 12 steps an epoch
+    mc = {**TINY_FMNIST, "attn": "diff"}
+    R.train_model(mc, cfg, "/nonexistent", tmp_path, "cpu", progress=False, stop_after_epoch=1)
+    ckpt = next((tmp_path / "checkpoints").glob("diff-*.pt"))
+    before, step, calls = ckpt.read_bytes(), R.train_step, []
+
+    def nan_at_the_7th_step(*args):
+        logits, loss = step(*args)
+        calls.append(1)
+        return logits, loss * float("nan") if len(calls) == 7 else loss
+    monkeypatch.setattr(R, "train_step", nan_at_the_7th_step)
+    monkeypatch.setattr(R, "SYNC_EVERY", 5)  # read at steps 5, 10 and 12: the nan of step 7 shows at 10
+    with pytest.raises(FloatingPointError, match=r"^diff fashion-mnist: the training loss is nan at step 10 of 12 in "
+                       r"epoch 2 \(read every 5 steps\); diff-\w+\.pt keeps the last finished epoch \(1\): lower"):
+        R.train_model(mc, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
+    assert ckpt.read_bytes() == before  # epoch 1's checkpoint, untouched
+
+
 def test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss():
     m = tiny_vit("diff", weights=3).train()
     x, y, eps = torch.rand(64, 3, 16, 16), torch.randint(0, 7, (64,)), 4 / 255
