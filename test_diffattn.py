@@ -44,6 +44,7 @@ import signal
 import struct
 import subprocess
 import sys
+import warnings
 from functools import partial
 
 import numpy as np
@@ -1493,6 +1494,7 @@ TINY_PRESET = R.Preset(
     depths=(1, 2), depth_model={"patch_size": 8, "dim": 16, "heads": 2, "mlp_ratio": 1.0},
     depth_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5}, lambda_depth=1,
     advtrain={"epochs": 1, "batch_size": 50, "lr": 5e-4, "warmup_epochs": 0.5, "train_subset": 100}, sizes=TINY_SIZES,
+    batch={"vit": 7, "clip": 7},
     clip={"kind": "clip", "embed_dim": 8, "image": {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
           "text": {"width": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0}},
     clip_train={"epochs": 1, "batch_size": 50, "lr": 1e-3, "warmup_epochs": 0.5})
@@ -1690,11 +1692,16 @@ def test_training_on_real_fashion_mnist_lowers_the_loss(tmp_path, kind, epochs, 
 
 @slow
 @fashion_mnist
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
-    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, train_subset=192)
+@pytest.mark.parametrize("recipe", ["kit", "vit-cifar"])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, recipe):
+    """Bit for bit on a CPU; "vit-cifar" also with another number of augmentation workers after the interruption."""
+    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, train_subset=192, recipe=recipe)
     mc = {**TINY_FMNIST, "attn": "diff"}
+    monkeypatch.setattr(R, "WORKERS", 2)
     full, rec_full = R.train_model(mc, cfg, "/nonexistent", tmp_path / "a", "cpu", progress=False)
+    monkeypatch.setattr(R, "WORKERS", 1)
     _, rec_cut = R.train_model(mc, cfg, "/nonexistent", tmp_path / "b", "cpu", progress=False, stop_after_epoch=1)
+    monkeypatch.setattr(R, "WORKERS", 2)
     assert rec_cut["epoch"] == 1 and not rec_cut["done"]
     resumed, rec = R.train_model(mc, cfg, "/nonexistent", tmp_path / "b", "cpu", progress=False)
     assert rec["done"] and [h["epoch"] for h in rec["history"]] == [1, 2]
@@ -1725,6 +1732,70 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finished_epoch(tmp_
                        r"epoch 2 \(read every 5 steps\); diff-\w+\.pt keeps the last finished epoch \(1\): lower"):
         R.train_model(mc, cfg, "/nonexistent", tmp_path, "cpu", progress=False)
     assert ckpt.read_bytes() == before  # epoch 1's checkpoint, untouched
+
+
+def test_the_vit_cifar_recipe_is_its_sources_optimizer_and_augmentation(tmp_path, monkeypatch):
+    """Adam with an L2 term on every parameter (the patch embedding too, which "kit" leaves out of its AdamW decay);
+    crop, flip and AutoAugment's CIFAR-10 policy (torchvision's) per image under the image's own seed, so the
+    batches do not depend on the workers; other epochs draw otherwise. An unknown recipe is refused by name."""
+    mc = {"patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 1.0}
+    cfg = R.TrainConfig(dataset="cifar10", epochs=1, batch_size=8, weight_decay=5e-5, recipe="vit-cifar")
+    model, opt = R.new_model(mc, cfg, "cpu")
+    assert type(opt) is torch.optim.Adam and len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 5e-5
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
+    _, kit = R.new_model(mc, dataclasses.replace(cfg, recipe="kit"), "cpu")
+    decayed = {id(p) for p in kit.param_groups[0]["params"]}
+    assert type(kit) is torch.optim.AdamW and id(model.patch_embed.proj.weight) not in decayed
+    with pytest.raises(ValueError, match=r"recipe='deit': expected one of \['kit', 'vit-cifar'\]"):
+        R.train_model(mc, dataclasses.replace(cfg, recipe="deit"), tmp_path, tmp_path, "cpu")
+    write_fake_cifar10(tmp_path, n_train=20)
+    train = R.load_dataset("cifar10", tmp_path, train=True)
+    from torchvision.transforms import v2
+    source = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+                         v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)])
+    with torch.random.fork_rng(devices=[]):
+        image, label = R.AutoAugmented(train, seed=7)[5]
+        torch.manual_seed(7 * 1_000_003 + 5)
+        assert torch.equal(image, source(train.x[5])) and label == train.y[5] and not torch.equal(image, train.x[5])
+    epoch = lambda seed: list(R.batches(train, cfg, seed, torch.Generator().manual_seed(seed), torch.device("cpu")))
+    monkeypatch.setattr(R, "WORKERS", 1)
+    one = epoch(3)
+    monkeypatch.setattr(R, "WORKERS", 2)
+    n = len(train)  # 100: 12 batches of 8 and one of 4
+    assert [len(y) for _, y in one] == [8] * 12 + [4] and all(x.dtype == torch.float32 and x.max() <= 1 for x, _ in one)
+    assert all(torch.equal(a, b) for u, v in zip(one, epoch(3)) for a, b in zip(u, v))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([y for _, y in one]), train.y[order])  # the epoch's order, every image once
+    assert not torch.equal(one[0][0], epoch(4)[0][0])
+
+
+@NO_GPU
+@pytest.mark.parametrize("recipe,kind,adv_eps", [("kit", "diff", 0.0), ("kit", "diff2", 2 / 255), ("kit", "clip", 0.0),
+                                                 ("vit-cifar", "diff", 0.0)])
+def test_training_on_cuda_makes_no_host_sync_per_step(tmp_path, monkeypatch, recipe, kind, adv_eps):
+    """torch.cuda.set_sync_debug_mode("warn") warns at every synchronizing call: a training of 3 steps and one of 12
+    (the same model; the running loss read only at the epoch's end) make as many, so no step makes one."""
+    write_fake_cifar10(tmp_path, n_train=80)  # 400 training images
+    monkeypatch.setattr(R, "SYNC_EVERY", 1000)
+    image = {"patch_size": 8, "dim": 16, "depth": 2, "heads": 2, "mlp_ratio": 1.0}
+    mc = {**image, "attn": kind} if kind != "clip" else {
+        "kind": "clip", "attn": "diff", "embed_dim": 8, "image": image, "text": {"width": 16, "depth": 1, "heads": 2}}
+
+    def syncs(images: int) -> int:
+        cfg = R.TrainConfig(dataset="cifar10", epochs=1, batch_size=32, train_subset=images, recipe=recipe,
+                            adv_eps=adv_eps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                R.train_model(mc, cfg, tmp_path, tmp_path / str(images), "cuda", progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+    syncs(90)  # CUDA's lazy set-up
+    assert syncs(96) == syncs(384)
+    cfg = R.TrainConfig(dataset="cifar10", epochs=1, batch_size=32, recipe=recipe, adv_eps=adv_eps)
+    assert R.step_seconds(mc, cfg, "cuda", steps=1) > 0  # --estimate's step on the device
 
 
 def test_fgsm_rs_stays_in_the_eps_ball_and_ascends_the_loss():
@@ -1792,8 +1863,9 @@ def test_a_checkpoint_is_named_by_its_whole_config_and_its_training_data():
     path = R.checkpoint_path("c", {"attn": "diff"}, cfg, "data0")
     assert path.parent == pathlib.Path("c") / "checkpoints" and re.fullmatch(r"diff-[0-9a-f]{12}\.pt", path.name)
     assert R.checkpoint_path("c", {"attn": "diff"}, dataclasses.replace(cfg), "data0") == path  # the same: found again
+    others = ["mnist", 4, 64, 2e-3, 0.1, 2.0, 0.0, 3, "vit-cifar", 100, 1 / 255, {}]  # a value per field, in order
     changed = [R.checkpoint_path("c", {"attn": "diff"}, dataclasses.replace(cfg, **{f.name: v}), "data0")
-               for f, v in zip(dataclasses.fields(cfg), ["mnist", 4, 64, 2e-3, 0.1, 2.0, 0.0, 3, 100, 1 / 255, {}])]
+               for f, v in zip(dataclasses.fields(cfg), others)]
     assert len(set(changed) | {path}) == len(dataclasses.fields(cfg)) + 1  # every field renames it
     assert R.checkpoint_path("c", {"attn": "diff", "depth": 2}, cfg, "data0") != path
     assert R.checkpoint_path("c", {"attn": "diff"}, cfg, "data1") != path  # other training images
@@ -1807,6 +1879,27 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 # ---------------------------------------------------------------------------- tables, end to end
+
+def test_evaluations_run_a_batch_at_a_time_and_give_what_one_batch_gives():
+    """Preset.batch bounds an evaluation's memory: CW and the input-gradient norms per image as in one batch (1e-5),
+    the Lipschitz estimates each batch's, in image and layer order, under the same seed."""
+    model = tiny_vit("diff", weights=4, depth=2)
+    x = torch.rand(10, 3, 16, 16)
+    data = R.EvalData("made up", x, da.predict(model, x), "test")  # every image correct: all ten attacked
+    s = {"steps": 6, "search": 2}
+    one = R.evaluate_cw(model, data, {**s, "batch": 100}, {})
+    batched = R.evaluate_cw(model, data, {**s, "batch": 3}, {})
+    assert one["n_correct"] == batched["n_correct"] == 10 and one["success_rate"] == batched["success_rate"]
+    assert one["l2"] == pytest.approx(batched["l2"], rel=1e-5)
+    assert R.gradient_l1(model, x, data.y, 4)[0] == pytest.approx(R.gradient_l1(model, x, data.y, 10)[0], rel=1e-6)
+    ls = {"eps": 4 / 255, "images": 7, "steps": 3, "step_size": 0.003}
+    torch.manual_seed(0)
+    parts = [da.local_lipschitz(model, xb, 4 / 255, steps=3) for xb in x[:7].split(3)]
+    torch.manual_seed(0)
+    lip = R.lipschitz(model, x, ls, 3)
+    assert torch.equal(lip["logits"], torch.cat([p["logits"] for p in parts])) and len(lip["layers"]) == 2
+    assert all(torch.equal(lip["layers"][i], torch.cat([p["layers"][i] for p in parts])) for i in range(2))
+
 
 @slow
 def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
@@ -2455,6 +2548,7 @@ def test_paper_preset_dry_run_covers_every_table_on_the_real_formats(tmp_path):
         [(*p, e) for p in pairs for e in ("0", "1/255", "2/255")]
     assert all(set(r["asr_patch"]) == {"16px", "32px", "64px"} for r in res["clip"]["rows"])  # 224x224 images
     assert {r["depth"] for r in res["depth"]["rows"]} == set(paper.depths) and len(res["lambda"]["rows"]) == 6
+    assert {m["train_config"]["recipe"] for m in res["main"]["models"]} == {"vit-cifar"}  # AutoAugment in workers
     assert [len(r["layers"]) for r in res["alignment"]["rows"]] == [m["depth"] for m in paper.models for _ in range(3)]
     assert [(r["model"], r["data"].split()[0]) for r in res["clip"]["rows"]] == \
         [("CLIP", "ImageNet"), ("CLIP", "COCO"), ("DiffCLIP", "ImageNet"), ("DiffCLIP", "COCO")]
@@ -2492,6 +2586,11 @@ def test_training_estimate_counts_the_steps_and_epochs_still_to_train(tmp_path, 
     R.train_model(vit_cfg, vit_train, run.data_root, run.cache, "cpu", progress=False, stop_after_epoch=1)
     hours = R.estimate_training_hours(run, ["main"])  # ViT seed 0: 1 epoch left; the 5 others: 2 each
     assert hours == pytest.approx((1 + 5 * 2) * 1000 * 0.5 / 3600) and "for 6 models" in capsys.readouterr().out
+    # "vit-cifar" augments in workers: a step takes the longer of the step and its batch's augmentation
+    assert R.augment_seconds(vit_train) == 0.0
+    assert R.augment_seconds(dataclasses.replace(vit_train, recipe="vit-cifar")) > 0
+    monkeypatch.setattr(R, "augment_seconds", lambda cfg: 0.8)
+    assert R.estimate_training_hours(run, ["main"]) == pytest.approx((1 + 5 * 2) * 1000 * 0.8 / 3600)
     for model_cfg, cfg in R.planned_models(run, ["main"]):
         R.train_model(model_cfg, cfg, run.data_root, run.cache, "cpu", progress=False)
     assert R.estimate_training_hours(run, ["main"]) == 0.0
