@@ -128,10 +128,8 @@ def read_cached(path: Path, read):
         if isinstance(e, machine) or isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
             raise  # the machine's trouble, not the file's: keep the file
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.replace(path, aside)
-        except FileNotFoundError:  # another process moved it first
-            pass
         print(f"warning: {path} is unreadable or damaged ({type(e).__name__}: {str(e)[:200]}); moved it to "
               f"{aside} and computing it again", file=sys.stderr)
         return None
@@ -544,16 +542,17 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 
 class AutoAugmented(torch.utils.data.Dataset):
-    """The "vit-cifar" recipe's augmentation, as its source has it: random crop (pad 4), horizontal flip and
-    AutoAugment's CIFAR-10 policy (Cubuk et al. 2019; torchvision's), per uint8 image in DataLoader workers.
-    Image i draws under its own seed (the epoch's and i), so neither the worker nor their number changes what it
-    draws: a resumed run and any machine give the same batches. Workers only: the seeding is process-wide."""
+    """The "vit-cifar" recipe's augmentation, as its source has it: random crop (pad 4), flip and AutoAugment's
+    CIFAR-10 policy (torchvision's), per uint8 image in DataLoader workers (none where the dataset has none). Image i
+    draws under its own seed (the epoch's and i): the workers and their number do not change the batches, so a
+    resumed run and any machine give the same. Workers only: the seeding is process-wide."""
 
     def __init__(self, data: ImageData, seed: int):
         from torchvision.transforms import v2
         self.data, self.seed = data, seed
-        self.transform = v2.Compose([v2.RandomCrop(data.x.shape[-1], padding=4), v2.RandomHorizontalFlip(),
-                                     v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)])
+        steps = [v2.RandomCrop(data.x.shape[-1], padding=4), v2.RandomHorizontalFlip(),
+                 v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)]
+        self.transform = v2.Compose(steps) if data.augment else v2.Identity()
 
     def __len__(self):
         return len(self.data)
@@ -709,13 +708,10 @@ def new_model(model_cfg: dict, cfg: TrainConfig, device) -> tuple:
 
 def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device,
                 progress: bool = True, stop_after_epoch: Optional[int] = None, amp: Optional[bool] = None):
-    """Train (or load, or resume) a model; returns (model in eval mode, record dict).
-
-    The checkpoint (``checkpoint_path``) is rewritten atomically after every epoch, ``record["done"]`` once finished.
-    ``cfg.init`` starts from another checkpoint's weights (trained first if need be; a fresh optimizer) and
-    ``cfg.adv_eps`` trains on ``fgsm_rs`` examples: together, adversarial fine-tuning. ``stop_after_epoch`` ends
-    early (as an interruption would), for tests of the resume path; ``amp``: bf16 autocast (default: on CUDA).
-    """
+    """Train (or load, or resume) a model; returns (model in eval mode, record dict). The checkpoint is rewritten
+    atomically after every epoch, ``record["done"]`` once finished. ``cfg.init`` starts from another checkpoint's
+    weights (trained first if need be; a fresh optimizer), ``cfg.adv_eps`` trains on ``fgsm_rs`` examples: together,
+    adversarial fine-tuning. ``stop_after_epoch``: an interruption (tests); ``amp``: bf16 autocast (default: CUDA)."""
     device = torch.device(device)
     eps_ok = isinstance(cfg.adv_eps, (int, float)) and 0 <= cfg.adv_eps < 1
     if not eps_ok or cfg.adv_eps and model_cfg.get("kind") == "clip":
@@ -782,7 +778,7 @@ def train_model(model_cfg: dict, cfg: TrainConfig, data_root, cache, device,
 
 
 def train_step(model, opt, cfg: TrainConfig, x, y, prompts, gen, device, amp) -> tuple:
-    """One AdamW step on a batch (on ``fgsm_rs`` examples when ``cfg.adv_eps``), in bf16 autocast on CUDA (``amp``
+    """One optimizer step on a batch (on ``fgsm_rs`` examples when ``cfg.adv_eps``), in bf16 autocast on CUDA (``amp``
     forces it either way); returns (logits, loss). For a CLIP the logits are one-hot of the class of the caption
     each image picked, so accuracy reads as for a ViT."""
     device = torch.device(device)
@@ -822,11 +818,10 @@ def batches(train: ImageData, cfg: TrainConfig, seed: int, gen: torch.Generator,
 
 
 def train_epoch(model, opt, cfg: TrainConfig, epoch: int, train: ImageData, prompts, device, amp, desc) -> tuple:
-    """One epoch of the optimizer with the warm-up-cosine schedule; returns (mean loss, accuracy) over it. Its
-    randomness (order, augmentation, FGSM-RS noise, CLIP templates) comes from per-epoch seeds, so a resumed run
-    draws what an uninterrupted one would: on a CPU one generator, bit for bit; on a GPU the per-step draws come
-    from a generator on the device. The running loss and accuracy stay on the device, read every ``SYNC_EVERY``
-    steps: a loss that is no longer finite raises FloatingPointError there. No other host sync per step."""
+    """One epoch with the warm-up-cosine schedule; returns (mean loss, accuracy). Its randomness (order, augmentation,
+    FGSM-RS noise, CLIP templates) comes from per-epoch seeds, so a resumed run draws what an uninterrupted one would
+    (on a GPU the per-step draws from a generator there). The running loss and accuracy stay on the device, read every
+    ``SYNC_EVERY`` steps, where a loss no longer finite raises FloatingPointError: no other host sync per step."""
     model.train()
     device = torch.device(device)
     seed = cfg.seed * 100003 + epoch
@@ -908,13 +903,11 @@ PRESETS = {p.name: p for p in [
                  "image": {"patch_size": 4, "dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
                  "text": {"width": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0}},
            clip_train={"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.3, "train_subset": 20000}),
-    # One GPU, CIFAR-10. The models and recipe of a published ViT-from-scratch result, so that their accuracy is
-    # known: omihub777/ViT-CIFAR reports 90.92 % clean with 7 layers, width 384, 12 heads, MLP 384, 4x4-pixel
-    # patches (65 tokens, as the paper's), 200 epochs of its recipe (RECIPES["vit-cifar"]); the pair is the
-    # paper's 1 layer and its 7, the depth sweep holds both (trained once). Expected, not measured: about 90 %
-    # at 7 and 12 layers, the paper's 85-87 % (its lambda ablation) at 1, in between at 2 and 4. Evaluation
-    # batches fit a 24 GB GPU: at most 35 MiB an image at 12 layers (V2), 243 MiB for DiffCLIP at 224x224 (the
-    # peak of each attack and metric, float32, math kernel, measured on a CPU): 8.6 and 7.6 GiB a batch.
+    # One GPU, CIFAR-10: the models and recipe of a published ViT-from-scratch result (omihub777/ViT-CIFAR: 90.92 %
+    # at 7 layers, 65 tokens as the paper's; RECIPES), so their accuracy is known; the pair is the paper's 1 layer
+    # and its 7, both in the depth sweep (trained once). Expected, not measured: about 90 % at 7 and 12 layers, the
+    # paper's 85-87 % (its lambda ablation) at 1. Evaluation batches fit 24 GB: at most 35 MiB an image (12 layers,
+    # V2) and 243 MiB (DiffCLIP, 224x224), each attack and metric's peak measured on a CPU: 8.6 and 7.6 GiB a batch.
     Preset("paper", "cifar10",
            models=({"patch_size": 4, "dim": 384, "depth": 1, "heads": 12, "mlp_ratio": 1.0},
                    {"patch_size": 4, "dim": 384, "depth": 7, "heads": 12, "mlp_ratio": 1.0}),
@@ -1815,7 +1808,7 @@ def advtrain_about(run, s, rows):
     subset = f" on {t['train_subset']} training images" if t.get("train_subset") else ""
     return (f"Models: {pair_recipes(run)}. eps_train 0: as trained (the main table's models); 1/255, 2/255: "
             f"fine-tuned from them with FGSM-RS adversarial training (Wong et al. 2020; random start, one step of "
-            f"1.25 eps) at that Linf budget, {t['epochs']} epoch(s){subset}, AdamW lr {t['lr']}, cosine. Test "
+            f"1.25 eps) at that Linf budget, {t['epochs']} epoch(s){subset}, the pairs' recipe at lr {t['lr']}. Test "
             f"accuracy: the full test set. ASR: PGD-{s['steps']} over the initially correct of the first "
             f"{s['attack_images']} test images. cos<0 and grad L1 (input-gradient L1 norm) on the first "
             f"{rows[0]['n_alignment']} images; ViT: the head-pair control.")
@@ -2258,7 +2251,7 @@ def augment_seconds(cfg: TrainConfig, images: int = 64) -> float:
         return 0.0
     info = DATASETS[cfg.dataset]
     x = torch.randint(0, 256, (images, info.in_chans, info.img_size, info.img_size), dtype=torch.uint8)
-    augmented = AutoAugmented(ImageData(x, torch.zeros(images, dtype=torch.int64), []), seed=0)
+    augmented = AutoAugmented(ImageData(x, torch.zeros(images, dtype=torch.int64), [], info.augment), seed=0)
     with torch.random.fork_rng(devices=[]):  # it seeds the process's generator: here the main one
         started = time.perf_counter()
         for i in range(images):
@@ -2270,7 +2263,7 @@ def training_plan(run: Run, tables, steps: int = 5) -> list:
     """Per model that ``tables`` train and that is unfinished: epochs left and seconds, from a step time
     measured on this device (once per config: seeds cost the same)."""
     plan, measured = [], {}
-    read = lambda p: torch.load(p, map_location="cpu", weights_only=True)["record"]
+    read = lambda p: torch_load_checked(p)["record"]  # a damaged checkpoint is no progress
     for model_cfg, cfg in planned_models(run, tables):
         try:
             data = data_key(cfg.dataset, run.data_root)

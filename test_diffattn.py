@@ -100,14 +100,6 @@ fashion_mnist = pytest.mark.skipif(
            "Ubuntu); elsewhere see the fashion-mnist line of DATASETS in reproduce.py")
 
 
-@pytest.fixture
-def fused_diff_attention():
-    """DiffAttention's fused path (the CUDA default) on the CPU, for the duration of a test."""
-    da.DiffAttention.fused = True
-    yield
-    da.DiffAttention.fused = None
-
-
 class LinearImageModel(torch.nn.Module):
     """logits = W vec(x) + b on images in [0, 1]: every attack optimum is known in closed form."""
 
@@ -763,7 +755,6 @@ def _bad_calls():
         ("heads float", lambda: da.DiffAttention(32, 4.0), r"\(dim, heads\)=\(32, 4.0\)"),
         ("heads odd", lambda: da.DiffAttention(48, 3), r"heads=3 is odd"),
         ("heads do not divide dim", lambda: da.Attention(50, 4), r"divisible"),
-        ("lambda_init cosine", lambda: da.DiffAttention(16, 2, lambda_init="cosine"), r"lambda_init"),
         ("schedule index", lambda: da.lambda_init_schedule(-1), r"layer_index=-1; expected an integer >= 0"),
         ("std 0", lambda: v(std=0.0), r"std=0.0; expected finite values > 0"),
         ("std negative", lambda: v(std=(0.2, -0.2, 0.2)), r"std=\(0.2, -0.2, 0.2\); expected finite values > 0"),
@@ -906,8 +897,6 @@ def test_tokenize_is_open_clips_tokenizer():
     open_clip = pytest.importorskip("open_clip")
     texts = ["a photo of a T-shirt/top.", "an ankle boot", ""]
     assert torch.equal(da.tokenize(texts), open_clip.get_tokenizer("ViT-B-32")(texts))
-    t = da.tokenize("a bag")
-    assert t.shape == (1, 77) and t[0, 0] == 49406 and t[0].argmax() == 3  # <start> a bag <end>
     t = da.tokenize(["a photo of a cat.", "a bag", ""])
     assert t.shape == (3, 77) and t.dtype == torch.int64
     assert t[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407]  # <start> a photo of a cat . <end>
@@ -1217,9 +1206,10 @@ def test_pgd_early_stop_gives_the_same_success_flags():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm,eps", [("inf", 8 / 255), ("2", 0.5)])
-def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, fused_diff_attention, device):
+def test_pgd_with_bf16_autocast_on_the_fused_path_agrees_with_float32(norm, eps, monkeypatch, device):
     """pgd(amp=True), bf16 on request: iterates in the eps-ball and [0, 1], success decided in float32, and on most
     examples the same as a float32 attack on the explicit path (the steps differ by bf16 rounding)."""
+    monkeypatch.setattr(da.DiffAttention, "fused", True)  # the CUDA default, here on either device
     m = tiny_vit("diff").to(device)
     x, y = torch.rand(64, 3, 16, 16, device=device), torch.randint(0, 7, (64,), device=device)
     torch.manual_seed(1)
@@ -1260,16 +1250,16 @@ def test_patch_attack_changes_only_the_patch_pixels_and_stays_in_the_image_box(l
     res = da.patch_attack(model, x, y, size=5, steps=10, location=location)
     changed = (res.x_adv != x).any(1)  # (B, H, W): pixels where any channel differs
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1 and (res.norm == 5).all()
+    assert changed.flatten(1).any(1).all()  # every image's patch moved: the checks below see each
     for b in range(8):
-        rows, cols = changed[b].nonzero(as_tuple=True)
-        if len(rows):  # inside one 5 x 5 square
-            assert rows.max() - rows.min() < 5 and cols.max() - cols.min() < 5
-            if location == "center":
-                assert rows.min() >= 5 and rows.max() <= 9 and cols.min() >= 5 and cols.max() <= 9
+        rows, cols = changed[b].nonzero(as_tuple=True)  # inside one 5 x 5 square
+        assert rows.max() - rows.min() < 5 and cols.max() - cols.min() < 5
+        if location == "center":
+            assert rows.min() >= 5 and rows.max() <= 9 and cols.min() >= 5 and cols.max() <= 9
     assert torch.equal(res.success, da.predict(model, res.x_adv) != y)
     # the whole image as the patch: the attack is free, so it fools every example a few steps can
     full = da.patch_attack(model, x, y, size=16, steps=20)
-    assert full.success.float().mean() >= res.success.float().mean() and full.success.all()
+    assert full.success.all()
 
 
 def test_patch_attack_early_stop_gives_the_same_successes_for_fewer_rows():
@@ -1311,6 +1301,7 @@ def test_autoattack_standard_matches_the_closed_form_on_a_linear_model():
     z = model(x).detach()
     need = ((z.gather(1, y[:, None]) - z) / (W[y][:, None, :] - W[None]).abs().sum(-1).clamp_min(1e-12))
     need = need.masked_fill(F.one_hot(y, 10).bool(), float("inf")).amin(1)
+    assert (need < 0.9 * eps).any() and (need > eps * 1.001).any()  # both kinds of point: the checks below see each
     res = da.autoattack(model, x, y, eps)
     assert ((res.x_adv - x).abs().amax((1, 2, 3)) <= eps + 1e-6).all() and res.x_adv.min() >= 0
     assert not (res.success & (need > eps * 1.001)).any()        # never a flip that is impossible
@@ -1501,14 +1492,11 @@ TINY_PRESET = R.Preset(
 ORIGINAL_LOAD = R.load_dataset
 
 
-def tiny_run(tmp_path, dataset="cifar10", preset=TINY_PRESET, **kw):
+def tiny_run(tmp_path, dataset="cifar10", preset=TINY_PRESET, fake_cifar=False, **kw):
+    """A run of TINY_PRESET under tmp_path; ``fake_cifar``: with made-up CIFAR-10 files in its --data-root."""
+    if fake_cifar:
+        write_fake_cifar10(tmp_path / "data")
     return R.Run(preset, dataset, tmp_path / "data", tmp_path, torch.device("cpu"), **kw)
-
-
-@pytest.fixture
-def tiny_preset(monkeypatch):
-    """``--preset tiny`` on the command line, for the duration of a test."""
-    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)
 
 
 def perturb_checkpoint(path):
@@ -1655,10 +1643,11 @@ def fashion_mnist_accuracy(model) -> float:
 @slow
 @fashion_mnist
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_cuda_set_up_trains_like_float32(tmp_path, fused_diff_attention, device):
+def test_the_cuda_set_up_trains_like_float32(tmp_path, monkeypatch, device):
     """What a GPU run does (fused SDPA path, bf16 autocast in the training step), on a CPU or the GPU, against float32
     on the explicit path on the CPU, same data and seed: per-epoch losses within 0.01 and test accuracy within 2
     points (measured on a CPU: 0.0003 and 0.0035, 0.3 points; 2 epochs on 512 images)."""
+    monkeypatch.setattr(da.DiffAttention, "fused", None)  # restored after the test; set per run below
     cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.25,
                         train_subset=512)
     records, acc = {}, {}
@@ -1692,25 +1681,27 @@ def test_training_on_real_fashion_mnist_lowers_the_loss(tmp_path, kind, epochs, 
 
 @slow
 @fashion_mnist
-@pytest.mark.parametrize("recipe", ["kit", "vit-cifar"])
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, recipe):
-    """Bit for bit on a CPU; "vit-cifar" also with another number of augmentation workers after the interruption."""
-    cfg = R.TrainConfig(dataset="fashion-mnist", epochs=2, batch_size=64, train_subset=192, recipe=recipe)
-    mc = {**TINY_FMNIST, "attn": "diff"}
+@pytest.mark.parametrize("recipe,dataset", [("kit", "fashion-mnist"), ("vit-cifar", "cifar10")])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, recipe, dataset):
+    """Bit for bit on a CPU; "vit-cifar" (AutoAugment: CIFAR) also with another number of workers after the cut."""
+    write_fake_cifar10(tmp_path / "data", n_train=40)  # 200 images
+    cfg = R.TrainConfig(dataset=dataset, epochs=2, batch_size=64, train_subset=192, recipe=recipe)
+    mc = {**TINY_FMNIST, "attn": "diff", "patch_size": 7 if dataset == "fashion-mnist" else 8}
+    train = lambda cache, **k: R.train_model(mc, cfg, tmp_path / "data", tmp_path / cache, "cpu", progress=False, **k)
     monkeypatch.setattr(R, "WORKERS", 2)
-    full, rec_full = R.train_model(mc, cfg, "/nonexistent", tmp_path / "a", "cpu", progress=False)
+    full, rec_full = train("a")
     monkeypatch.setattr(R, "WORKERS", 1)
-    _, rec_cut = R.train_model(mc, cfg, "/nonexistent", tmp_path / "b", "cpu", progress=False, stop_after_epoch=1)
+    _, rec_cut = train("b", stop_after_epoch=1)
     monkeypatch.setattr(R, "WORKERS", 2)
     assert rec_cut["epoch"] == 1 and not rec_cut["done"]
-    resumed, rec = R.train_model(mc, cfg, "/nonexistent", tmp_path / "b", "cpu", progress=False)
+    resumed, rec = train("b")
     assert rec["done"] and [h["epoch"] for h in rec["history"]] == [1, 2]
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     # a finished checkpoint is loaded, not retrained: its file stays untouched
     ckpt = next((tmp_path / "b" / "checkpoints").glob("diff-*.pt"))
     mtime = ckpt.stat().st_mtime_ns
-    _, again = R.train_model(mc, cfg, "/nonexistent", tmp_path / "b", "cpu", progress=False)
+    _, again = train("b")
     assert again == rec and ckpt.stat().st_mtime_ns == mtime
 
 
@@ -1757,6 +1748,7 @@ def test_the_vit_cifar_recipe_is_its_sources_optimizer_and_augmentation(tmp_path
         image, label = R.AutoAugmented(train, seed=7)[5]
         torch.manual_seed(7 * 1_000_003 + 5)
         assert torch.equal(image, source(train.x[5])) and label == train.y[5] and not torch.equal(image, train.x[5])
+    assert torch.equal(R.AutoAugmented(dataclasses.replace(train, augment=False), 7)[5][0], train.x[5])  # digits
     epoch = lambda seed: list(R.batches(train, cfg, seed, torch.Generator().manual_seed(seed), torch.device("cpu")))
     monkeypatch.setattr(R, "WORKERS", 1)
     one = epoch(3)
@@ -1793,7 +1785,8 @@ def test_training_on_cuda_makes_no_host_sync_per_step(tmp_path, monkeypatch, rec
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
     syncs(90)  # CUDA's lazy set-up
-    assert syncs(96) == syncs(384)
+    n = syncs(96)
+    assert n > 0 and syncs(384) == n  # > 0: the epoch's end reads the loss, so the warnings do reach Python
     cfg = R.TrainConfig(dataset="cifar10", epochs=1, batch_size=32, recipe=recipe, adv_eps=adv_eps)
     assert R.step_seconds(mc, cfg, "cuda", steps=1) > 0  # --estimate's step on the device
 
@@ -1903,8 +1896,7 @@ def test_evaluations_run_a_batch_at_a_time_and_give_what_one_batch_gives():
 
 @slow
 def test_every_table_runs_end_to_end_on_made_up_cifar_and_a_rerun_recomputes_nothing(tmp_path, monkeypatch):
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path)
+    run = tiny_run(tmp_path, fake_cifar=True)
     for name in R.TABLES:
         R.run_table(R.TABLES[name], run)
     R.table_summary(run)
@@ -2034,8 +2026,7 @@ def test_each_table_trains_the_seeds_and_models_of_its_group(tmp_path, monkeypat
 
 @slow
 def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(tmp_path):
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path)
+    run = tiny_run(tmp_path, fake_cifar=True)
     table = R.TABLES["main"]
     calls, dies = [], [True]
 
@@ -2058,8 +2049,7 @@ def test_an_interrupted_table_resumes_and_recomputes_only_the_unfinished_cells(t
 
 @slow
 def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_only(tmp_path, monkeypatch):
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path, seeds=1)
+    run = tiny_run(tmp_path, fake_cifar=True, seeds=1)
     for name in ("main", "alignment"):
         R.run_table(R.TABLES[name], run)
     cells = lambda: R.WORK["cells"]
@@ -2087,8 +2077,7 @@ def test_cells_are_recomputed_for_retrained_weights_and_changed_evaluation_code_
 def test_damaged_or_edited_checkpoints_and_cells_are_moved_aside_and_recomputed(tmp_path, capsys, damage):
     """A checkpoint and a cell truncated (as by a full disk), or edited: the cell's JSON valid but not what was
     written, one bit of one weight flipped (the file still loads); recomputed, they give the same table."""
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path)
+    run = tiny_run(tmp_path, fake_cifar=True)
     R.run_table(R.TABLES["main"], run)
     table = lambda: (tmp_path / "results" / "tiny" / "main.json").read_text().split('"environment"')[0]
     reference = table()
@@ -2132,8 +2121,7 @@ def test_code_key_follows_the_module_level_values_a_function_reads(monkeypatch):
 
 @slow
 def test_other_images_under_the_same_file_names_are_another_model_and_another_cell(tmp_path):
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path)
+    run = tiny_run(tmp_path, fake_cifar=True)
     R.run_table(R.TABLES["clean"], run)
     checkpoints = lambda: set((tmp_path / "runs" / "checkpoints").glob("*.pt"))
     old, epochs, cells = checkpoints(), R.WORK["epochs"], R.WORK["cells"]
@@ -2165,8 +2153,7 @@ def test_other_images_under_the_same_file_names_are_another_model_and_another_ce
 def test_a_cell_names_how_it_was_evaluated_and_is_keyed_by_it(tmp_path, monkeypatch, device):
     """Every cell runs in float32 (on CUDA with TF32 off and SDPA's math kernel; the caller's settings back after)
     and its table names that, with CUDA's and cuDNN's versions; another evaluation is another cell."""
-    write_fake_cifar10(tmp_path / "data")
-    run = dataclasses.replace(tiny_run(tmp_path), device=torch.device(device))
+    run = dataclasses.replace(tiny_run(tmp_path, fake_cifar=True), device=torch.device(device))
     inside = []
 
     def evaluate(model, data, s, record):
@@ -2175,13 +2162,10 @@ def test_a_cell_names_how_it_was_evaluated_and_is_keyed_by_it(tmp_path, monkeypa
         inside.append(flags)
         return R.evaluate_clean(model, data, s, record)
     table = dataclasses.replace(R.TABLES["clean"], evaluate=evaluate)
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a user's global choice
-    try:
-        R.run_table(table, run)
-        after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # a user's global choice
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    R.run_table(table, run)
+    after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     assert after == (True, True) and len(inside) == len(table.entries(run))
     md = (tmp_path / "results" / "tiny" / "clean.md").read_text()
     if device == "cuda":
@@ -2458,7 +2442,8 @@ def test_sigkill_in_training_in_a_write_and_in_evaluation_then_a_rerun_gives_the
 
 
 @slow
-def test_every_output_follows_out_none_lands_in_the_checkout_and_leftovers_go(tmp_path, tiny_preset):
+def test_every_output_follows_out_none_lands_in_the_checkout_and_leftovers_go(tmp_path, monkeypatch):
+    monkeypatch.setitem(R.PRESETS, "tiny", TINY_PRESET)  # --preset tiny
     write_fake_cifar10(tmp_path / "data")
     checkout = {p: p.stat().st_mtime_ns for p in (R.HERE / "results").rglob("*")}
     leftovers = [tmp_path / "a" / "runs" / "checkpoints" / ".std-abc.pt.x1y2.tmp",  # of a killed run's writes
@@ -2573,8 +2558,8 @@ def test_training_estimate_counts_the_steps_and_epochs_still_to_train(tmp_path, 
     """--estimate: per model still to train, (epochs left) x (steps an epoch of its data) x (measured step time, 0.5 s
     here): advtrain's fine-tunes take 2 steps (100-image subset), the others 1000 (CIFAR-10's 50000 / 50); a model
     half trained has one epoch left, a finished one none."""
-    write_fake_cifar10(tmp_path / "data")
-    run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 2}))
+    run = tiny_run(tmp_path, preset=dataclasses.replace(TINY_PRESET, train={**TINY_PRESET.train, "epochs": 2}),
+                   fake_cifar=True)
     measured = []
     monkeypatch.setattr(R, "step_seconds", lambda model_cfg, cfg, device, steps: measured.append(cfg) or 0.5)
     plan = R.training_plan(run, ["advtrain"])  # 2 seeds of ViT and DiffViT, as trained and fine-tuned twice
