@@ -542,10 +542,10 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 
 class AutoAugmented(torch.utils.data.Dataset):
-    """The "vit-cifar" recipe's augmentation, as its source has it: random crop (pad 4), flip and AutoAugment's
-    CIFAR-10 policy (torchvision's), per uint8 image in DataLoader workers (none where the dataset has none). Image i
-    draws under its own seed (the epoch's and i): the workers and their number do not change the batches, so a
-    resumed run and any machine give the same. Workers only: the seeding is process-wide."""
+    """The "vit-cifar" recipe's augmentation: random crop (pad 4), flip and AutoAugment's CIFAR-10 policy (its 25
+    sub-policies; the source uses a PIL copy, here torchvision's), per uint8 image in DataLoader workers (none where
+    the dataset has none). Image i draws under its own seed (the epoch's and i): the workers and their number do not
+    change the batches, so a resumed run and any machine give the same. Workers only: the seeding is process-wide."""
 
     def __init__(self, data: ImageData, seed: int):
         from torchvision.transforms import v2
@@ -691,7 +691,8 @@ RECIPES = {
     "vit-cifar": "omihub777/ViT-CIFAR's: Adam with an L2 term on every parameter; random crop (pad 4), flip and "
                  "AutoAugment's CIFAR-10 policy per image in DataLoader workers",
 }
-WORKERS = min(16, os.cpu_count() or 1)  # DataLoader workers of the "vit-cifar" augmentation (none else)
+# DataLoader workers of the "vit-cifar" augmentation: the CPUs this process may use, up to 16
+WORKERS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def new_model(model_cfg: dict, cfg: TrainConfig, device) -> tuple:
