@@ -276,7 +276,7 @@ def provenance(env: dict) -> str:
     return f"device {env['device']}; torch {env['torch']}{cuda}{how}; commit {env['git_commit']}"
 
 
-# ==== Data: whole datasets as uint8 tensors, one reader each; batches made and augmented on the device
+# ==== Data: whole datasets as uint8 tensors, one reader each; batches augmented on the device or in workers
 
 class SetupMissing(FileNotFoundError):
     """Something a table needs is not here (a dataset, a checkpoint); the message says how to get it."""
